@@ -1,0 +1,79 @@
+"""Where an export lives on disk, and the ``popc.json`` that says what it holds.
+
+An export is a directory with ``model.onnx`` (+ ``model.onnx.data``), the tokenizer
+files and ``popc.json``. Users may also name the ``.onnx`` file itself; every
+command accepts either form.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from popc.errors import PopcError
+
+CONFIG_NAME = "popc.json"
+DEFAULT_MODEL_FILE = "model.onnx"
+FORMAT_NAME = "popc-export"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportLocation:
+    """The directory of an export and the name of its ONNX file inside it."""
+
+    directory: Path
+    model_file: str
+    # True for `--out DIR` (the export is the whole directory and is swapped in one
+    # rename); False for `--out dir/name.onnx`, whose files join what is already there.
+    owns_directory: bool = True
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / self.model_file
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / CONFIG_NAME
+
+
+def location_for_output(out: str | Path) -> ExportLocation:
+    """``--out DIR`` or ``--out path/name.onnx`` -> where the export will be written."""
+    out = Path(out)
+    if out.suffix == ".onnx":
+        return ExportLocation(out.parent, out.name, owns_directory=not out.parent.exists())
+    return ExportLocation(out, DEFAULT_MODEL_FILE, owns_directory=True)
+
+
+def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
+    """Find and validate an export given its directory or its ``.onnx`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise PopcError(f"{path}: no such file or directory")
+    directory = path.parent if path.is_file() else path
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise PopcError(
+            f"{path} is not a popc export (no {CONFIG_NAME} beside the model); "
+            f"create one with `popc export MODEL --out {path}`"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PopcError(f"{config_path} is unreadable or not JSON ({error}); re-run `popc export`") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise PopcError(f"{config_path} was not written by popc; re-run `popc export`")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise PopcError(
+            f"{config_path} has format version {config.get('format_version')}, this popc reads "
+            f"{FORMAT_VERSION}; re-export with this version of popc"
+        )
+    model_file = config.get("model_file", DEFAULT_MODEL_FILE)
+    if path.is_file() and path.name != model_file:
+        raise PopcError(f"{path} is not the model {config_path} describes ({model_file})")
+    location = ExportLocation(directory, model_file)
+    if not location.model_path.is_file():
+        raise PopcError(f"{location.model_path} is missing; the export is incomplete, re-run `popc export`")
+    return location, config

@@ -1,0 +1,220 @@
+"""The export driver: load -> trace -> graph-rewrite passes -> emit, atomically.
+
+Every stage writes into a staging directory beside the destination; the
+destination changes only in the final rename, so an interrupted export leaves it
+as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from popc import __version__
+from popc.artifact import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, ExportLocation, location_for_output
+from popc.errors import PopcError
+from popc.loading import LoadedModel, load_model
+from popc.modeling import ExportableDecoder, decoder_shape, family_of
+
+OPSET = 18
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ExportPlan:
+    """What to export and which graph-rewrite passes run between trace and emit."""
+
+    model: str
+    out: str | Path
+    force: bool = False
+    passes: Sequence[ir.passes.PassBase] = field(default_factory=list)
+    # Recorded in popc.json so runtimes and `popc info` know what the passes did.
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names (the Optimum / onnxruntime-genai convention)."""
+    cache_in = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    cache_out = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out]
+
+
+def trace_to_onnx(loaded: LoadedModel, path: Path) -> None:
+    """Trace the model with its KV cache into an ONNX file with dynamic batch and lengths."""
+    decoder = ExportableDecoder(loaded.model).eval()
+    shape = decoder.shape
+    inputs, outputs = io_names(shape.num_layers)
+    batch, seq, past = 2, 3, 2  # any sizes; every one of them is marked dynamic below
+    example = (
+        torch.zeros(batch, seq, dtype=torch.long),
+        torch.ones(batch, past + seq, dtype=torch.long),
+        *[torch.zeros(batch, shape.num_kv_heads, past, shape.head_dim) for _ in inputs[2:]],
+    )
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    dynamic |= {name: {0: "batch", 2: "past_sequence"} for name in inputs[2:]}
+    dynamic |= {name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected
+        torch.onnx.export(
+            decoder,
+            example,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def versions() -> dict[str, str]:
+    found = {"popc": __version__}
+    for package in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPlan) -> dict[str, Any]:
+    config = loaded.model.config
+    shape = decoder_shape(config)
+    inputs, outputs = io_names(shape.num_layers)
+    tokenizer = loaded.tokenizer
+    generation = getattr(loaded.model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = sorted({int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None})
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_file": location.model_file,
+        "source": loaded.source,
+        "family": family_of(config),
+        "model_type": config.model_type,
+        "dtype": "float32",
+        "num_layers": shape.num_layers,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab_size,
+        "max_positions": shape.max_positions,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "inputs": {
+            "input_ids": "int64 [batch, sequence]",
+            "attention_mask": "int64 [batch, past_sequence + sequence]; 1 = token, 0 = left padding",
+            "past_key_values.{i}.key|value": "float32 [batch, num_kv_heads, past_sequence, head_dim]",
+        },
+        "outputs": {
+            "logits": "float32 [batch, sequence, vocab]",
+            "present.{i}.key|value": "float32 [batch, num_kv_heads, past_sequence + sequence, head_dim]",
+        },
+        "input_names": inputs,
+        "output_names": outputs,
+        "opset": OPSET,
+        "versions": versions(),
+        **plan.extra_config,
+    }
+
+
+@contextlib.contextmanager
+def staging_directory(location: ExportLocation) -> Iterator[Path]:
+    """A hidden directory beside the destination (same filesystem, so renames are atomic),
+    removed however the export ends."""
+    parent = location.directory.resolve().parent if location.owns_directory else location.directory
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".popc-export-", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_destination(location: ExportLocation, force: bool) -> None:
+    """Refuse to overwrite anything unless --force, and never anything popc did not write."""
+    directory = location.directory
+    if directory.exists() and not directory.is_dir():
+        raise PopcError(f"{directory} exists and is not a directory")
+    if location.owns_directory:
+        if not directory.exists() or not any(directory.iterdir()):
+            return
+        if not (directory / CONFIG_NAME).exists():
+            raise PopcError(f"{directory} exists and is not a popc export; refusing to replace it, choose another --out")
+        if not force:
+            raise PopcError(f"{directory} already holds an export; pass --force to replace it")
+    elif not force:
+        for name in (location.model_file, CONFIG_NAME):
+            if (directory / name).exists():
+                raise PopcError(f"{directory / name} already exists; pass --force to replace it")
+
+
+def publish(staging: Path, location: ExportLocation) -> None:
+    """Move the finished export from ``staging/content`` into place with renames only."""
+    content = staging / "content"
+    directory = location.directory
+    if location.owns_directory:
+        if directory.exists():
+            os.replace(directory, staging / "previous")  # removed with the staging directory
+        os.replace(content, directory)
+        return
+    # `--out some_dir/name.onnx` next to other files: move ours in one by one,
+    # popc.json last, so that a config never describes a half-moved model.
+    names = sorted(p.name for p in content.iterdir() if p.name != CONFIG_NAME) + [CONFIG_NAME]
+    for name in names:
+        target = directory / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(content / name, target)
+
+
+def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation:
+    """Run the whole export; returns where it landed."""
+    report = progress or (lambda message: None)
+    location = location_for_output(plan.out)
+    check_destination(location, plan.force)
+    started = time.perf_counter()
+
+    loaded = load_model(plan.model, progress=report)
+    family_of(loaded.model.config)
+
+    with staging_directory(location) as staging:
+        content = staging / "content"
+        content.mkdir()
+        traced = staging / "traced.onnx"
+        report("tracing the model to ONNX")
+        trace_to_onnx(loaded, traced)
+
+        model = ir.load(traced)
+        if plan.passes:
+            report(f"applying {len(plan.passes)} graph-rewrite pass(es)")
+            result = ir.passes.PassManager(list(plan.passes))(model)
+            model = result.model
+        report("writing the model and its external weights")
+        ir.save(model, content / location.model_file, external_data=location.model_file + ".data")
+        traced.unlink()
+
+        report("writing the tokenizer and popc.json")
+        loaded.tokenizer.save_pretrained(content)
+        config = export_config(loaded, location, plan)
+        config["export_seconds"] = round(time.perf_counter() - started, 1)
+        (content / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        publish(staging, location)
+    return location

@@ -1,0 +1,272 @@
+"""An export-friendly view of a Hugging Face decoder: the same math, explicit KV cache.
+
+The Hugging Face modules carry Python-side caches, mask builders and dispatch that
+tracing cannot follow (TOOLCHAIN.md: the TorchScript exporter fails on transformers'
+mask code). ``ExportableDecoder`` re-expresses the forward pass of every supported
+family with plain tensor ops over the *same parameter objects*, so that:
+
+* the KV cache is ordinary inputs/outputs (``past_key_values.{i}.key`` ->
+  ``present.{i}.key``) with dynamic batch and sequence, and one graph serves
+  prefill and decode;
+* positions come from ``attention_mask`` inside the graph (left padding works);
+* every FFN is ``down(act(gate(x)) * up(x))`` under ``layers.{i}/mlp``, a stable
+  shape for the graph-rewrite passes to match.
+
+Tests check this module's ONNX export against the Hugging Face model itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from popc.errors import PopcError
+
+# config.model_type -> family; the families share one forward with these switches.
+FAMILY_FEATURES: dict[str, dict[str, bool]] = {
+    "llama": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
+    "mistral": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
+    "qwen2": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
+    "gemma3": {"qk_norm": True, "sandwich_norm": True, "embed_scale": True, "unit_offset_norm": True},
+}
+
+ACTIVATIONS = {
+    "silu": lambda x: nn.functional.silu(x),
+    "swish": lambda x: nn.functional.silu(x),
+    "gelu": lambda x: nn.functional.gelu(x),
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The numbers a runtime needs to feed the graph: layers, KV heads, head size."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+
+
+def family_of(config) -> str:
+    """Map a (text) config to the family name used throughout popc."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("gemma3_text", "gemma3"):
+        return "gemma3"
+    if model_type in FAMILY_FEATURES:
+        return model_type
+    supported = ", ".join(sorted({"llama", "mistral", "qwen2", "gemma3_text"}))
+    raise PopcError(f"unsupported architecture {model_type!r}; popc supports: {supported}")
+
+
+def decoder_shape(config) -> DecoderShape:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return DecoderShape(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32 with an effective scale (Gemma's ``1 + w`` is folded in at build time)."""
+
+    def __init__(self, hf_norm: nn.Module, unit_offset: bool):
+        super().__init__()
+        weight = hf_norm.weight.detach().float()
+        self.weight = nn.Parameter(weight + 1.0 if unit_offset else weight, requires_grad=False)
+        self.eps = float(getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(variance + self.eps) * self.weight
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``: the FFN shape POP rewrites (SwiGLU / GeGLU)."""
+
+    def __init__(self, hf_mlp: nn.Module, activation: str):
+        super().__init__()
+        self.gate_proj = hf_mlp.gate_proj
+        self.up_proj = hf_mlp.up_proj
+        self.down_proj = hf_mlp.down_proj
+        if activation not in ACTIVATIONS:
+            raise PopcError(f"unsupported FFN activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over ``past ++ new`` keys, without repeating the KV heads."""
+
+    def __init__(self, hf_attn: nn.Module, config, features: dict[str, bool], scaling: float):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            hf_attn.q_proj,
+            hf_attn.k_proj,
+            hf_attn.v_proj,
+            hf_attn.o_proj,
+        )
+        shape = decoder_shape(config)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = shape.num_kv_heads
+        self.head_dim = shape.head_dim
+        self.scaling = scaling
+        self.q_norm = RMSNorm(hf_attn.q_norm, features["unit_offset_norm"]) if features["qk_norm"] else None
+        self.k_norm = RMSNorm(hf_attn.k_norm, features["unit_offset_norm"]) if features["qk_norm"] else None
+
+    def forward(self, x, cos, sin, mask, past_key, past_value):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key = torch.cat([past_key, k], dim=2)
+        value = torch.cat([past_value, v], dim=2)
+
+        groups = self.num_heads // self.num_kv_heads
+        # Query heads of one KV head side by side: [B, KVH, G*S, D] @ [B, KVH, D, T].
+        q = q.reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
+        scores = torch.matmul(q, key.transpose(2, 3)) * self.scaling
+        total = scores.shape[-1]
+        scores = scores.view(batch, self.num_kv_heads, groups, seq, total) + mask[:, None, None]
+        probs = torch.softmax(scores, dim=-1).view(batch, self.num_kv_heads, groups * seq, total)
+        out = torch.matmul(probs, value).view(batch, self.num_heads, seq, self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out), key, value
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, config, features, scaling: float, window: int | None, rope: str):
+        super().__init__()
+        offset = features["unit_offset_norm"]
+        self.sandwich = features["sandwich_norm"]
+        self.window = window
+        self.rope = rope
+        self.input_layernorm = RMSNorm(hf_layer.input_layernorm, offset)
+        self.self_attn = Attention(hf_layer.self_attn, config, features, scaling)
+        self.post_attention_layernorm = RMSNorm(hf_layer.post_attention_layernorm, offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(hf_layer.pre_feedforward_layernorm, offset)
+            self.post_feedforward_layernorm = RMSNorm(hf_layer.post_feedforward_layernorm, offset)
+        activation = getattr(config, "hidden_activation", None) or config.hidden_act
+        self.mlp = GatedMLP(hf_layer.mlp, activation)
+
+    def forward(self, hidden, cos, sin, mask, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(hidden), cos, sin, mask, past_key, past_value)
+        if self.sandwich:
+            hidden = hidden + self.post_attention_layernorm(attn)
+            hidden = hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        else:
+            hidden = hidden + attn
+            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, key, value
+
+
+class ExportableDecoder(nn.Module):
+    """``forward(input_ids, attention_mask, *past) -> (logits, *present)``.
+
+    ``attention_mask`` is ``[batch, past + new]`` with 1 for real tokens, 0 for padding
+    (left padding). ``past`` alternates key, value per layer, each ``[batch, kv_heads,
+    past, head_dim]``.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config = hf_model.config
+        family = family_of(config)
+        features = FAMILY_FEATURES[family]
+        if getattr(config, "attn_logit_softcapping", None):
+            raise PopcError("attention logit soft-capping (Gemma 2) is not supported")
+        base = hf_model.model
+        shape = decoder_shape(config)
+        self.shape = shape
+        # The weight, not HF's module: Gemma's module scales inside its forward.
+        self.embed_weight = base.embed_tokens.weight
+        scale = getattr(base.embed_tokens, "embed_scale", None)
+        self.embed_scale = float(scale) if features["embed_scale"] and scale is not None else None
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        scalar = getattr(config, "query_pre_attn_scalar", None)
+        scaling = float(scalar) ** -0.5 if scalar else shape.head_dim**-0.5
+
+        # Rotary tables come from the HF module, so every static RoPE variant it knows works.
+        rotary = base.rotary_emb
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * shape.num_layers)
+        self.rope_names: list[str] = []
+        for name in sorted(set(layer_types)):
+            inv_freq = getattr(rotary, f"{name}_inv_freq", None)
+            scale = getattr(rotary, f"{name}_attention_scaling", None)
+            if inv_freq is None:
+                inv_freq, scale = rotary.inv_freq, rotary.attention_scaling
+            self.register_buffer(f"inv_freq_{name}", inv_freq.detach().float().clone(), persistent=False)
+            setattr(self, f"rope_scale_{name}", float(scale))
+            self.rope_names.append(name)
+
+        window = getattr(config, "sliding_window", None)
+        all_sliding = family == "mistral" and window is not None
+        layers = []
+        for index, hf_layer in enumerate(base.layers):
+            sliding = all_sliding or layer_types[index] == "sliding_attention"
+            layers.append(
+                DecoderLayer(hf_layer, config, features, scaling, window if sliding else None, layer_types[index])
+            )
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(base.norm, features["unit_offset_norm"])
+        self.lm_head = hf_model.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        seq = input_ids.shape[1]
+        total = attention_mask.shape[1]
+        hidden = nn.functional.embedding(input_ids, self.embed_weight)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
+
+        # Positions count real tokens only, so left padding does not shift them.
+        positions = (torch.cumsum(attention_mask, dim=-1) - 1).clamp(min=0)[:, total - seq :]
+        rope = {}
+        for name in self.rope_names:
+            freqs = positions.unsqueeze(-1).float() * getattr(self, f"inv_freq_{name}")
+            emb = torch.cat([freqs, freqs], dim=-1)
+            scale = getattr(self, f"rope_scale_{name}")
+            rope[name] = ((emb.cos() * scale).unsqueeze(1), (emb.sin() * scale).unsqueeze(1))
+
+        # Additive masks [B, S, T] in cache-index coordinates (what HF's mask builders use).
+        key_index = (torch.cumsum(torch.ones_like(attention_mask[0]), dim=0) - 1).unsqueeze(0)
+        query_index = key_index[:, total - seq :].transpose(0, 1)
+        allowed = (key_index <= query_index).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        negative = torch.finfo(torch.float32).min
+        masks: dict[int | None, torch.Tensor] = {}
+        for layer in self.layers:
+            if layer.window not in masks:
+                keep = allowed
+                if layer.window is not None:
+                    keep = keep & (key_index > query_index - layer.window).unsqueeze(0)
+                masks[layer.window] = torch.where(keep, 0.0, negative)
+
+        presents = []
+        for index, layer in enumerate(self.layers):
+            cos, sin = rope[layer.rope]
+            hidden, key, value = layer(
+                hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1]
+            )
+            presents += [key, value]
+        logits = self.lm_head(self.norm(hidden))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return (logits, *presents)

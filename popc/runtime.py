@@ -1,0 +1,251 @@
+"""Run an export with ONNX Runtime: ``popc.load(DIR).generate(...)``.
+
+The runtime feeds the graph's KV cache back step by step: one prefill over the
+(left-padded) prompt, then one-token decode steps, greedy unless a temperature
+is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popc.artifact import ExportLocation, read_export
+from popc.errors import PopcError
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    prefill_ms: float
+    decode_ms_per_token: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SamplingOptions:
+    """Greedy when ``temperature`` is 0; otherwise temperature + nucleus (top-p) sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise PopcError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PopcError(f"--top-p must be in (0, 1], got {self.top_p}")
+        self.rng = np.random.default_rng(self.seed)
+
+    def pick(self, logits: np.ndarray) -> np.ndarray:
+        """Next token per row of ``logits`` [batch, vocab]."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        scaled = logits.astype(np.float64) / self.temperature
+        probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        chosen = []
+        for row in probs:
+            order = np.argsort(-row)
+            cumulative = np.cumsum(row[order])
+            keep = order[: int(np.searchsorted(cumulative, self.top_p) + 1)]
+            weights = row[keep] / row[keep].sum()
+            chosen.append(self.rng.choice(keep, p=weights))
+        return np.asarray(chosen)
+
+
+def _make_session(model_path: Path, device: str):
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise PopcError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise PopcError(
+                "the CUDA execution provider is not available: install popc[gpu] (onnxruntime-gpu, "
+                "not onnxruntime) on a machine with an NVIDIA GPU and CUDA libraries"
+            )
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as error:  # ORT raises its own exception types for corrupt models
+        raise PopcError(f"ONNX Runtime cannot load {model_path}: {str(error).splitlines()[0]}") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        # The provider is listed by onnxruntime-gpu even where no GPU or CUDA library exists.
+        raise PopcError("the CUDA execution provider failed to start (no GPU, or CUDA/cuDNN libraries missing)")
+    return session
+
+
+class PopcModel:
+    """An exported model ready to generate. Build it with :func:`popc.load`."""
+
+    def __init__(self, location: ExportLocation, config: dict[str, Any], device: str = "cpu"):
+        from transformers import AutoTokenizer
+
+        self.location = location
+        self.config = config
+        self.device = device
+        self.session = _make_session(location.model_path, device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(location.directory))
+        except Exception as error:
+            raise PopcError(f"cannot load the tokenizer in {location.directory}: {error}") from None
+        self.num_layers = int(config["num_layers"])
+        self.num_kv_heads = int(config["num_kv_heads"])
+        self.head_dim = int(config["head_dim"])
+        self.max_positions = int(config["max_positions"])
+        self.eos_token_ids = set(config.get("eos_token_ids") or [])
+        pad = config.get("pad_token_id")
+        self.pad_token_id = int(pad) if pad is not None else 0
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    # ---- tokens -------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Prompt text -> token ids (through the chat template when ``chat``)."""
+        if not prompt or not prompt.strip():
+            raise PopcError("the prompt is empty; pass some text with --prompt or --prompt-file")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise PopcError("this model's tokenizer has no chat template; drop --chat")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---- one graph call -----------------------------------------------------------------
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the graph once: logits for ``input_ids`` and the extended cache."""
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        feed |= dict(zip(self.input_names[2:], cache))
+        outputs = self.session.run(None, feed)
+        return outputs[0], outputs[1:]
+
+    def check_context(self, prompt_length: int) -> None:
+        if prompt_length >= self.max_positions:
+            raise PopcError(
+                f"the prompt is {prompt_length} tokens, longer than the model's context of "
+                f"{self.max_positions}; shorten it"
+            )
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        sampling: SamplingOptions | None = None,
+        on_tokens: Callable[[np.ndarray], None] | None = None,
+    ) -> tuple[list[list[int]], float, float]:
+        """Batched generation over left-padded prompts.
+
+        Returns the new ids per prompt (stopping at EOS), prefill seconds and decode
+        seconds per step.
+        """
+        sampling = sampling or SamplingOptions()
+        if max_new_tokens < 1:
+            raise PopcError("--max-new-tokens must be at least 1")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise PopcError("the prompt is empty")
+        longest = max(len(p) for p in prompts)
+        self.check_context(longest)
+        max_new_tokens = min(max_new_tokens, self.max_positions - longest)
+        batch = len(prompts)
+        input_ids = np.full((batch, longest), self.pad_token_id, np.int64)
+        attention_mask = np.zeros((batch, longest), np.int64)
+        for row, ids in enumerate(prompts):
+            input_ids[row, longest - len(ids) :] = ids
+            attention_mask[row, longest - len(ids) :] = 1
+
+        started = time.perf_counter()
+        logits, cache = self.step(input_ids, attention_mask, self.empty_cache(batch))
+        prefill = time.perf_counter() - started
+
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = np.zeros(batch, bool)
+        decode_started = time.perf_counter()
+        steps = 0
+        while True:
+            next_ids = sampling.pick(logits[:, -1, :])
+            for row in range(batch):
+                if not finished[row]:
+                    generated[row].append(int(next_ids[row]))
+                    finished[row] = int(next_ids[row]) in self.eos_token_ids
+            if on_tokens is not None:
+                on_tokens(next_ids)
+            if finished.all() or steps + 1 >= max_new_tokens:
+                break
+            attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
+            logits, cache = self.step(next_ids.reshape(batch, 1), attention_mask, cache)
+            steps += 1
+        decode = (time.perf_counter() - decode_started) / max(steps, 1)
+        return generated, prefill, decode
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        chat: bool = False,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate from one prompt (text, or token ids); ``on_text`` receives text as it streams."""
+        prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(i) for i in prompt]
+        sampling = SamplingOptions(temperature, top_p, seed)
+        streamed: list[int] = []
+        shown = ""
+
+        def stream(next_ids: np.ndarray) -> None:
+            nonlocal shown
+            if on_text is None:
+                return
+            streamed.append(int(next_ids[0]))
+            text = self.decode(streamed)
+            # Hold back a trailing partial UTF-8 character until it completes.
+            if text.startswith(shown) and not text.endswith("\ufffd"):
+                on_text(text[len(shown) :])
+                shown = text
+
+        (generated,), prefill, decode = self.generate_ids([prompt_ids], max_new_tokens, sampling, stream)
+        return GenerationResult(
+            prompt_ids=prompt_ids,
+            generated_ids=generated,
+            text=self.decode(generated),
+            prefill_ms=prefill * 1000,
+            decode_ms_per_token=decode * 1000,
+        )
+
+
+def load(path: str | Path, device: str = "cpu") -> PopcModel:
+    """Open an export (its directory or its ``.onnx`` file) for generation."""
+    location, config = read_export(path)
+    return PopcModel(location, config, device)

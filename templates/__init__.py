@@ -1,0 +1,1 @@
+"""Kernel sources and op definitions the passes emit (installed as ``popc.templates``)."""
