@@ -125,7 +125,8 @@ def run(
     if as_json:
         print(json.dumps(result.to_json()))
         return
-    print()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
     tokens_per_second = 1000.0 / result.decode_ms_per_token if result.decode_ms_per_token else float("inf")
     console.print(
         f"[dim]{len(result.prompt_ids)} prompt tokens, prefill {result.prefill_ms:.0f} ms; "

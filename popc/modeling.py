@@ -231,7 +231,7 @@ class ExportableDecoder(nn.Module):
         self.lm_head = hf_model.lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
-        seq = input_ids.shape[1]
+        batch, seq = input_ids.shape
         total = attention_mask.shape[1]
         hidden = nn.functional.embedding(input_ids, self.embed_weight)
         if self.embed_scale is not None:
@@ -266,7 +266,11 @@ class ExportableDecoder(nn.Module):
                 hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1]
             )
             presents += [key, value]
-        logits = self.lm_head(self.norm(hidden))
+        hidden = self.norm(hidden)
+        # A 2-D linear traces to Gemm(transB=1) over the weight as stored: a tied
+        # embedding then stays one initializer instead of gaining a transposed copy.
+        logits = nn.functional.linear(hidden.reshape(batch * seq, -1), self.lm_head.weight, self.lm_head.bias)
+        logits = logits.view(batch, seq, -1)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return (logits, *presents)

