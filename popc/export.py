@@ -28,8 +28,10 @@ from popc.artifact import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, ExportLocati
 from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
 from popc.modeling import ExportableDecoder, decoder_shape, family_of
+from popc.pop import PopSettings
+from popc.passes.pop_online import PopOnlinePass
 
-OPSET = 18
+OPSET = 20
 Progress = Callable[[str], None]
 
 
@@ -40,9 +42,10 @@ class ExportPlan:
     model: str
     out: str | Path
     force: bool = False
+    # POP-online defaults recorded in the export; None exports the dense model.
+    pop: PopSettings | None = None
+    # Further passes, run after POP's.
     passes: Sequence[ir.passes.PassBase] = field(default_factory=list)
-    # Recorded in popc.json so runtimes and `popc info` know what the passes did.
-    extra_config: dict[str, Any] = field(default_factory=dict)
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -131,7 +134,21 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "output_names": outputs,
         "opset": OPSET,
         "versions": versions(),
-        **plan.extra_config,
+        "pop": None if plan.pop is None else pop_config(plan.pop, config),
+    }
+
+
+def pop_config(pop: PopSettings, config) -> dict[str, Any]:
+    """The POP section of popc.json: default regions (fractions) and what they mean."""
+    return {
+        "method": "pop-online",
+        "retain": pop.retain,
+        "candidate": pop.candidate,
+        "keep": pop.keep,
+        "sparsity": round(pop.sparsity, 6),
+        "intermediate_size": int(config.intermediate_size),
+        "state_inputs": "past_partition.{i} int64 [batch, retain+candidate] -> present_partition.{i}",
+        "config_input": "pop_config int64 [4] = (retain, candidate, keep channel counts, static flag)",
     }
 
 
@@ -203,10 +220,10 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         trace_to_onnx(loaded, traced)
 
         model = ir.load(traced)
-        if plan.passes:
-            report(f"applying {len(plan.passes)} graph-rewrite pass(es)")
-            result = ir.passes.PassManager(list(plan.passes))(model)
-            model = result.model
+        passes = ([PopOnlinePass()] if plan.pop is not None else []) + list(plan.passes)
+        if passes:
+            report(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")
+            model = ir.passes.PassManager(passes)(model).model
         report("writing the model and its external weights")
         ir.save(model, content / location.model_file, external_data=location.model_file + ".data")
         traced.unlink()

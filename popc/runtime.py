@@ -17,8 +17,17 @@ import numpy as np
 
 from popc.artifact import ExportLocation, read_export
 from popc.errors import PopcError
+from popc.pop import PopSettings
 
 DEVICES = ("cpu", "cuda")
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def present_name(past_name: str) -> str:
+    """The output that carries a ``past_*`` state input forward."""
+    if past_name.startswith("past_key_values."):
+        return "present." + past_name[len("past_key_values.") :]
+    return "present_" + past_name[len("past_") :]
 
 
 @dataclass
@@ -113,8 +122,15 @@ class PopcModel:
         self.eos_token_ids = set(config.get("eos_token_ids") or [])
         pad = config.get("pad_token_id")
         self.pad_token_id = int(pad) if pad is not None else 0
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        inputs = self.session.get_inputs()
+        self.state_inputs = [i for i in inputs if i.name.startswith("past_")]
+        self.has_pop_config = any(i.name == "pop_config" for i in inputs)
+        self.output_order = ["logits"] + [present_name(i.name) for i in self.state_inputs]
+        pop = config.get("pop") or {}
+        self.pop_channels = int(pop.get("intermediate_size", 0))
+        self.pop_defaults = PopSettings(
+            retain=pop.get("retain", 1.0), candidate=pop.get("candidate", 0.0), keep=pop.get("keep", 0.0)
+        )
 
     # ---- tokens -------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -136,17 +152,31 @@ class PopcModel:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ---- one graph call -----------------------------------------------------------------
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+    def initial_state(self, batch: int) -> list[np.ndarray]:
+        """Empty state for every ``past_*`` input: batch rows, zero-length dynamic dims."""
+        state = []
+        for meta in self.state_inputs:
+            shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(meta.shape)]
+            state.append(np.zeros(shape, _NUMPY_TYPES[meta.type]))
+        return state
 
     def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list[np.ndarray]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        state: list[np.ndarray],
+        pop: PopSettings | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the graph once: logits for ``input_ids`` and the extended cache."""
+        """Run the graph once: logits for ``input_ids`` and the next state.
+
+        ``state`` is the list of ``past_*`` inputs (KV cache, then POP partitions) in
+        graph order. With an empty state the call is a prefill; otherwise it extends.
+        """
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        feed |= dict(zip(self.input_names[2:], cache))
-        outputs = self.session.run(None, feed)
+        feed |= {meta.name: value for meta, value in zip(self.state_inputs, state)}
+        if self.has_pop_config:
+            feed["pop_config"] = (pop or self.pop_defaults).counts(self.pop_channels)
+        outputs = self.session.run(self.output_order, feed)
         return outputs[0], outputs[1:]
 
     def check_context(self, prompt_length: int) -> None:
@@ -163,6 +193,7 @@ class PopcModel:
         max_new_tokens: int = 64,
         sampling: SamplingOptions | None = None,
         on_tokens: Callable[[np.ndarray], None] | None = None,
+        pop: PopSettings | None = None,
     ) -> tuple[list[list[int]], float, float]:
         """Batched generation over left-padded prompts.
 
@@ -185,7 +216,7 @@ class PopcModel:
             attention_mask[row, longest - len(ids) :] = 1
 
         started = time.perf_counter()
-        logits, cache = self.step(input_ids, attention_mask, self.empty_cache(batch))
+        logits, state = self.step(input_ids, attention_mask, self.initial_state(batch), pop)
         prefill = time.perf_counter() - started
 
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -203,7 +234,7 @@ class PopcModel:
             if finished.all() or steps + 1 >= max_new_tokens:
                 break
             attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-            logits, cache = self.step(next_ids.reshape(batch, 1), attention_mask, cache)
+            logits, state = self.step(next_ids.reshape(batch, 1), attention_mask, state, pop)
             steps += 1
         decode = (time.perf_counter() - decode_started) / max(steps, 1)
         return generated, prefill, decode
@@ -217,6 +248,7 @@ class PopcModel:
         top_p: float = 1.0,
         seed: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        pop: PopSettings | None = None,
     ) -> GenerationResult:
         """Generate from one prompt (text, or token ids); ``on_text`` receives text as it streams."""
         prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(i) for i in prompt]
@@ -235,7 +267,7 @@ class PopcModel:
                 on_text(text[len(shown) :])
                 shown = text
 
-        (generated,), prefill, decode = self.generate_ids([prompt_ids], max_new_tokens, sampling, stream)
+        (generated,), prefill, decode = self.generate_ids([prompt_ids], max_new_tokens, sampling, stream, pop)
         return GenerationResult(
             prompt_ids=prompt_ids,
             generated_ids=generated,

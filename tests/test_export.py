@@ -41,7 +41,7 @@ def test_logits_match_transformers_at_prefill_and_decode(exported, lengths):
     prompts = [rng.integers(6, hf.config.vocab_size, n).tolist() for n in lengths]
     ids, mask = left_padded(prompts, model.pad_token_id)
 
-    logits, cache = model.step(ids, mask, model.empty_cache(len(prompts)))
+    logits, cache = model.step(ids, mask, model.initial_state(len(prompts)))
     with torch.no_grad():
         expected = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     real = mask.astype(bool)

@@ -1,0 +1,112 @@
+"""The POP-online FFN operators (domain ``ai.popc``) and their ONNX function bodies.
+
+A graph-rewrite pass (``passes/pop_online.py``) replaces every matched FFN with
+one of these nodes::
+
+    PopSwiGLU / PopGeGLU(X, token_mask, partition, config, Wg, Wu, Wd, static_score)
+        -> (Y, partition_out)
+
+* ``X`` [B, S, H]: the FFN input; ``token_mask`` [B, S] float: 1 for real tokens.
+* ``partition`` int64 [B, R+C]: channel ids, retained region first then candidates,
+  each in decreasing score order. Empty ([B, 0]) means *prefill*.
+* ``config`` int64 [4]: (R, C, K, static) channel counts and the static flag.
+* ``Wg``, ``Wu``, ``Wd`` [D, H]: one row per channel (``Wd`` is W_down transposed),
+  so every gathered channel is a contiguous row.
+* ``static_score`` [D]: weight-magnitude channel scores (the static baseline).
+
+Prefill (empty partition): the FFN runs dense; each token's row of
+``Z = act(X Wg^T) * (X Wu^T)`` is scaled to unit L2 norm, padding rows are zeroed,
+and each channel scores the L2 norm of its column; the top R+C channels, sorted,
+form the partition. Decode: gate rows of R and C only; the top-K candidates by
+|activation| per token; up and down rows of R plus the kept candidates only.
+"""
+
+from __future__ import annotations
+
+from onnxscript import opset20 as op
+from onnxscript import script
+
+from popc.templates.ops import GatherMatMul, GatherMatMulT, popc_ops
+
+EPSILON = 1e-12
+
+
+@script(popc_ops, default_opset=op)
+def PopPartition(Z, token_mask, config, static_score):
+    """Channel ids [B, R+C] ranked by the prompt's normalised activations (or statically)."""
+    row_norm = op.Sqrt(op.ReduceSum(op.Mul(Z, Z), [-1], keepdims=1))
+    eps = op.CastLike(op.Constant(value_float=1e-12), Z)
+    normalised = op.Mul(op.Div(Z, op.Add(row_norm, eps)), op.Unsqueeze(op.CastLike(token_mask, Z), [-1]))
+    score = op.Sqrt(op.ReduceSum(op.Mul(normalised, normalised), [1], keepdims=0))  # [B, D]
+    static = op.Cast(op.Slice(config, [3], [4]), to=9)  # BOOL
+    score = op.Where(static, op.Expand(op.CastLike(static_score, score), op.Shape(score)), score)
+    count = op.Add(op.Slice(config, [0], [1]), op.Slice(config, [1], [2]))
+    values, indices = op.TopK(score, count, axis=-1, largest=1, sorted=1)
+    return indices
+
+
+@script(popc_ops, default_opset=op)
+def PopSelect(A, X, partition, config):
+    """Per token: retained ids plus the top-K candidates by |A|; returns (ids, activations)."""
+    retain = op.Slice(config, [0], [1])
+    keep = op.Slice(config, [2], [3])
+    total = op.Shape(partition, start=1, end=2)
+    A_retained = op.Slice(A, [0], retain, [-1])
+    A_candidates = op.Slice(A, retain, total, [-1])
+    ids_shape = op.Concat(op.Shape(X, start=0, end=2), total, axis=0)
+    ids = op.Expand(op.Unsqueeze(partition, [1]), ids_shape)  # [B, S, R+C]
+    ids_retained = op.Slice(ids, [0], retain, [-1])
+    ids_candidates = op.Slice(ids, retain, total, [-1])
+    values, chosen = op.TopK(op.Abs(A_candidates), keep, axis=-1, largest=1, sorted=1)
+    selected_ids = op.Concat(ids_retained, op.GatherElements(ids_candidates, chosen, axis=-1), axis=-1)
+    selected_A = op.Concat(A_retained, op.GatherElements(A_candidates, chosen, axis=-1), axis=-1)
+    return selected_ids, selected_A
+
+
+@script(popc_ops, default_opset=op)
+def PopRowsExpand(X, partition):
+    """The partition broadcast over tokens: [B, R+C] -> [B, S, R+C]."""
+    shape = op.Concat(op.Shape(X, start=0, end=2), op.Shape(partition, start=1, end=2), axis=0)
+    return op.Expand(op.Unsqueeze(partition, [1]), shape)
+
+
+@script(popc_ops, default_opset=op)
+def DenseRows(X, W):
+    """X [B, S, H] @ W[D, H]^T without a transposed copy of W (Gemm transB on 2-D rows)."""
+    rows = op.Reshape(X, op.Concat(op.Constant(value_ints=[-1]), op.Shape(X, start=2, end=3), axis=0))
+    Y = op.Gemm(rows, W, transB=1)
+    return op.Reshape(Y, op.Concat(op.Shape(X, start=0, end=2), op.Shape(W, start=0, end=1), axis=0))
+
+
+@script(popc_ops, default_opset=op)
+def PopSwiGLU(X, token_mask, partition, config, Wg, Wu, Wd, static_score):
+    if op.Equal(op.Size(partition), op.Constant(value_int=0)):
+        G = DenseRows(X, Wg)
+        Z = op.Mul(op.Mul(G, op.Sigmoid(G)), DenseRows(X, Wu))
+        Y = op.MatMul(Z, Wd)
+        partition_out = PopPartition(Z, token_mask, config, static_score)
+    else:
+        G = GatherMatMulT(X, Wg, PopRowsExpand(X, partition))
+        ids, A = PopSelect(op.Mul(G, op.Sigmoid(G)), X, partition, config)
+        Y = GatherMatMul(op.Mul(A, GatherMatMulT(X, Wu, ids)), Wd, ids)
+        partition_out = op.Identity(partition)
+    return Y, partition_out
+
+
+@script(popc_ops, default_opset=op)
+def PopGeGLU(X, token_mask, partition, config, Wg, Wu, Wd, static_score, approximate: str = "tanh"):
+    if op.Equal(op.Size(partition), op.Constant(value_int=0)):
+        G = DenseRows(X, Wg)
+        Z = op.Mul(op.Gelu(G, approximate=approximate), DenseRows(X, Wu))
+        Y = op.MatMul(Z, Wd)
+        partition_out = PopPartition(Z, token_mask, config, static_score)
+    else:
+        G = GatherMatMulT(X, Wg, PopRowsExpand(X, partition))
+        ids, A = PopSelect(op.Gelu(G, approximate=approximate), X, partition, config)
+        Y = GatherMatMul(op.Mul(A, GatherMatMulT(X, Wu, ids)), Wd, ids)
+        partition_out = op.Identity(partition)
+    return Y, partition_out
+
+
+# Every function a POP model may call, helpers first (the order ONNX wants them listed in).
+POP_FUNCTIONS = [GatherMatMulT, GatherMatMul, PopPartition, PopSelect, PopRowsExpand, DenseRows, PopSwiGLU, PopGeGLU]
