@@ -1,4 +1,4 @@
-"""The ``popc`` command line: export, run, info."""
+"""The ``popc`` command line: export, run, eval, info."""
 
 from __future__ import annotations
 
@@ -48,18 +48,42 @@ def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
     raise KeyboardInterrupt
 
 
+def pop_settings(sparsity, retain, candidate, keep):
+    """--sparsity alone, or --retain/--candidate/--keep together, or neither (dense)."""
+    from popc.defaults import settings_for_sparsity
+    from popc.pop import PopSettings
+
+    explicit = (retain, candidate, keep)
+    if sparsity is not None and any(v is not None for v in explicit):
+        raise PopcError("give either --sparsity or --retain/--candidate/--keep, not both")
+    if sparsity is not None:
+        return settings_for_sparsity(sparsity)
+    if all(v is None for v in explicit):
+        return None
+    if any(v is None for v in explicit):
+        raise PopcError("--retain, --candidate and --keep go together; give all three (or use --sparsity)")
+    return PopSettings(retain=retain, candidate=candidate, keep=keep)
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="HF id (local cache), local HF dir, .gguf file, or built-in name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, or a path ending in .onnx.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    sparsity: Annotated[
+        Optional[float], typer.Option(help="POP-online decode sparsity in [0, 1), with measured default ratios.")
+    ] = None,
+    retain: Annotated[Optional[float], typer.Option(help="POP: fraction of channels always kept (R).")] = None,
+    candidate: Annotated[Optional[float], typer.Option(help="POP: fraction scored per token (C).")] = None,
+    keep: Annotated[Optional[float], typer.Option(help="POP: fraction of channels kept from C per token (K).")] = None,
 ) -> None:
-    """Export MODEL to ONNX with its KV cache as graph inputs/outputs."""
+    """Export MODEL to ONNX with its KV cache as graph inputs/outputs (and POP-online FFNs)."""
     from popc.export import ExportPlan
     from popc.export import export as run_export
 
     signal.signal(signal.SIGTERM, _terminate)  # so staging files are cleaned up on kill
     try:
+        pop = pop_settings(sparsity, retain, candidate, keep)
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
         ) as progress:
@@ -69,7 +93,7 @@ def export(
                 progress.update(task, description=message)
                 progress.console.print(f"  {message}", style="dim", highlight=False)
 
-            location = run_export(ExportPlan(model=model, out=out, force=force), progress=report)
+            location = run_export(ExportPlan(model=model, out=out, force=force, pop=pop), progress=report)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] nothing was written")
         raise typer.Exit(130) from None
@@ -155,6 +179,145 @@ def info(
     size = sum(p.stat().st_size for p in (location.model_path, data) if p.exists())
     table.add_row("size on disk", f"{size / 1e6:.1f} MB")
     Console().print(table)
+
+
+@app.command("eval")
+def eval_(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
+    text: Annotated[Optional[Path], typer.Option(help="Perplexity text (default: lee_background.cor, fetched once).")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    sparsities: Annotated[str, typer.Option(help="Comma-separated decode sparsities.")] = "0.25,0.5,0.75",
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BIG-bench JSON tasks; 'none' to skip.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Examples per task (default 50).")] = None,
+    windows: Annotated[int, typer.Option(help="Perplexity windows, spread over the text; 0 skips perplexity.")] = 24,
+    window: Annotated[int, typer.Option(help="Tokens per perplexity window (capped at the model's context).")] = 256,
+    prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens per window (default: half the window).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated rows: dense,pop,griffin,dynamic,static.")] = "dense,pop,griffin,dynamic,static",
+    batch: Annotated[int, typer.Option(help="Windows / questions per graph call.")] = 8,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of accuracy/perplexity vs FFN weight bytes.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+
+    from popc.eval import EvalPlan, result_table, run_eval
+    from popc.eval import plot as write_plot
+
+    try:
+        try:
+            levels = [float(s) for s in sparsities.split(",") if s.strip()]
+        except ValueError:
+            raise PopcError(f"--sparsities takes comma-separated fractions, got {sparsities!r}") from None
+        task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
+        if limit is not None and limit < 1:
+            raise PopcError("--limit must be at least 1")
+        if windows < 0:
+            raise PopcError("--windows must be >= 0")
+        plan = EvalPlan(
+            directory=directory,
+            text="" if windows == 0 else text,
+            tasks=task_list,
+            sparsities=levels,
+            limit=limit,
+            windows=windows,
+            window=window,
+            prompt=prompt,
+            batch=batch,
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
+            device=device,
+        )
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        ) as bar:
+            task = bar.add_task("loading", total=None)
+
+            class Reporter:
+                def start(self, total: int) -> None:
+                    bar.update(task, total=total, completed=0)
+
+                def describe(self, label: str) -> None:
+                    bar.update(task, description=label)
+
+                def advance(self, count: int) -> None:
+                    bar.advance(task, count)
+
+            result = run_eval(plan, Reporter())
+        if as_json is not None:
+            try:
+                as_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+            except OSError as error:
+                raise PopcError(f"cannot write --json {as_json}: {error}") from None
+        if plot is not None:
+            write_plot(result, plot)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as error:
+        fail(error)
+    out = Console()
+    if not out.is_terminal:  # a pipe or file: don't squeeze the table into 80 columns
+        out = Console(width=200)
+    out.print(result_table(result))
+    info = result.info
+    console.print(
+        f"[dim]{info['windows']} windows of {info['window']} tokens ({info['prompt']} prompt), "
+        f"{sum(info['tasks'].values())} questions; {info['machine']}; {info['seconds']:.0f} s[/]"
+    )
+    if info.get("note"):
+        console.print(f"[yellow]note:[/] {info['note']}")
+
+
+@app.command()
+def doctor(
+    build: Annotated[bool, typer.Option("--build", help="Build the popc op library if it is missing.")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build the op library again even if present.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Check the popc op library (libpopc_ops.so): present, built for which EPs, loads into ONNX Runtime."""
+    from popc import oplib
+
+    try:
+        with console.status("checking the popc op library") as status:
+            report = oplib.doctor_report(build_now=build, force=rebuild, log=lambda m: status.update(m))
+    except Exception as error:
+        fail(error)
+    if as_json:
+        print(json.dumps(report, default=str))
+    else:
+        table = Table(title="popc doctor", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        present = report["present"]
+        table.add_row("op library", f"[green]{report['library']}[/] ({report['origin']})" if present else "[red]absent[/]")
+        if present:
+            build_info = report.get("build") or {}
+            table.add_row("kernels for", ", ".join(report["providers"]) + ("" if report["cuda"] is not None else " (build info missing)"))
+            if build_info.get("cuda_error"):
+                table.add_row("CUDA build", f"[yellow]failed[/]: {build_info['cuda_error']}")
+            table.add_row("built against", str(build_info.get("ort_headers", "?")))
+            loaded = report.get("loaded")
+            table.add_row(
+                "loads into",
+                f"onnxruntime {report.get('ort_version')}: ops "
+                + ", ".join(f"{k} {'ok' if v else 'WRONG'}" for k, v in report.get("ops_ok", {}).items())
+                if loaded
+                else f"[red]failed to load[/]: {report.get('load_error')}",
+            )
+        table.add_row("onnxruntime", report["onnxruntime"])
+        table.add_row("available providers", ", ".join(report["available_providers"]))
+        table.add_row("nvcc", str(report["nvcc"] or "not found"))
+        if report["toolchain_problem"]:
+            table.add_row("build toolchain", f"[yellow]{report['toolchain_problem']}[/]")
+        if report["build_error"]:
+            table.add_row("build error", f"[red]{report['build_error']}[/]")
+        if report["disabled"]:
+            table.add_row("POPC_OPLIB", "off (the function bodies run)")
+        Console().print(table)
+        if not present and not report["disabled"]:
+            console.print("build it with `popc doctor --build`", style="dim")
+    ok = report["disabled"] or (report["present"] and report.get("loaded") and all(report.get("ops_ok", {}).values()))
+    if (build or rebuild) and not ok:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from popc.pop import PopSettings
 # Provisional until measured: half of the kept budget retained, the other half chosen
 # per token from a candidate region twice its size.
 DEFAULT_POP: dict[float, PopSettings] = {
-    0.25: PopSettings(retain=0.375, candidate=0.75, keep=0.375),
+    0.25: PopSettings(retain=0.5, candidate=0.5, keep=0.25),
     0.5: PopSettings(retain=0.25, candidate=0.5, keep=0.25),
     0.75: PopSettings(retain=0.125, candidate=0.25, keep=0.125),
 }

@@ -38,6 +38,7 @@ class PopFFN(nn.Module):
         self.mlp = mlp
         self.owner = owner
         self.partition: torch.Tensor | None = None  # [batch, R + C]
+        self.score: torch.Tensor | None = None  # [batch, D], kept for tests of near-ties
 
     def static_score(self) -> torch.Tensor:
         mlp = self.mlp
@@ -52,6 +53,7 @@ class PopFFN(nn.Module):
             score = normalised.pow(2).sum(dim=1).sqrt()  # [B, D]
             if static:
                 score = self.static_score().to(score.dtype).expand_as(score)
+            self.score = score
             self.partition = _top(score, retain + candidate)
             return mlp.down_proj(z)
 
