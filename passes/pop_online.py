@@ -27,6 +27,7 @@ from popc.templates.ops import DOMAIN, VERSION
 from popc.templates.pop_ffn import POP_FUNCTIONS
 
 LAYER_NAME = re.compile(r"layers\.(\d+)/")
+EXPERT_NAME = re.compile(r"experts\.(\d+)/")
 
 
 def swiglu_pattern(op, x, gate_weight, up_weight, down_weight):
@@ -40,6 +41,14 @@ def geglu_pattern(op, x, gate_weight, up_weight, down_weight):
     return op.MatMul(op.Mul(activated, op.MatMul(x, up_weight)), down_weight)
 
 
+def routed_swiglu_pattern(op, x, gate_weight, up_weight, down_weight, route):
+    return op.Mul(swiglu_pattern(op, x, gate_weight, up_weight, down_weight), route)
+
+
+def routed_geglu_pattern(op, x, gate_weight, up_weight, down_weight, route):
+    return op.Mul(geglu_pattern(op, x, gate_weight, up_weight, down_weight), route)
+
+
 def weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight, **_) -> bool:
     """Gate/up [H, D] and down [D, H] constants: an FFN, not attention."""
     arrays = [w.const_value for w in (gate_weight, up_weight, down_weight)]
@@ -47,6 +56,19 @@ def weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight, **_) -> 
         return False
     gate, up, down = (a.shape for a in arrays)
     return len(gate) == 2 and gate == up and tuple(down) == (gate[1], gate[0])
+
+
+def is_prunable_dense_ffn(context, x, gate_weight, up_weight, down_weight, **_) -> bool:
+    """An FFN that is not a Qwen-MoE shared expert (``Sigmoid(gate) * FFN``), which stays dense."""
+    if not weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight):
+        return False
+    down_node = next(user for user, _ in down_weight.uses() if user.op_type == "MatMul")
+    for consumer, _ in down_node.outputs[0].uses():
+        if consumer.op_type == "Mul":
+            others = [v for v in consumer.inputs if v is not down_node.outputs[0]]
+            if any(v is not None and v.producer() is not None and v.producer().op_type == "Sigmoid" for v in others):
+                return False
+    return True
 
 
 class PopOnlinePass(ir.passes.InPlacePass):
@@ -62,28 +84,34 @@ class PopOnlinePass(ir.passes.InPlacePass):
         if "attention_mask" not in inputs or "input_ids" not in inputs:
             raise ValueError("POP needs a popc-traced graph with input_ids and attention_mask inputs")
         shared = _SharedInputs(graph, inputs["input_ids"], inputs["attention_mask"])
-        partitions: dict[int, tuple[ir.Value, ir.Value]] = {}
+        partitions: dict[tuple[int, ...], tuple[ir.Value, ir.Value]] = {}
+        channels: set[int] = set()
 
-        def replace(op, x, gate_weight, up_weight, down_weight, activated=None, **_):
+        def replace(op, x, gate_weight, up_weight, down_weight, activated=None, route=None, **_):
             layer = _layer_index(down_weight, x, len(partitions))
+            expert = _expert_index(down_weight)
+            key = (layer,) if expert is None else (layer, expert)
+            label = ".".join(map(str, key))
             gate = np.ascontiguousarray(gate_weight.const_value.numpy().T)
             up = np.ascontiguousarray(up_weight.const_value.numpy().T)
             down = down_weight.const_value.numpy()
             static = (np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * np.linalg.norm(down, axis=1))
+            channels.add(gate.shape[0])
             partition_in = ir.Value(
-                name=f"past_partition.{layer}",
+                name=f"past_partition.{label}",
                 type=ir.TensorType(ir.DataType.INT64),
                 shape=ir.Shape(["batch", f"partition_size"]),
             )
             graph.inputs.append(partition_in)
             weights = [
-                op.initializer(ir.tensor(array, name=f"pop.{layer}.{name}"), name=f"pop.{layer}.{name}")
+                op.initializer(ir.tensor(array, name=f"pop.{label}.{name}"), name=f"pop.{label}.{name}")
                 for name, array in (("gate_rows", gate), ("up_rows", up), ("down_rows", down))
             ]
             static_score = op.initializer(
-                ir.tensor(static.astype(down.dtype), name=f"pop.{layer}.static_score"), name=f"pop.{layer}.static_score"
+                ir.tensor(static.astype(down.dtype), name=f"pop.{label}.static_score"), name=f"pop.{label}.static_score"
             )
-            arguments = [x, shared.token_mask, partition_in, shared.config, *weights, static_score]
+            token_mask = shared.token_mask if route is None else _routed_token_mask(op, shared.token_mask, route)
+            arguments = [x, token_mask, partition_in, shared.config, *weights, static_score]
             if activated is None:
                 y, partition_out = op.PopSwiGLU(*arguments, _domain=DOMAIN, _version=VERSION, _outputs=2)
             else:
@@ -91,48 +119,71 @@ class PopOnlinePass(ir.passes.InPlacePass):
                 y, partition_out = op.PopGeGLU(
                     *arguments, approximate=approximate, _domain=DOMAIN, _version=VERSION, _outputs=2
                 )
-            partitions[layer] = (partition_in, partition_out)
-            return y
+            partitions[key] = (partition_in, partition_out)
+            return y if route is None else op.Mul(y, route)
 
-        rules = [
-            pattern.RewriteRule(swiglu_pattern, replace, weights_are_an_ffn, name="PopSwiGLU"),
-            pattern.RewriteRule(geglu_pattern, replace, weights_are_an_ffn, name="PopGeGLU"),
+        # Routed experts first: their pattern contains the plain FFN's, and the plain
+        # rule would otherwise claim each expert without its routing weight.
+        routed_rules = [
+            pattern.RewriteRule(routed_swiglu_pattern, replace, weights_are_an_ffn, name="PopRoutedSwiGLU"),
+            pattern.RewriteRule(routed_geglu_pattern, replace, weights_are_an_ffn, name="PopRoutedGeGLU"),
         ]
-        rewriter.rewrite(model, pattern_rewrite_rules=rules)
+        rewriter.rewrite(model, pattern_rewrite_rules=routed_rules)
+        dense_rules = [
+            pattern.RewriteRule(swiglu_pattern, replace, is_prunable_dense_ffn, name="PopSwiGLU"),
+            pattern.RewriteRule(geglu_pattern, replace, is_prunable_dense_ffn, name="PopGeGLU"),
+        ]
+        rewriter.rewrite(model, pattern_rewrite_rules=dense_rules)
         if not partitions:
             raise ValueError("POP found no FFN block (SwiGLU/GeGLU) to rewrite in this graph")
+        if len(channels) != 1:
+            raise ValueError(f"POP needs one FFN width per model (pop_config holds counts); found {sorted(channels)}")
 
-        for layer in sorted(partitions):
-            partitions[layer][1].name = f"present_partition.{layer}"
-            graph.outputs.append(partitions[layer][1])
+        for key in sorted(partitions):
+            partitions[key][1].name = "present_partition." + ".".join(map(str, key))
+            graph.outputs.append(partitions[key][1])
         # State inputs in layer order after the KV cache, then the model-wide config.
         ordered = [v for v in graph.inputs if not v.name.startswith("past_partition.")]
-        ordered += [partitions[layer][0] for layer in sorted(partitions)]
+        ordered += [partitions[key][0] for key in sorted(partitions)]
         graph.inputs.clear()
         graph.inputs.extend([*ordered, shared.config])
         _add_functions(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         self.layers = sorted(partitions)
+        self.channels = channels.pop()
         return ir.passes.PassResult(model, modified=True)
 
 
 class _SharedInputs:
-    """``pop_config`` (a new graph input) and the real-token mask of the current tokens."""
+    """``pop_config`` (a new graph input) and the real-token mask of the current tokens.
+
+    The mask's nodes are made on first use: a rewrite round that matches nothing
+    would otherwise remove them as unused before the next round needs them.
+    """
 
     def __init__(self, graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value) -> None:
+        self.graph = graph
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
         self.config = ir.Value(name="pop_config", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
-        # token_mask = float(attention_mask[:, -S:]), S = input_ids.shape[1]
-        tape = ir.tape.Tape()
-        sequence = tape.op("Shape", [input_ids], attributes={"start": 1, "end": 2})
-        start = tape.op("Neg", [sequence])
-        end = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([np.iinfo(np.int64).max]))})
-        axes = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})
-        window = tape.op("Slice", [attention_mask, start, end, axes])
-        self.token_mask = tape.op("Cast", [window], attributes={"to": ir.DataType.FLOAT})
-        self.token_mask.name = "pop_token_mask"
-        for node in tape.nodes:
-            node.name = f"/pop/{node.op_type}"
-        graph.insert_before(graph.node(0), tape.nodes) if len(graph) else graph.extend(tape.nodes)
+        self._token_mask: ir.Value | None = None
+
+    @property
+    def token_mask(self) -> ir.Value:
+        """float(attention_mask[:, -S:]) with S = input_ids.shape[1]."""
+        if self._token_mask is None:
+            tape = ir.tape.Tape()
+            sequence = tape.op("Shape", [self.input_ids], attributes={"start": 1, "end": 2})
+            start = tape.op("Neg", [sequence])
+            end = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([np.iinfo(np.int64).max]))})
+            axes = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})
+            window = tape.op("Slice", [self.attention_mask, start, end, axes])
+            self._token_mask = tape.op("Cast", [window], attributes={"to": ir.DataType.FLOAT})
+            self._token_mask.name = "pop_token_mask"
+            for node in tape.nodes:
+                node.name = f"/pop/{node.op_type}"
+            self.graph.insert_before(self.graph.node(0), tape.nodes)
+        return self._token_mask
 
 
 def _layer_index(down_weight: ir.Value, x: ir.Value, fallback: int) -> int:
@@ -142,6 +193,23 @@ def _layer_index(down_weight: ir.Value, x: ir.Value, fallback: int) -> int:
             if match:
                 return int(match.group(1))
     return fallback
+
+
+def _expert_index(down_weight: ir.Value) -> int | None:
+    for user, _ in down_weight.uses():
+        match = EXPERT_NAME.search(user.name or "")
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _routed_token_mask(op, token_mask: ir.Value, route: ir.Value) -> ir.Value:
+    """Score an expert on the real tokens routed to it (all real tokens if none is)."""
+    last, sequence = op.Constant(value_ints=[-1]), op.Constant(value_ints=[1])
+    routed = op.Cast(op.Greater(op.Squeeze(route, last), op.Constant(value_float=0.0)), to=ir.DataType.FLOAT)
+    mask = op.Mul(token_mask, routed)
+    any_routed = op.Greater(op.ReduceMax(mask, sequence, keepdims=1), op.Constant(value_float=0.0))
+    return op.Where(any_routed, mask, token_mask)
 
 
 def _add_functions(model: ir.Model) -> None:

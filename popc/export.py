@@ -118,6 +118,7 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "head_dim": shape.head_dim,
         "vocab_size": shape.vocab_size,
         "max_positions": shape.max_positions,
+        "num_experts": getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None),
         "eos_token_ids": eos_ids,
         "pad_token_id": tokenizer.pad_token_id,
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
@@ -138,6 +139,11 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
     }
 
 
+def pop_channels(config) -> int:
+    """Width of the FFNs POP prunes: the routed experts' in MoE models, else the FFN's."""
+    return int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+
+
 def pop_config(pop: PopSettings, config) -> dict[str, Any]:
     """The POP section of popc.json: default regions (fractions) and what they mean."""
     return {
@@ -146,7 +152,7 @@ def pop_config(pop: PopSettings, config) -> dict[str, Any]:
         "candidate": pop.candidate,
         "keep": pop.keep,
         "sparsity": round(pop.sparsity, 6),
-        "intermediate_size": int(config.intermediate_size),
+        "intermediate_size": pop_channels(config),
         "state_inputs": "past_partition.{i} int64 [batch, retain+candidate] -> present_partition.{i}",
         "config_input": "pop_config int64 [4] = (retain, candidate, keep channel counts, static flag)",
     }

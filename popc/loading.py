@@ -41,6 +41,8 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "gemma3_text": "gemma3",  # text-only Gemma 3 (270m, 1b)
+    "mixtral": "mixtral",  # sparse MoE, top-k routed experts
+    "qwen2_moe": "qwen2_moe",  # sparse MoE plus a gated shared expert
 }
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -53,6 +55,8 @@ _MODEL_TYPE_LABELS: dict[str, str] = {
     "llama": "llama (Llama, SmolLM2)",
     "mistral": "mistral",
     "qwen2": "qwen2 (Qwen2, Qwen2.5)",
+    "mixtral": "mixtral (Mixtral sparse MoE)",
+    "qwen2_moe": "qwen2_moe (Qwen-MoE, with shared expert)",
     "gemma3_text": "gemma3_text (text-only Gemma 3)",
 }
 

@@ -30,6 +30,8 @@ FAMILY_FEATURES: dict[str, dict[str, bool]] = {
     "mistral": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
     "qwen2": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
     "gemma3": {"qk_norm": True, "sandwich_norm": True, "embed_scale": True, "unit_offset_norm": True},
+    "mixtral": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
+    "qwen2_moe": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
 }
 
 ACTIVATIONS = {
@@ -53,14 +55,10 @@ class DecoderShape:
 
 
 def family_of(config) -> str:
-    """Map a (text) config to the family name used throughout popc."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in ("gemma3_text", "gemma3"):
-        return "gemma3"
-    if model_type in FAMILY_FEATURES:
-        return model_type
-    supported = ", ".join(sorted({"llama", "mistral", "qwen2", "gemma3_text"}))
-    raise PopcError(f"unsupported architecture {model_type!r}; popc supports: {supported}")
+    """Map a (text) config to the family name used throughout popc (or a clear error)."""
+    from popc.loading import check_supported
+
+    return check_supported(config)
 
 
 def decoder_shape(config) -> DecoderShape:
@@ -102,6 +100,75 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Projection(nn.Module):
+    """A bias-free linear layer over a slice of a fused HF expert tensor (``[out, in]``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight.t())
+
+
+class Expert(nn.Module):
+    """One routed expert as a gated FFN, so that it has the same shape POP matches."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, activation: str):
+        super().__init__()
+        channels = gate_up.shape[0] // 2
+        self.gate_proj = Projection(gate_up[:channels])
+        self.up_proj = Projection(gate_up[channels:])
+        self.down_proj = Projection(down)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts (Mixtral, Qwen-MoE), plus Qwen-MoE's gated shared expert.
+
+    Every expert runs on every token and is weighted by its routing weight, zero for
+    experts a token is not routed to: the same sums as Hugging Face's gather/scatter,
+    in a traceable form. (Each expert's FFN is followed by ``Mul`` with its routing
+    weight column, which the POP pass uses to score experts on their own tokens.)
+    """
+
+    def __init__(self, hf_moe: nn.Module, config):
+        super().__init__()
+        activation = config.hidden_act
+        router = hf_moe.gate
+        self.router_weight = router.weight
+        self.top_k = router.top_k
+        self.normalize = bool(getattr(router, "norm_topk_prob", True))
+        experts = hf_moe.experts
+        self.experts = nn.ModuleList(
+            Expert(experts.gate_up_proj[e], experts.down_proj[e], activation) for e in range(experts.num_experts)
+        )
+        shared = getattr(hf_moe, "shared_expert", None)
+        self.shared_expert = GatedMLP(shared, activation) if shared is not None else None
+        self.shared_expert_gate = getattr(hf_moe, "shared_expert_gate", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(torch.matmul(x, self.router_weight.t()), dim=-1)
+        top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+        routing = torch.zeros_like(probs).scatter(-1, top_index, top_values)
+        out = None
+        for index, expert in enumerate(self.experts):
+            contribution = expert(x) * routing[..., index : index + 1]
+            out = contribution if out is None else out + contribution
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+def is_sparse_moe(module: nn.Module) -> bool:
+    return hasattr(module, "experts") and hasattr(module, "gate")
 
 
 class Attention(nn.Module):
@@ -166,7 +233,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(hf_layer.pre_feedforward_layernorm, offset)
             self.post_feedforward_layernorm = RMSNorm(hf_layer.post_feedforward_layernorm, offset)
         activation = getattr(config, "hidden_activation", None) or config.hidden_act
-        self.mlp = GatedMLP(hf_layer.mlp, activation)
+        self.mlp = SparseMoE(hf_layer.mlp, config) if is_sparse_moe(hf_layer.mlp) else GatedMLP(hf_layer.mlp, activation)
 
     def forward(self, hidden, cos, sin, mask, past_key, past_value):
         attn, key, value = self.self_attn(self.input_layernorm(hidden), cos, sin, mask, past_key, past_value)

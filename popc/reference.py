@@ -1,25 +1,29 @@
 """POP-online in eager PyTorch over the Hugging Face model: the ground truth.
 
-``PopReference(model, settings)`` swaps each decoder layer's FFN for a wrapper that
-runs the POP math of ``templates/pop_ffn.py`` directly on the Hugging Face weights:
+``PopReference(model, settings)`` swaps each decoder layer's FFN (or, in sparse MoE
+layers, the routed experts) for a wrapper that runs the POP math of
+``templates/pop_ffn.py`` directly on the Hugging Face weights:
 
 * prefill (no cache yet): dense FFN; scores over the prompt's real tokens
   (each token's row of ``Z = act(x Wg^T) * (x Wu^T)`` at unit L2 norm, then each
   channel's L2 norm over tokens); the top ``R + C`` channels, sorted, are the
-  partition of that sequence and layer;
+  partition of that sequence and layer (and expert: an expert scores the real
+  tokens routed to it, or all real tokens when none is);
 * decode: gate for the partition's channels only, the top ``K`` candidates by
   |activation| per token, up and down for retained + kept channels only.
 
-Ties are broken towards the lower index, as ONNX TopK does.
+Routers and shared experts stay dense. Ties go to the lower index, as ONNX TopK.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from popc.modeling import is_sparse_moe
 from popc.pop import PopSettings
 
 EPSILON = 1e-12
@@ -30,70 +34,129 @@ def _top(values: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :count]
 
 
+@dataclass
+class GatedWeights:
+    """One gated FFN, one row per channel: gate, up and down-transposed are ``[D, H]``."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down_rows: torch.Tensor
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def static_score(self) -> torch.Tensor:
+        return self.gate.norm(dim=1) * self.up.norm(dim=1) * self.down_rows.norm(dim=1)
+
+
+class PopState:
+    """The partition of one FFN for every sequence of the batch, and its prefill scores."""
+
+    def __init__(self) -> None:
+        self.partition: torch.Tensor | None = None  # [batch, R + C]
+        self.score: torch.Tensor | None = None  # [batch, D], kept for tests of near-ties
+
+
+def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: PopState, token_mask) -> torch.Tensor:
+    """POP-online for ``x`` [B, S, H]: dense + partition at prefill, pruned at decode."""
+    retain, candidate, keep, static = (int(v) for v in owner.counts)
+    if owner.prefill:
+        z = weights.act(x @ weights.gate.t()) * (x @ weights.up.t())
+        normalised = z / (z.norm(dim=-1, keepdim=True) + EPSILON) * token_mask.unsqueeze(-1).to(z.dtype)
+        score = normalised.pow(2).sum(dim=1).sqrt()  # [B, D]
+        if static:
+            score = weights.static_score().to(score.dtype).expand_as(score)
+        state.score = score
+        state.partition = _top(score, retain + candidate)
+        return z @ weights.down_rows
+
+    batch, seq, _ = x.shape
+    partition = state.partition.unsqueeze(1).expand(batch, seq, -1)  # [B, S, R + C]
+    activated = weights.act(torch.einsum("bsh,bskh->bsk", x, weights.gate[partition]))
+    chosen = _top(activated[..., retain:].abs(), keep)
+    ids = torch.cat([partition[..., :retain], partition[..., retain:].gather(-1, chosen)], dim=-1)
+    kept = torch.cat([activated[..., :retain], activated[..., retain:].gather(-1, chosen)], dim=-1)
+    up = torch.einsum("bsh,bskh->bsk", x, weights.up[ids])
+    return torch.einsum("bsk,bskh->bsh", kept * up, weights.down_rows[ids])
+
+
 class PopFFN(nn.Module):
-    """One gated FFN (``down(act(gate(x)) * up(x))``) with POP-online."""
+    """A dense layer's gated FFN (``down(act(gate(x)) * up(x))``) with POP-online."""
 
     def __init__(self, mlp: nn.Module, owner: PopReference):
         super().__init__()
         self.mlp = mlp
         self.owner = owner
-        self.partition: torch.Tensor | None = None  # [batch, R + C]
-        self.score: torch.Tensor | None = None  # [batch, D], kept for tests of near-ties
-
-    def static_score(self) -> torch.Tensor:
-        mlp = self.mlp
-        return mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+        self.states = [PopState()]
+        self.weights = GatedWeights(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.t(), mlp.act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        owner, mlp = self.owner, self.mlp
-        retain, candidate, keep, static = (int(v) for v in owner.counts)
-        if owner.prefill:
-            z = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-            normalised = z / (z.norm(dim=-1, keepdim=True) + EPSILON) * owner.token_mask.unsqueeze(-1).to(z.dtype)
-            score = normalised.pow(2).sum(dim=1).sqrt()  # [B, D]
-            if static:
-                score = self.static_score().to(score.dtype).expand_as(score)
-            self.score = score
-            self.partition = _top(score, retain + candidate)
-            return mlp.down_proj(z)
+        return pop_ffn(x, self.weights, self.owner, self.states[0], self.owner.token_mask)
 
-        batch, seq, _ = x.shape
-        partition = self.partition.unsqueeze(1).expand(batch, seq, -1)  # [B, S, R + C]
-        gate = torch.einsum("bsh,bskh->bsk", x, mlp.gate_proj.weight[partition])
-        activated = mlp.act_fn(gate)
-        chosen = _top(activated[..., retain:].abs(), keep)
-        ids = torch.cat([partition[..., :retain], partition[..., retain:].gather(-1, chosen)], dim=-1)
-        weights = torch.cat([activated[..., :retain], activated[..., retain:].gather(-1, chosen)], dim=-1)
-        up = torch.einsum("bsh,bskh->bsk", x, mlp.up_proj.weight[ids])
-        return torch.einsum("bsk,bskh->bsh", weights * up, mlp.down_proj.weight.t()[ids])
+
+class PopExperts(nn.Module):
+    """The routed experts of a sparse MoE layer, each with its own POP-online partition."""
+
+    def __init__(self, experts: nn.Module, owner: PopReference):
+        super().__init__()
+        self.experts = experts
+        self.owner = owner
+        channels = experts.gate_up_proj.shape[1] // 2
+        self.weights = [
+            GatedWeights(gate_up[:channels], gate_up[channels:], down.t(), experts.act_fn)
+            for gate_up, down in zip(experts.gate_up_proj, experts.down_proj)
+        ]
+        self.states = [PopState() for _ in self.weights]
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        token_mask = self.owner.token_mask
+        batch, seq = token_mask.shape
+        x = hidden.view(batch, seq, -1)
+        out = torch.zeros_like(x)
+        for expert, (weights, state) in enumerate(zip(self.weights, self.states)):
+            routing = (top_k_weights * (top_k_index == expert)).sum(-1).view(batch, seq, 1).to(x.dtype)
+            mask = token_mask * (routing[..., 0] > 0)
+            mask = torch.where(mask.amax(dim=1, keepdim=True) > 0, mask, token_mask)
+            out = out + pop_ffn(x, weights, self.owner, state, mask) * routing
+        return out.view_as(hidden)
 
 
 class PopReference:
     """A Hugging Face causal LM whose FFNs prune themselves (POP-online), in eager PyTorch.
 
-    The wrapped model is modified in place (its layers' ``mlp`` modules are swapped);
-    :meth:`remove` restores them.
+    The wrapped model is modified in place; :meth:`remove` restores it.
     """
 
     def __init__(self, model: nn.Module, settings: PopSettings):
         self.model = model
         self.settings = settings
-        self.counts = settings.counts(model.config.intermediate_size)
+        config = model.config
+        self.counts = settings.counts(int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size))
         self.prefill = True
         self.token_mask: torch.Tensor | None = None
-        self.ffns: list[PopFFN] = []
+        self.wrappers: list[PopFFN | PopExperts] = []
         for layer in model.model.layers:
-            wrapper = PopFFN(layer.mlp, self)
-            layer.mlp = wrapper
-            self.ffns.append(wrapper)
+            if is_sparse_moe(layer.mlp):
+                wrapper = PopExperts(layer.mlp.experts, self)
+                layer.mlp.experts = wrapper
+            else:
+                wrapper = PopFFN(layer.mlp, self)
+                layer.mlp = wrapper
+            self.wrappers.append(wrapper)
 
     def remove(self) -> None:
-        for layer, wrapper in zip(self.model.model.layers, self.ffns):
-            layer.mlp = wrapper.mlp
+        for layer, wrapper in zip(self.model.model.layers, self.wrappers):
+            if isinstance(wrapper, PopExperts):
+                layer.mlp.experts = wrapper.experts
+            else:
+                layer.mlp = wrapper.mlp
+
+    @property
+    def states(self) -> list[PopState]:
+        """One per pruned FFN, in the order of the graph's ``past_partition.*`` inputs."""
+        return [state for wrapper in self.wrappers for state in wrapper.states]
 
     @property
     def partitions(self) -> list[torch.Tensor]:
-        return [ffn.partition for ffn in self.ffns]
+        return [state.partition for state in self.states]
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None):

@@ -75,12 +75,16 @@ class SamplingOptions:
         return np.asarray(chosen)
 
 
-def _make_session(model_path: Path, device: str):
+def _make_session(model_path: Path, device: str, use_oplib: bool = True):
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise PopcError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
     options = ort.SessionOptions()
+    from popc.oplib import register_library
+
+    # The popc op library (fused ai.popc kernels) when present; else the ops' ONNX bodies run.
+    uses_oplib = use_oplib and register_library(options)
     options.log_severity_level = 3
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -98,19 +102,20 @@ def _make_session(model_path: Path, device: str):
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         # The provider is listed by onnxruntime-gpu even where no GPU or CUDA library exists.
         raise PopcError("the CUDA execution provider failed to start (no GPU, or CUDA/cuDNN libraries missing)")
-    return session
+    return session, uses_oplib
 
 
 class PopcModel:
     """An exported model ready to generate. Build it with :func:`popc.load`."""
 
-    def __init__(self, location: ExportLocation, config: dict[str, Any], device: str = "cpu"):
+    def __init__(self, location: ExportLocation, config: dict[str, Any], device: str = "cpu", use_oplib: bool = True):
         from transformers import AutoTokenizer
 
         self.location = location
         self.config = config
         self.device = device
-        self.session = _make_session(location.model_path, device)
+        # uses_oplib: whether the popc op library's kernels run the ai.popc ops.
+        self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(location.directory))
         except Exception as error:
@@ -277,7 +282,11 @@ class PopcModel:
         )
 
 
-def load(path: str | Path, device: str = "cpu") -> PopcModel:
-    """Open an export (its directory or its ``.onnx`` file) for generation."""
+def load(path: str | Path, device: str = "cpu", use_oplib: bool = True) -> PopcModel:
+    """Open an export (its directory or its ``.onnx`` file) for generation.
+
+    ``use_oplib=False`` runs the ai.popc ops' ONNX function bodies even where the op
+    library is present.
+    """
     location, config = read_export(path)
-    return PopcModel(location, config, device)
+    return PopcModel(location, config, device, use_oplib)

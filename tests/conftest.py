@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral")
+TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "mixtral", "qwen2_moe")
 
 # Special tokens first (ids 0..5), then the 256 byte-level symbols: any text tokenizes.
 TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -126,6 +126,34 @@ def make_tiny_config(family: str, vocab_size: int):
             },
             **common,
         )
+    if family == "mixtral":
+        from transformers import MixtralConfig
+
+        common["intermediate_size"] = 96
+        return MixtralConfig(
+            num_hidden_layers=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **common,
+        )
+    if family == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        # Experts narrower than the shared expert, as in Qwen-MoE; top-k weights not renormalised.
+        return Qwen2MoeConfig(
+            num_hidden_layers=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            **common,
+        )
     raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILIES}")
 
 
@@ -147,6 +175,10 @@ def make_tiny_model_dir(tmp_path: Path, family: str, *, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.gate.weight"):
+                # MoE routers: at init scale every expert scores ~equally and top-k
+                # routing is decided by fp32 noise; make routing decisive.
+                p.mul_(50.0)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

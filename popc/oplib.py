@@ -1,0 +1,455 @@
+"""The popc op library, ``libpopc_ops.so``: find it, build it, register it with ONNX Runtime.
+
+The library holds fused CPU (and, when built with nvcc, CUDA) kernels for the
+``ai.popc`` ops defined in ``popc/templates/ops.py``. Exported models run without
+it (each popc op carries a function body of standard ONNX ops); with it, the
+pruned FFNs read only the selected weight rows.
+
+Where the library is looked for, in order:
+
+1. ``$POPC_OPLIB`` -- an explicit path (``POPC_OPLIB=off`` disables the library);
+2. ``popc/templates/libpopc_ops.so`` -- a copy shipped inside the package;
+3. ``$POPC_CACHE_DIR/oplib/<sources digest>/libpopc_ops.so`` (default cache
+   ``~/.cache/popc``) -- what :func:`build` writes.
+
+:func:`build` needs CMake and a C++17 compiler. ONNX Runtime's PyPI wheels ship no
+C/C++ headers, so the headers come from Debian's ``libonnxruntime-dev`` package,
+fetched with ``apt-get download`` through a private apt configuration (nothing is
+installed; no system state is touched) and unpacked with ``dpkg-deb -x`` into the
+cache, unless ``$POPC_ORT_INCLUDE_DIR`` names a directory that has them. The
+CUDA kernels are built when ``nvcc`` is found (``$CUDACXX``, ``PATH``,
+``/usr/local/cuda/bin``); ``POPC_OPLIB_CUDA=0`` skips them.
+
+At first use (:func:`register_library`, called for every runtime session) a
+missing library is built automatically when CMake is on PATH
+(``POPC_OPLIB_AUTOBUILD=0`` turns that off); a failed build is not retried until
+``popc doctor --build``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popc.errors import PopcError
+
+LIBRARY_NAME = "libpopc_ops.so"
+SOURCES = ("CMakeLists.txt", "popc_ops.cc", "popc_ops.map", "popc_kernels.h", "popc_kernels_cpu.cc", "popc_kernels.cu")
+HEADER_SUITES = ("trixie", "sid")  # Debian suites with libonnxruntime-dev (API 21 and 23 headers)
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+NOTICE = (
+    "popc op library not found; running the ops' ONNX function bodies (slower). "
+    "Build it with `popc doctor --build`"
+)
+_notice_shown = False
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LibraryInfo:
+    path: Path
+    origin: str  # "env", "package" or "cache"
+    cuda: bool | None = None  # None: unknown (no build-info.json beside it)
+    build: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def providers(self) -> list[str]:
+        return ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if self.cuda else [])
+
+
+# ---- places ---------------------------------------------------------------------------
+def source_dir() -> Path:
+    from popc import templates
+
+    return Path(templates.__file__).resolve().parent
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("POPC_CACHE_DIR") or Path.home() / ".cache" / "popc").expanduser()
+
+
+def sources_digest() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update(name.encode() + b"\0" + (source_dir() / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """Where :func:`build` puts the library for the current sources."""
+    return cache_root() / "oplib" / sources_digest()
+
+
+def disabled() -> bool:
+    return os.environ.get("POPC_OPLIB", "").strip().lower() in ("0", "off", "none", "false")
+
+
+def find_nvcc() -> str | None:
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _read_build_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _info(path: Path, origin: str, build_info: Path) -> LibraryInfo:
+    data = _read_build_info(build_info)
+    return LibraryInfo(path=path, origin=origin, cuda=data.get("cuda"), build=data)
+
+
+def find_library() -> LibraryInfo | None:
+    """The library to load, or None (also None when ``POPC_OPLIB=off``)."""
+    if disabled():
+        return None
+    explicit = os.environ.get("POPC_OPLIB")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise PopcError(f"POPC_OPLIB={explicit} is not a file")
+        return _info(path.resolve(), "env", path.with_name("build-info.json"))
+    shipped = source_dir() / LIBRARY_NAME
+    if shipped.is_file():
+        return _info(shipped, "package", source_dir() / "build-info.json")
+    built = build_dir() / LIBRARY_NAME
+    if built.is_file():
+        return _info(built, "cache", build_dir() / "build-info.json")
+    return None
+
+
+# ---- ONNX Runtime headers ---------------------------------------------------------------
+def _header_version(include: Path) -> str:
+    try:
+        text = (include / "onnxruntime_c_api.h").read_text(errors="replace")
+    except OSError:
+        return "?"
+    match = re.search(r"#define ORT_API_VERSION (\d+)", text)
+    api = f"API {match.group(1)}" if match else "API ?"
+    package = (include / "PACKAGE_VERSION").read_text().strip() if (include / "PACKAGE_VERSION").is_file() else ""
+    return f"{package} ({api})" if package else api
+
+
+def find_headers() -> Path | None:
+    """A directory holding ``onnxruntime_cxx_api.h``, or None."""
+    candidates = []
+    if os.environ.get("POPC_ORT_INCLUDE_DIR"):
+        candidates.append(Path(os.environ["POPC_ORT_INCLUDE_DIR"]).expanduser())
+    for suite in HEADER_SUITES:
+        candidates.append(cache_root() / "ort-headers" / suite / "usr" / "include" / "onnxruntime")
+    candidates.append(Path("/usr/include/onnxruntime"))
+    for include in candidates:
+        if (include / "onnxruntime_cxx_api.h").is_file():
+            return include
+    return None
+
+
+def fetch_headers(log: Log = lambda message: None) -> Path:
+    """Download Debian's ``libonnxruntime-dev`` with a private apt configuration and unpack it."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise PopcError(
+            "ONNX Runtime's C++ headers are needed to build the op library and apt-get/dpkg-deb are not "
+            "available to fetch them: set POPC_ORT_INCLUDE_DIR to a directory with onnxruntime_cxx_api.h"
+        )
+    errors = []
+    for suite in HEADER_SUITES:
+        log(f"fetching ONNX Runtime headers (Debian {suite} libonnxruntime-dev)")
+        target = cache_root() / "ort-headers" / suite
+        with tempfile.TemporaryDirectory(prefix="popc-apt-") as tmp:
+            apt = Path(tmp)
+            for sub in ("lists/partial", "cache/archives/partial", "download"):
+                (apt / sub).mkdir(parents=True)
+            keyring = f" [signed-by={DEBIAN_KEYRING}]" if Path(DEBIAN_KEYRING).is_file() else ""
+            (apt / "sources.list").write_text(f"deb{keyring} {DEBIAN_MIRROR} {suite} main\n")
+            options = [
+                "-q", "-o", f"Dir::Etc::SourceList={apt / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
+                "-o", f"Dir::State::Lists={apt / 'lists'}", "-o", f"Dir::Cache={apt / 'cache'}",
+                "-o", "Debug::NoLocking=1",
+            ]  # fmt: skip
+            if os.geteuid() == 0:  # apt's _apt sandbox user cannot write into our private dirs
+                options += ["-o", "APT::Sandbox::User=root"]
+            try:
+                for command in (["apt-get", *options, "update"], ["apt-get", *options, "download", "libonnxruntime-dev"]):
+                    subprocess.run(command, cwd=apt / "download", check=True, capture_output=True, text=True, timeout=300)
+                debs = sorted((apt / "download").glob("libonnxruntime-dev_*.deb"))
+                if not debs:
+                    raise PopcError("apt-get download produced no .deb")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=f".{suite}-", dir=target.parent))
+                subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True, text=True)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, PopcError, OSError) as error:
+                detail = getattr(error, "stderr", None) or str(error)
+                errors.append(f"{suite}: {detail.strip().splitlines()[-1] if detail.strip() else error}")
+                continue
+            include = staging / "usr" / "include" / "onnxruntime"
+            if not (include / "onnxruntime_cxx_api.h").is_file():
+                errors.append(f"{suite}: the package has no onnxruntime_cxx_api.h")
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
+            version = debs[0].name.split("_")[1]
+            (include / "PACKAGE_VERSION").write_text(f"libonnxruntime-dev {version} (Debian {suite})\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+            return target / "usr" / "include" / "onnxruntime"
+    raise PopcError("could not fetch ONNX Runtime headers from Debian: " + "; ".join(errors))
+
+
+# ---- build ------------------------------------------------------------------------------
+def toolchain_problem() -> str | None:
+    """Why :func:`build` cannot run here, or None."""
+    if not shutil.which("cmake"):
+        return "cmake is not installed (apt-get install cmake, or pip install cmake)"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++")):
+        return "no C++ compiler found (apt-get install g++)"
+    return None
+
+
+def _run(command: list[str], log_file: Path, cwd: Path | None = None) -> None:
+    with open(log_file, "a") as out:
+        out.write("+ " + " ".join(command) + "\n")
+        out.flush()
+        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-15:]
+        raise PopcError(f"`{' '.join(command[:3])} ...` failed (log: {log_file}):\n" + "\n".join(tail))
+
+
+def _cmake_build(build: Path, include: Path, cuda: str | None, log_file: Path) -> None:
+    if build.exists():
+        shutil.rmtree(build)
+    command = ["cmake", "-S", str(source_dir()), "-B", str(build), f"-DORT_INCLUDE_DIR={include}",
+               "-DCMAKE_BUILD_TYPE=Release", f"-DPOPC_WITH_CUDA={'ON' if cuda else 'OFF'}"]  # fmt: skip
+    if cuda:
+        command.append(f"-DCMAKE_CUDA_COMPILER={cuda}")
+    _run(command, log_file)
+    _run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)], log_file)
+
+
+def build(force: bool = False, cuda: bool | None = None, log: Log = lambda message: None) -> LibraryInfo:
+    """Build ``libpopc_ops.so`` for the current sources into the cache; returns where it is.
+
+    ``cuda``: None builds the CUDA kernels when nvcc is found (and ``POPC_OPLIB_CUDA`` is not 0);
+    True requires nvcc; False builds the CPU kernels only. A CUDA build that fails falls back to
+    CPU only (recorded in ``build-info.json``) unless ``cuda`` is True.
+    """
+    problem = toolchain_problem()
+    if problem:
+        raise PopcError(f"cannot build the popc op library: {problem}")
+    target = build_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time, across processes
+        if not force and (target / LIBRARY_NAME).is_file():
+            return _info(target / LIBRARY_NAME, "cache", target / "build-info.json")
+        log_file = target / "build.log"
+        log_file.write_text("")
+        failed = target / "FAILED"
+        failed.unlink(missing_ok=True)
+        try:
+            include = find_headers() or fetch_headers(log)
+            nvcc = find_nvcc()
+            want_cuda = cuda if cuda is not None else (nvcc is not None and os.environ.get("POPC_OPLIB_CUDA", "1") != "0")
+            if want_cuda and not nvcc:
+                raise PopcError("a CUDA build was requested but nvcc was not found (set CUDACXX)")
+            started = time.perf_counter()
+            cuda_error = None
+            build_tree = target / "build"
+            if want_cuda:
+                log(f"building libpopc_ops.so (CPU + CUDA, nvcc {nvcc})")
+                try:
+                    _cmake_build(build_tree, include, nvcc, log_file)
+                except PopcError as error:
+                    if cuda:
+                        raise
+                    cuda_error = str(error).splitlines()[0]
+                    log("CUDA build failed; building the CPU kernels only")
+                    want_cuda = False
+            if not want_cuda:
+                log("building libpopc_ops.so (CPU)")
+                _cmake_build(build_tree, include, None, log_file)
+            seconds = time.perf_counter() - started
+            built = build_tree / LIBRARY_NAME
+            if not built.is_file():
+                raise PopcError(f"the build produced no {LIBRARY_NAME} (log: {log_file})")
+            staged = target / (LIBRARY_NAME + ".tmp")
+            shutil.copy2(built, staged)
+            staged.replace(target / LIBRARY_NAME)  # atomic: a loaded old copy stays valid
+            info = {
+                "cuda": bool(want_cuda),
+                "cuda_error": cuda_error,
+                "nvcc": nvcc if want_cuda else None,
+                "ort_headers": _header_version(include),
+                "headers_dir": str(include),
+                "sources": sources_digest(),
+                "build_seconds": round(seconds, 1),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            (target / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+            shutil.rmtree(build_tree, ignore_errors=True)
+            return _info(target / LIBRARY_NAME, "cache", target / "build-info.json")
+        except Exception as error:
+            failed.write_text(f"{type(error).__name__}: {error}\n")
+            raise
+
+
+def ensure_library(autobuild: bool | None = None) -> LibraryInfo | None:
+    """The library, building it first if it is missing and an automatic build is allowed."""
+    info = find_library()
+    if info is not None or disabled():
+        return info
+    if autobuild is None:
+        autobuild = os.environ.get("POPC_OPLIB_AUTOBUILD", "1") != "0"
+    if not autobuild or toolchain_problem() or (build_dir() / "FAILED").exists():
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        with console.status("building the popc op library (once)") as status:
+            info = build(log=lambda message: status.update(message))
+    except PopcError as error:
+        console.print(f"[yellow]popc op library build failed:[/] {str(error).splitlines()[0]}", highlight=False)
+        return None
+    console.print(f"[dim]built {info.path} ({info.build.get('build_seconds')} s)[/]", highlight=False)
+    return info
+
+
+# ---- loading ------------------------------------------------------------------------------
+def register_library(options) -> bool:  # noqa: ANN001 - onnxruntime.SessionOptions
+    """Register the op library with ``options``; False (and a one-time notice) when absent."""
+    global _notice_shown
+    if disabled():
+        return False
+    reason = None
+    try:
+        info = ensure_library()
+    except PopcError as error:
+        info, reason = None, str(error)
+    if info is not None:
+        try:
+            options.register_custom_ops_library(str(info.path))
+            return True
+        except Exception as error:  # ORT raises its own types
+            reason = f"cannot load {info.path}: {str(error).splitlines()[0]}"
+    if not _notice_shown:
+        _notice_shown = True
+        from rich.console import Console
+
+        message = NOTICE if reason is None else f"popc op library unusable ({reason}); running the ops' ONNX function bodies (slower). Rebuild it with `popc doctor --build`"
+        Console(stderr=True).print(f"[yellow]note:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    return False
+
+
+# ---- a one-op model (self-test, tests, benchmarks) ------------------------------------------
+def make_op_model(op: str, weight: np.ndarray, rank: int = 3):
+    """An ONNX model with one ``ai.popc`` node and its function body: inputs A (X or Z) and I, W a constant.
+
+    ``op``: "GatherMatMulT" (A = X [.., H] -> Y [.., K]) or "GatherMatMul" (A = Z [.., K] -> Y [.., H]).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from popc.templates import ops
+
+    functions = [fn.to_function_proto() for fn in ops.KERNEL_OPS.values()]
+    base_opset = next(o.version for o in functions[0].opset_import if o.domain == "")
+    elem = TensorProto.FLOAT16 if weight.dtype == np.float16 else TensorProto.FLOAT
+    dims = [f"d{i}" for i in range(rank - 1)]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["A", "W", "I"], ["Y"], domain=ops.DOMAIN)],
+        f"popc_{op}",
+        [helper.make_tensor_value_info("A", elem, [*dims, "a"]),
+         helper.make_tensor_value_info("I", TensorProto.INT64, [*dims, "k"])],
+        [helper.make_tensor_value_info("Y", elem, [*dims, "o"])],
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", base_opset), helper.make_opsetid(ops.DOMAIN, ops.VERSION)],
+        functions=functions,
+    )
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def self_test(info: LibraryInfo) -> dict[str, Any]:
+    """Load the library into a CPU session and run both ops against numpy."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((24, 40)).astype(np.float32)
+    idx = rng.integers(0, 24, (2, 1, 7))
+    results = {}
+    for op, a in (("GatherMatMulT", rng.standard_normal((2, 1, 40))), ("GatherMatMul", rng.standard_normal((2, 1, 7)))):
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(info.path))
+        session = ort.InferenceSession(
+            make_op_model(op, weight).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        (y,) = session.run(None, {"A": a.astype(np.float32), "I": idx})
+        rows = weight[idx]  # [B, S, K, H]
+        expected = np.einsum("bskh,bsh->bsk", rows, a) if op == "GatherMatMulT" else np.einsum("bskh,bsk->bsh", rows, a)
+        results[op] = bool(np.allclose(y, expected, rtol=1e-4, atol=1e-4))
+    return {"ort_version": ort.__version__, "ops_ok": results}
+
+
+def doctor_report(build_now: bool = False, force: bool = False, log: Log = lambda message: None) -> dict[str, Any]:
+    """What ``popc doctor`` prints, as data."""
+    import onnxruntime as ort
+
+    report: dict[str, Any] = {
+        "onnxruntime": ort.__version__,
+        "available_providers": ort.get_available_providers(),
+        "nvcc": find_nvcc(),
+        "toolchain_problem": toolchain_problem(),
+        "headers": (lambda h: f"{h} ({_header_version(h)})" if h else None)(find_headers()),
+        "disabled": disabled(),
+    }
+    error = None
+    try:
+        if build_now or force:
+            info = build(force=force, log=log) if not (find_library() and not force) else find_library()
+        else:
+            info = ensure_library()
+    except PopcError as exc:
+        info, error = find_library(), str(exc)
+    report["build_error"] = error
+    report["present"] = info is not None
+    if info is not None:
+        report |= {"library": str(info.path), "origin": info.origin, "cuda": info.cuda, "providers": info.providers,
+                   "build": info.build}  # fmt: skip
+        try:
+            report |= {"loaded": True, **self_test(info)}
+        except Exception as exc:
+            report |= {"loaded": False, "load_error": str(exc).splitlines()[0]}
+    return report
+
+
+def describe(info: LibraryInfo | None) -> str:  # pragma: no cover - convenience for debugging
+    return json.dumps(asdict(info), default=str) if info else "absent"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(doctor_report(build_now="--build" in sys.argv), indent=2, default=str))
