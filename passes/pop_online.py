@@ -1,10 +1,14 @@
-"""POP-online: replace every gated FFN with a self-pruning ``ai.popc`` FFN node.
+"""POP-online: replace every FFN with a self-pruning ``ai.popc`` FFN node.
 
 Rules (onnxscript rewriter):
 
 * **SwiGLU** ``MatMul(Mul(Mul(g, Sigmoid(g)), MatMul(x, Wu)), Wd)`` with
   ``g = MatMul(x, Wg)`` -> ``PopSwiGLU``;
-* **GeGLU** ``MatMul(Mul(Gelu(g), MatMul(x, Wu)), Wd)`` -> ``PopGeGLU``.
+* **GeGLU** ``MatMul(Mul(Gelu(g), MatMul(x, Wu)), Wd)`` -> ``PopGeGLU``;
+* **routed experts** (Mixtral, Qwen-MoE): either of the above times the expert's
+  routing-weight column -> the same op scored on the expert's routed tokens;
+* **plain MLP** ``[Add(]MatMul(act([Add(]MatMul(x, W1)[, b1)]), W2)[, b2)]`` with act
+  GELU or ReLU -> ``PopGeluMLP`` / ``PopReluMLP``.
 
 They apply when all three weights are initializers of matching shapes (so the
 attention MatMuls never match). The replacement lays the weights out one row per
@@ -49,6 +53,37 @@ def routed_geglu_pattern(op, x, gate_weight, up_weight, down_weight, route):
     return op.Mul(geglu_pattern(op, x, gate_weight, up_weight, down_weight), route)
 
 
+def gelu_mlp_pattern(op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    hidden = op.Add(op.MatMul(x, fc1_weight), fc1_bias)
+    activated = op.Gelu(hidden, _allow_other_attributes=True, _outputs=["activated"])
+    return op.Add(op.MatMul(activated, fc2_weight), fc2_bias)
+
+
+def relu_mlp_pattern(op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    return op.Add(op.MatMul(op.Relu(op.Add(op.MatMul(x, fc1_weight), fc1_bias)), fc2_weight), fc2_bias)
+
+
+def gelu_mlp_no_bias_pattern(op, x, fc1_weight, fc2_weight):
+    activated = op.Gelu(op.MatMul(x, fc1_weight), _allow_other_attributes=True, _outputs=["activated"])
+    return op.MatMul(activated, fc2_weight)
+
+
+def relu_mlp_no_bias_pattern(op, x, fc1_weight, fc2_weight):
+    return op.MatMul(op.Relu(op.MatMul(x, fc1_weight)), fc2_weight)
+
+
+def weights_are_a_plain_mlp(context, x, fc1_weight, fc2_weight, fc1_bias=None, fc2_bias=None, **_) -> bool:
+    """fc1 [H, D], fc2 [D, H] (+ biases [D], [H]) constants."""
+    arrays = [v.const_value for v in (fc1_weight, fc2_weight, fc1_bias, fc2_bias) if v is not None]
+    if any(a is None for a in arrays):
+        return False
+    fc1, fc2 = arrays[0].shape, arrays[1].shape
+    if len(fc1) != 2 or tuple(fc2) != (fc1[1], fc1[0]):
+        return False
+    biases = [tuple(a.shape) for a in arrays[2:]]
+    return biases in ([], [(fc1[1],), (fc1[0],)])
+
+
 def weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight, **_) -> bool:
     """Gate/up [H, D] and down [D, H] constants: an FFN, not attention."""
     arrays = [w.const_value for w in (gate_weight, up_weight, down_weight)]
@@ -74,9 +109,12 @@ def is_prunable_dense_ffn(context, x, gate_weight, up_weight, down_weight, **_) 
 class PopOnlinePass(ir.passes.InPlacePass):
     """Insert POP-online into every matched FFN; fails if none matches."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_ffn_token_mask: bool = False) -> None:
         super().__init__()
         self.layers: list[int] = []
+        # POP-prefill graphs feed deep FFNs fewer tokens than input_ids has at a prefill:
+        # then each FFN's token mask is the last X.shape[1] columns of attention_mask.
+        self.per_ffn_token_mask = per_ffn_token_mask
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -87,31 +125,35 @@ class PopOnlinePass(ir.passes.InPlacePass):
         partitions: dict[tuple[int, ...], tuple[ir.Value, ir.Value]] = {}
         channels: set[int] = set()
 
-        def replace(op, x, gate_weight, up_weight, down_weight, activated=None, route=None, **_):
-            layer = _layer_index(down_weight, x, len(partitions))
-            expert = _expert_index(down_weight)
+        def new_partition(op, anchor: ir.Value, x: ir.Value, width: int):
+            """The FFN's key (layer[, expert]), name label and partition state input."""
+            layer = _layer_index(anchor, x, len(partitions))
+            expert = _expert_index(anchor)
             key = (layer,) if expert is None else (layer, expert)
             label = ".".join(map(str, key))
-            gate = np.ascontiguousarray(gate_weight.const_value.numpy().T)
-            up = np.ascontiguousarray(up_weight.const_value.numpy().T)
-            down = down_weight.const_value.numpy()
-            static = (np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * np.linalg.norm(down, axis=1))
-            channels.add(gate.shape[0])
+            channels.add(width)
             partition_in = ir.Value(
-                name=f"past_partition.{label}",
-                type=ir.TensorType(ir.DataType.INT64),
-                shape=ir.Shape(["batch", f"partition_size"]),
+                name=f"past_partition.{label}", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "partition_size"])
             )
             graph.inputs.append(partition_in)
-            weights = [
-                op.initializer(ir.tensor(array, name=f"pop.{label}.{name}"), name=f"pop.{label}.{name}")
-                for name, array in (("gate_rows", gate), ("up_rows", up), ("down_rows", down))
-            ]
-            static_score = op.initializer(
-                ir.tensor(static.astype(down.dtype), name=f"pop.{label}.static_score"), name=f"pop.{label}.static_score"
-            )
-            token_mask = shared.token_mask if route is None else _routed_token_mask(op, shared.token_mask, route)
-            arguments = [x, token_mask, partition_in, shared.config, *weights, static_score]
+            return key, label, partition_in
+
+        def constant(op, label: str, name: str, array: np.ndarray) -> ir.Value:
+            return op.initializer(ir.tensor(np.ascontiguousarray(array), name=f"pop.{label}.{name}"), name=f"pop.{label}.{name}")
+
+        def replace(op, x, gate_weight, up_weight, down_weight, activated=None, route=None, **_):
+            gate = gate_weight.const_value.numpy().T
+            up = up_weight.const_value.numpy().T
+            down = down_weight.const_value.numpy()
+            key, label, partition_in = new_partition(op, down_weight, x, gate.shape[0])
+            static = np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * np.linalg.norm(down, axis=1)
+            token_mask = _token_mask_like(op, shared.attention_mask, x) if self.per_ffn_token_mask else shared.token_mask
+            token_mask = token_mask if route is None else _routed_token_mask(op, token_mask, route)
+            arguments = [
+                x, token_mask, partition_in, shared.config,
+                constant(op, label, "gate_rows", gate), constant(op, label, "up_rows", up),
+                constant(op, label, "down_rows", down), constant(op, label, "static_score", static.astype(down.dtype)),
+            ]  # fmt: skip
             if activated is None:
                 y, partition_out = op.PopSwiGLU(*arguments, _domain=DOMAIN, _version=VERSION, _outputs=2)
             else:
@@ -122,20 +164,48 @@ class PopOnlinePass(ir.passes.InPlacePass):
             partitions[key] = (partition_in, partition_out)
             return y if route is None else op.Mul(y, route)
 
+        def replace_plain(op, x, fc1_weight, fc2_weight, fc1_bias=None, fc2_bias=None, activated=None, **_):
+            fc1 = fc1_weight.const_value.numpy().T
+            fc2 = fc2_weight.const_value.numpy()
+            key, label, partition_in = new_partition(op, fc2_weight, x, fc1.shape[0])
+            bias1 = fc1_bias.const_value.numpy() if fc1_bias is not None else np.zeros(fc1.shape[0], fc1.dtype)
+            bias2 = fc2_bias.const_value.numpy() if fc2_bias is not None else np.zeros(fc2.shape[1], fc2.dtype)
+            static = np.linalg.norm(fc1, axis=1) * np.linalg.norm(fc2, axis=1)
+            arguments = [
+                x, shared.token_mask, partition_in, shared.config,
+                constant(op, label, "fc1_rows", fc1), constant(op, label, "fc1_bias", bias1),
+                constant(op, label, "fc2_rows", fc2), constant(op, label, "fc2_bias", bias2),
+                constant(op, label, "static_score", static.astype(fc2.dtype)),
+            ]  # fmt: skip
+            if activated is None:
+                y, partition_out = op.PopReluMLP(*arguments, _domain=DOMAIN, _version=VERSION, _outputs=2)
+            else:
+                approximate = activated.producer().attributes.get_string("approximate", "none")
+                y, partition_out = op.PopGeluMLP(
+                    *arguments, approximate=approximate, _domain=DOMAIN, _version=VERSION, _outputs=2
+                )
+            partitions[key] = (partition_in, partition_out)
+            return y
+
         # Routed experts first: their pattern contains the plain FFN's, and the plain
-        # rule would otherwise claim each expert without its routing weight.
+        # rule would otherwise claim each expert without its routing weight. Rule sets
+        # commute Add/Mul operands, so bias and routing products match in either order.
         routed_rules = [
             pattern.RewriteRule(routed_swiglu_pattern, replace, weights_are_an_ffn, name="PopRoutedSwiGLU"),
             pattern.RewriteRule(routed_geglu_pattern, replace, weights_are_an_ffn, name="PopRoutedGeGLU"),
         ]
-        rewriter.rewrite(model, pattern_rewrite_rules=routed_rules)
+        rewriter.rewrite(model, pattern_rewrite_rules=pattern.RewriteRuleSet(routed_rules, commute=True))
         dense_rules = [
             pattern.RewriteRule(swiglu_pattern, replace, is_prunable_dense_ffn, name="PopSwiGLU"),
             pattern.RewriteRule(geglu_pattern, replace, is_prunable_dense_ffn, name="PopGeGLU"),
+            pattern.RewriteRule(gelu_mlp_pattern, replace_plain, weights_are_a_plain_mlp, name="PopGeluMLP"),
+            pattern.RewriteRule(relu_mlp_pattern, replace_plain, weights_are_a_plain_mlp, name="PopReluMLP"),
+            pattern.RewriteRule(gelu_mlp_no_bias_pattern, replace_plain, weights_are_a_plain_mlp, name="PopGeluMLP"),
+            pattern.RewriteRule(relu_mlp_no_bias_pattern, replace_plain, weights_are_a_plain_mlp, name="PopReluMLP"),
         ]
-        rewriter.rewrite(model, pattern_rewrite_rules=dense_rules)
+        rewriter.rewrite(model, pattern_rewrite_rules=pattern.RewriteRuleSet(dense_rules, commute=True))
         if not partitions:
-            raise ValueError("POP found no FFN block (SwiGLU/GeGLU) to rewrite in this graph")
+            raise ValueError("POP found no FFN block (SwiGLU, GeGLU or plain GELU/ReLU MLP) to rewrite in this graph")
         if len(channels) != 1:
             raise ValueError(f"POP needs one FFN width per model (pop_config holds counts); found {sorted(channels)}")
 
@@ -201,6 +271,14 @@ def _expert_index(down_weight: ir.Value) -> int | None:
         if match:
             return int(match.group(1))
     return None
+
+
+def _token_mask_like(op, attention_mask: ir.Value, x: ir.Value) -> ir.Value:
+    """float(attention_mask[:, -S:]) with S = x.shape[1] (the tokens this FFN sees)."""
+    start = op.Neg(op.Shape(x, start=1, end=2))
+    end = op.Constant(value_ints=[np.iinfo(np.int64).max])
+    window = op.Slice(attention_mask, start, end, op.Constant(value_ints=[1]))
+    return op.Cast(window, to=ir.DataType.FLOAT)
 
 
 def _routed_token_mask(op, token_mask: ir.Value, route: ir.Value) -> ir.Value:

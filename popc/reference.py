@@ -36,15 +36,21 @@ def _top(values: torch.Tensor, count: int) -> torch.Tensor:
 
 @dataclass
 class GatedWeights:
-    """One gated FFN, one row per channel: gate, up and down-transposed are ``[D, H]``."""
+    """One FFN, one row per channel: gate (fc1), up and down-transposed (fc2^T) are ``[D, H]``.
+
+    ``up`` is None for a plain ``fc2(act(fc1(x) + b1)) + b2`` MLP (biases optional).
+    """
 
     gate: torch.Tensor
-    up: torch.Tensor
+    up: torch.Tensor | None
     down_rows: torch.Tensor
     act: Callable[[torch.Tensor], torch.Tensor]
+    gate_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
     def static_score(self) -> torch.Tensor:
-        return self.gate.norm(dim=1) * self.up.norm(dim=1) * self.down_rows.norm(dim=1)
+        score = self.gate.norm(dim=1) * self.down_rows.norm(dim=1)
+        return score if self.up is None else score * self.up.norm(dim=1)
 
 
 class PopState:
@@ -58,24 +64,32 @@ class PopState:
 def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: PopState, token_mask) -> torch.Tensor:
     """POP-online for ``x`` [B, S, H]: dense + partition at prefill, pruned at decode."""
     retain, candidate, keep, static = (int(v) for v in owner.counts)
+    gate_bias = weights.gate_bias if weights.gate_bias is not None else 0.0
+    down_bias = weights.down_bias if weights.down_bias is not None else 0.0
     if owner.prefill:
-        z = weights.act(x @ weights.gate.t()) * (x @ weights.up.t())
+        z = weights.act(x @ weights.gate.t() + gate_bias)
+        if weights.up is not None:
+            z = z * (x @ weights.up.t())
         normalised = z / (z.norm(dim=-1, keepdim=True) + EPSILON) * token_mask.unsqueeze(-1).to(z.dtype)
         score = normalised.pow(2).sum(dim=1).sqrt()  # [B, D]
         if static:
             score = weights.static_score().to(score.dtype).expand_as(score)
         state.score = score
         state.partition = _top(score, retain + candidate)
-        return z @ weights.down_rows
+        return z @ weights.down_rows + down_bias
 
     batch, seq, _ = x.shape
     partition = state.partition.unsqueeze(1).expand(batch, seq, -1)  # [B, S, R + C]
-    activated = weights.act(torch.einsum("bsh,bskh->bsk", x, weights.gate[partition]))
+    gate = torch.einsum("bsh,bskh->bsk", x, weights.gate[partition])
+    if weights.gate_bias is not None:
+        gate = gate + weights.gate_bias[partition]
+    activated = weights.act(gate)
     chosen = _top(activated[..., retain:].abs(), keep)
     ids = torch.cat([partition[..., :retain], partition[..., retain:].gather(-1, chosen)], dim=-1)
     kept = torch.cat([activated[..., :retain], activated[..., retain:].gather(-1, chosen)], dim=-1)
-    up = torch.einsum("bsh,bskh->bsk", x, weights.up[ids])
-    return torch.einsum("bsk,bskh->bsh", kept * up, weights.down_rows[ids])
+    if weights.up is not None:
+        kept = kept * torch.einsum("bsh,bskh->bsk", x, weights.up[ids])
+    return torch.einsum("bsk,bskh->bsh", kept, weights.down_rows[ids]) + down_bias
 
 
 class PopFFN(nn.Module):

@@ -14,11 +14,17 @@ one of these nodes::
   so every gathered channel is a contiguous row.
 * ``static_score`` [D]: weight-magnitude channel scores (the static baseline).
 
+Plain MLPs (``fc2(act(fc1(x) + b1)) + b2``, GELU or ReLU) get ``PopGeluMLP`` /
+``PopReluMLP(X, token_mask, partition, config, W1, B1, W2, B2, static_score)``: the
+same regions, with ``Z = act(fc1(x) + b1)`` as the channel activations.
+
 Prefill (empty partition): the FFN runs dense; each token's row of
 ``Z = act(X Wg^T) * (X Wu^T)`` is scaled to unit L2 norm, padding rows are zeroed,
 and each channel scores the L2 norm of its column; the top R+C channels, sorted,
-form the partition. Decode: gate rows of R and C only; the top-K candidates by
-|activation| per token; up and down rows of R plus the kept candidates only.
+form the partition. Decode (``PopSwiGLUDecode`` / ``PopGeGLUDecode``, one op so that
+the op library runs it as one fused kernel): gate rows of R and C only; the top-K
+candidates by |activation| per token; up and down rows of R plus the kept candidates
+only.
 """
 
 from __future__ import annotations
@@ -79,6 +85,22 @@ def DenseRows(X, W):
 
 
 @script(popc_ops, default_opset=op)
+def PopSwiGLUDecode(X, partition, config, Wg, Wu, Wd):
+    """One SwiGLU decode step of POP-online (the op library fuses it into one kernel)."""
+    G = GatherMatMulT(X, Wg, PopRowsExpand(X, partition))
+    ids, A = PopSelect(op.Mul(G, op.Sigmoid(G)), X, partition, config)
+    return GatherMatMul(op.Mul(A, GatherMatMulT(X, Wu, ids)), Wd, ids)
+
+
+@script(popc_ops, default_opset=op)
+def PopGeGLUDecode(X, partition, config, Wg, Wu, Wd, approximate: str = "tanh"):
+    """One GeGLU decode step of POP-online (the op library fuses it into one kernel)."""
+    G = GatherMatMulT(X, Wg, PopRowsExpand(X, partition))
+    ids, A = PopSelect(op.Gelu(G, approximate=approximate), X, partition, config)
+    return GatherMatMul(op.Mul(A, GatherMatMulT(X, Wu, ids)), Wd, ids)
+
+
+@script(popc_ops, default_opset=op)
 def PopSwiGLU(X, token_mask, partition, config, Wg, Wu, Wd, static_score):
     if op.Equal(op.Size(partition), op.Constant(value_int=0)):
         G = DenseRows(X, Wg)
@@ -86,9 +108,7 @@ def PopSwiGLU(X, token_mask, partition, config, Wg, Wu, Wd, static_score):
         Y = op.MatMul(Z, Wd)
         partition_out = PopPartition(Z, token_mask, config, static_score)
     else:
-        G = GatherMatMulT(X, Wg, PopRowsExpand(X, partition))
-        ids, A = PopSelect(op.Mul(G, op.Sigmoid(G)), X, partition, config)
-        Y = GatherMatMul(op.Mul(A, GatherMatMulT(X, Wu, ids)), Wd, ids)
+        Y = PopSwiGLUDecode(X, partition, config, Wg, Wu, Wd)
         partition_out = op.Identity(partition)
     return Y, partition_out
 
@@ -101,12 +121,55 @@ def PopGeGLU(X, token_mask, partition, config, Wg, Wu, Wd, static_score, approxi
         Y = op.MatMul(Z, Wd)
         partition_out = PopPartition(Z, token_mask, config, static_score)
     else:
-        G = GatherMatMulT(X, Wg, PopRowsExpand(X, partition))
-        ids, A = PopSelect(op.Gelu(G, approximate=approximate), X, partition, config)
-        Y = GatherMatMul(op.Mul(A, GatherMatMulT(X, Wu, ids)), Wd, ids)
+        Y = PopGeGLUDecode(X, partition, config, Wg, Wu, Wd, approximate=approximate)
+        partition_out = op.Identity(partition)
+    return Y, partition_out
+
+
+@script(popc_ops, default_opset=op)
+def PopGeluMLP(X, token_mask, partition, config, W1, B1, W2, B2, static_score, approximate: str = "none"):
+    """Plain ``fc2(gelu(fc1(x)))`` MLP with biases; Z = gelu(fc1(x)) is scored and pruned."""
+    if op.Equal(op.Size(partition), op.Constant(value_int=0)):
+        Z = op.Gelu(op.Add(DenseRows(X, W1), B1), approximate=approximate)
+        Y = op.Add(op.MatMul(Z, W2), B2)
+        partition_out = PopPartition(Z, token_mask, config, static_score)
+    else:
+        rows = PopRowsExpand(X, partition)
+        A = op.Gelu(op.Add(GatherMatMulT(X, W1, rows), op.Gather(B1, rows, axis=0)), approximate=approximate)
+        ids, kept = PopSelect(A, X, partition, config)
+        Y = op.Add(GatherMatMul(kept, W2, ids), B2)
+        partition_out = op.Identity(partition)
+    return Y, partition_out
+
+
+@script(popc_ops, default_opset=op)
+def PopReluMLP(X, token_mask, partition, config, W1, B1, W2, B2, static_score):
+    """Plain ``fc2(relu(fc1(x)))`` MLP with biases."""
+    if op.Equal(op.Size(partition), op.Constant(value_int=0)):
+        Z = op.Relu(op.Add(DenseRows(X, W1), B1))
+        Y = op.Add(op.MatMul(Z, W2), B2)
+        partition_out = PopPartition(Z, token_mask, config, static_score)
+    else:
+        rows = PopRowsExpand(X, partition)
+        A = op.Relu(op.Add(GatherMatMulT(X, W1, rows), op.Gather(B1, rows, axis=0)))
+        ids, kept = PopSelect(A, X, partition, config)
+        Y = op.Add(GatherMatMul(kept, W2, ids), B2)
         partition_out = op.Identity(partition)
     return Y, partition_out
 
 
 # Every function a POP model may call, helpers first (the order ONNX wants them listed in).
-POP_FUNCTIONS = [GatherMatMulT, GatherMatMul, PopPartition, PopSelect, PopRowsExpand, DenseRows, PopSwiGLU, PopGeGLU]
+POP_FUNCTIONS = [
+    GatherMatMulT,
+    GatherMatMul,
+    PopPartition,
+    PopSelect,
+    PopRowsExpand,
+    DenseRows,
+    PopSwiGLUDecode,
+    PopGeGLUDecode,
+    PopSwiGLU,
+    PopGeGLU,
+    PopGeluMLP,
+    PopReluMLP,
+]
