@@ -93,6 +93,15 @@ def weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight, **_) -> 
     return len(gate) == 2 and gate == up and tuple(down) == (gate[1], gate[0])
 
 
+def is_routed_expert(context, x, gate_weight, up_weight, down_weight, route, **_) -> bool:
+    """An expert FFN (named ``experts.{e}`` by the tracer) times its routing column; not
+    Qwen-MoE's shared expert, whose product is with ``Sigmoid(gate(x))``."""
+    producer = route.producer()
+    if producer is not None and producer.op_type == "Sigmoid":
+        return False
+    return _expert_index(down_weight) is not None and weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight)
+
+
 def is_prunable_dense_ffn(context, x, gate_weight, up_weight, down_weight, **_) -> bool:
     """An FFN that is not a Qwen-MoE shared expert (``Sigmoid(gate) * FFN``), which stays dense."""
     if not weights_are_an_ffn(context, x, gate_weight, up_weight, down_weight):
@@ -191,8 +200,8 @@ class PopOnlinePass(ir.passes.InPlacePass):
         # rule would otherwise claim each expert without its routing weight. Rule sets
         # commute Add/Mul operands, so bias and routing products match in either order.
         routed_rules = [
-            pattern.RewriteRule(routed_swiglu_pattern, replace, weights_are_an_ffn, name="PopRoutedSwiGLU"),
-            pattern.RewriteRule(routed_geglu_pattern, replace, weights_are_an_ffn, name="PopRoutedGeGLU"),
+            pattern.RewriteRule(routed_swiglu_pattern, replace, is_routed_expert, name="PopRoutedSwiGLU"),
+            pattern.RewriteRule(routed_geglu_pattern, replace, is_routed_expert, name="PopRoutedGeGLU"),
         ]
         rewriter.rewrite(model, pattern_rewrite_rules=pattern.RewriteRuleSet(routed_rules, commute=True))
         dense_rules = [
