@@ -46,6 +46,11 @@ class ExportPlan:
     pop: PopSettings | None = None
     # Further passes, run after POP's.
     passes: Sequence[ir.passes.PassBase] = field(default_factory=list)
+    # POP-prefill: the deepest N layers skipped at prefill by all prompt tokens but the
+    # last (popc.prefill); None = every token runs every layer.
+    prefill_skip: int | None = None
+    # Baseline (ShortGPT-style): the deepest N layers removed for every token.
+    drop_layers: int | None = None
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -55,9 +60,11 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out]
 
 
-def trace_to_onnx(loaded: LoadedModel, path: Path) -> None:
+def trace_to_onnx(
+    loaded: LoadedModel, path: Path, prefill_skip: int | None = None, drop_layers: int | None = None
+) -> None:
     """Trace the model with its KV cache into an ONNX file with dynamic batch and lengths."""
-    decoder = ExportableDecoder(loaded.model).eval()
+    decoder = ExportableDecoder(loaded.model, prefill_skip=prefill_skip, drop_layers=drop_layers).eval()
     shape = decoder.shape
     inputs, outputs = io_names(shape.num_layers)
     batch, seq, past = 2, 3, 2  # any sizes; every one of them is marked dynamic below
@@ -69,7 +76,7 @@ def trace_to_onnx(loaded: LoadedModel, path: Path) -> None:
     dynamic = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
-        "logits": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence" if prefill_skip is None else "logits_sequence"},
     }
     dynamic |= {name: {0: "batch", 2: "past_sequence"} for name in inputs[2:]}
     dynamic |= {name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]}
@@ -136,6 +143,8 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "opset": OPSET,
         "versions": versions(),
         "pop": None if plan.pop is None else pop_config(plan.pop, config),
+        "prefill_skip": None if plan.prefill_skip is None else prefill_config(plan.prefill_skip, shape.num_layers),
+        "drop_layers": plan.drop_layers or None,
     }
 
 
@@ -155,6 +164,19 @@ def pop_config(pop: PopSettings, config) -> dict[str, Any]:
         "intermediate_size": pop_channels(config),
         "state_inputs": "past_partition.{i} int64 [batch, retain+candidate] -> present_partition.{i}",
         "config_input": "pop_config int64 [4] = (retain, candidate, keep channel counts, static flag)",
+    }
+
+
+def prefill_config(skip: int, num_layers: int) -> dict[str, Any]:
+    """The POP-prefill section of popc.json."""
+    return {
+        "method": "pop-prefill",
+        "layers": skip,
+        "cutoff": num_layers - skip,
+        "skipped_layers": list(range(num_layers - skip, num_layers)),
+        "kv": "independent projections of the cut-off hidden state (input norm, k/v proj, k-norm, RoPE)",
+        "logits": "a prefill (empty past) returns the last token's logits only: [batch, 1, vocab]",
+        "partitions": "POP-online partitions of skipped layers: from the last prompt token",
     }
 
 
@@ -223,10 +245,11 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         content.mkdir()
         traced = staging / "traced.onnx"
         report("tracing the model to ONNX")
-        trace_to_onnx(loaded, traced)
+        trace_to_onnx(loaded, traced, plan.prefill_skip, plan.drop_layers)
 
         model = ir.load(traced)
-        passes = ([PopOnlinePass()] if plan.pop is not None else []) + list(plan.passes)
+        pop_pass = PopOnlinePass(per_ffn_token_mask=plan.prefill_skip is not None)
+        passes = ([pop_pass] if plan.pop is not None else []) + list(plan.passes)
         if passes:
             report(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")
             model = ir.passes.PassManager(passes)(model).model

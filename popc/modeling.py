@@ -254,7 +254,7 @@ class ExportableDecoder(nn.Module):
     past, head_dim]``.
     """
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, prefill_skip: int | None = None, drop_layers: int | None = None):
         super().__init__()
         config = hf_model.config
         family = family_of(config)
@@ -296,6 +296,16 @@ class ExportableDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(base.norm, features["unit_offset_norm"])
         self.lm_head = hf_model.lm_head
+        # POP-prefill (popc.prefill): the deepest N layers skipped by all prompt tokens but the last.
+        if prefill_skip is not None and not 0 <= prefill_skip < shape.num_layers:
+            raise PopcError(f"--prefill-skip must be in [0, {shape.num_layers - 1}], got {prefill_skip}")
+        self.prefill_skip = prefill_skip
+        # The ShortGPT-style baseline: the deepest N layers removed for every token.
+        if drop_layers is not None and not 0 <= drop_layers < shape.num_layers:
+            raise PopcError(f"--drop-layers must be in [0, {shape.num_layers - 1}], got {drop_layers}")
+        if drop_layers and prefill_skip is not None:
+            raise PopcError("give --prefill-skip or --drop-layers, not both")
+        self.drop_layers = drop_layers or 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         batch, seq = input_ids.shape
@@ -327,12 +337,18 @@ class ExportableDecoder(nn.Module):
                 masks[layer.window] = torch.where(keep, 0.0, negative)
 
         presents = []
-        for index, layer in enumerate(self.layers):
-            cos, sin = rope[layer.rope]
-            hidden, key, value = layer(
-                hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1]
-            )
-            presents += [key, value]
+        if self.prefill_skip is not None or self.drop_layers:
+            from popc.prefill import prefill_skip_layers
+
+            hidden, presents = prefill_skip_layers(self, hidden, rope, masks, past)
+            seq = hidden.shape[1]  # 1 at a prefill (only the last token's logits), else every token's
+        else:
+            for index, layer in enumerate(self.layers):
+                cos, sin = rope[layer.rope]
+                hidden, key, value = layer(
+                    hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1]
+                )
+                presents += [key, value]
         hidden = self.norm(hidden)
         # A 2-D linear traces to Gemm(transB=1) over the weight as stored: a tied
         # embedding then stays one initializer instead of gaining a transposed copy.
