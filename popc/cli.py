@@ -76,6 +76,13 @@ def export(
     retain: Annotated[Optional[float], typer.Option(help="POP: fraction of channels always kept (R).")] = None,
     candidate: Annotated[Optional[float], typer.Option(help="POP: fraction scored per token (C).")] = None,
     keep: Annotated[Optional[float], typer.Option(help="POP: fraction of channels kept from C per token (K).")] = None,
+    prefill_skip: Annotated[
+        Optional[int],
+        typer.Option(help="POP-prefill: the deepest N layers are skipped at prefill by all prompt tokens but the last."),
+    ] = None,
+    drop_layers: Annotated[
+        Optional[int], typer.Option(help="Baseline: remove the deepest N layers for every token (ShortGPT-style).")
+    ] = None,
 ) -> None:
     """Export MODEL to ONNX with its KV cache as graph inputs/outputs (and POP-online FFNs)."""
     from popc.export import ExportPlan
@@ -84,6 +91,10 @@ def export(
     signal.signal(signal.SIGTERM, _terminate)  # so staging files are cleaned up on kill
     try:
         pop = pop_settings(sparsity, retain, candidate, keep)
+        if prefill_skip is not None and prefill_skip < 0:
+            raise PopcError(f"--prefill-skip must be >= 0, got {prefill_skip}")
+        if drop_layers is not None and drop_layers < 0:
+            raise PopcError(f"--drop-layers must be >= 0, got {drop_layers}")
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
         ) as progress:
@@ -93,7 +104,10 @@ def export(
                 progress.update(task, description=message)
                 progress.console.print(f"  {message}", style="dim", highlight=False)
 
-            location = run_export(ExportPlan(model=model, out=out, force=force, pop=pop), progress=report)
+            plan = ExportPlan(
+                model=model, out=out, force=force, pop=pop, prefill_skip=prefill_skip, drop_layers=drop_layers
+            )
+            location = run_export(plan, progress=report)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] nothing was written")
         raise typer.Exit(130) from None
@@ -263,8 +277,123 @@ def eval_(
         f"[dim]{info['windows']} windows of {info['window']} tokens ({info['prompt']} prompt), "
         f"{sum(info['tasks'].values())} questions; {info['machine']}; {info['seconds']:.0f} s[/]"
     )
+    if info.get("prefill_skip") is not None:
+        console.print(f"POP-prefill export: every row skips the deepest {info['prefill_skip']} layers at prefill")
     if info.get("note"):
         console.print(f"[yellow]note:[/] {info['note']}")
+
+
+def _int_list(value: str | None, option: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise PopcError(f"{option} takes comma-separated integers, got {value!r}") from None
+
+
+@app.command()
+def analyze(
+    model: Annotated[str, typer.Argument(help="HF id (local cache), local HF dir, .gguf file, or built-in name.")],
+    budget: Annotated[float, typer.Option(help="Allowed continuation-loss increase (nats/token) for the recommended N.")] = 0.05,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of loss vs N and per-layer importance.")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Text to score (default: lee_background.cor, fetched once).")] = None,
+    windows: Annotated[int, typer.Option(help="Text windows scored.")] = 8,
+    window: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens per window (default: half the window).")] = None,
+    per_layer: Annotated[bool, typer.Option(help="Also skip each layer alone (2 runs per layer).")] = True,
+    counts: Annotated[Optional[str], typer.Option(help="Comma-separated N to sweep (default: every N).")] = None,
+) -> None:
+    """POP-prefill: per-layer importance for the prompt vs every token, and the N to skip for a loss budget."""
+    from popc.analyze import AnalyzePlan
+    from popc.analyze import analyze as run_analyze
+    from popc.analyze import plot as write_plot
+    from popc.analyze import result_tables
+
+    try:
+        if budget < 0 or windows < 1:
+            raise PopcError("--budget must be >= 0 and --windows >= 1")
+        plan = AnalyzePlan(model=model, budget=budget, text=text, windows=windows, window=window, prompt=prompt,
+                           per_layer=per_layer, counts=_int_list(counts, "--counts"))
+        with console.status("analyzing") as status:
+            result = run_analyze(plan, tick=lambda m: status.update(m))
+        if as_json is not None:
+            as_json.write_text(json.dumps(result, indent=2) + "\n")
+        if plot is not None:
+            write_plot(result, plot)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as error:
+        fail(error)
+    out = Console() if Console().is_terminal else Console(width=160)
+    for table in result_tables(result):
+        out.print(table)
+    console.print(
+        f"recommended --prefill-skip {result['recommended_skip']} (budget {budget} nats/token); "
+        f"{result['info']['windows']} windows of {result['info']['window']} tokens, {result['info']['seconds']:.0f} s",
+        highlight=False,
+    )
+
+
+def _float_list(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise PopcError(f"{option} takes comma-separated numbers, got {value!r}") from None
+
+
+@app.command()
+def bench(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A POP export (or a dense one).")],
+    dense: Annotated[Optional[Path], typer.Option(help="The dense export of the same model (else exported once).")] = None,
+    pop: Annotated[Optional[Path], typer.Option(help="The POP export, when DIR is dense (else exported once).")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of latency and speedup.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write the tables as Markdown.")] = None,
+    prompt_lengths: Annotated[str, typer.Option(help="Prefill prompt lengths.")] = "16,128,512,2048",
+    batches: Annotated[str, typer.Option(help="Decode batch sizes.")] = "1,4",
+    sparsities: Annotated[str, typer.Option(help="POP decode sparsities.")] = "0.25,0.5,0.75",
+    variants: Annotated[str, typer.Option(help="dense-ort,pop-body,pop-oplib,hf-eager,pop-reference")] = "dense-ort,pop-body,pop-oplib,hf-eager,pop-reference",
+    repeats: Annotated[int, typer.Option(help="Timed runs per figure (median, min-max).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    decode_tokens: Annotated[int, typer.Option(help="Decode steps per run.")] = 32,
+    decode_prompt: Annotated[int, typer.Option(help="Prompt tokens before decode.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")] = None,
+    torch_max_prompt: Annotated[Optional[int], typer.Option(help="Longest prompt the PyTorch variants prefill.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model for the PyTorch variants (default: the export's source).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Prefill and decode latency of dense vs POP (and PyTorch), against the memory roofline."""
+    from popc import bench as b
+
+    try:
+        plan = b.BenchPlan(
+            directory=directory, dense=dense, pop=pop, model=model,
+            prompt_lengths=[int(v) for v in _float_list(prompt_lengths, "--prompt-lengths")],
+            batches=[int(v) for v in _float_list(batches, "--batches")],
+            sparsities=_float_list(sparsities, "--sparsities"),
+            variants=[v.strip() for v in variants.split(",") if v.strip()],
+            repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
+            threads=threads, device=device, torch_max_prompt=torch_max_prompt,
+        )  # fmt: skip
+        with console.status("benchmarking") as status:
+            result = b.run_bench(plan, log=lambda message: status.update(message))
+        if as_json is not None:
+            b.write_json(result, as_json)
+        if plot is not None:
+            b.write_plot(result, plot)
+        if markdown is not None:
+            markdown.write_text(b.markdown(result))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as error:
+        fail(error)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=220)
+    for table in b.tables(result):
+        out.print(table)
 
 
 @app.command()

@@ -75,16 +75,36 @@ class SamplingOptions:
         return np.asarray(chosen)
 
 
-def _make_session(model_path: Path, device: str, use_oplib: bool = True):
+def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None):
     import onnxruntime as ort
 
     if device not in DEVICES:
         raise PopcError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
     options = ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise PopcError(f"--threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
     from popc.oplib import register_library
 
     # The popc op library (fused ai.popc kernels) when present; else the ops' ONNX bodies run.
-    uses_oplib = use_oplib and register_library(options)
+    if device == "cuda":
+        # The fused PopSwiGLUDecode/PopGeGLUDecode/PopPartition kernels are CPU-only; in a CUDA
+        # session they would pull the FFNs onto the CPU. Without them the ops' function bodies
+        # run on the GPU, with the library's CUDA GatherMatMul(T) kernels inside.
+        import os
+
+        previous = os.environ.get("POPC_OPLIB_FUSED")
+        os.environ["POPC_OPLIB_FUSED"] = "0"
+        try:
+            uses_oplib = use_oplib and register_library(options)
+        finally:
+            if previous is None:
+                del os.environ["POPC_OPLIB_FUSED"]
+            else:
+                os.environ["POPC_OPLIB_FUSED"] = previous
+    else:
+        uses_oplib = use_oplib and register_library(options)
     options.log_severity_level = 3
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -108,14 +128,22 @@ def _make_session(model_path: Path, device: str, use_oplib: bool = True):
 class PopcModel:
     """An exported model ready to generate. Build it with :func:`popc.load`."""
 
-    def __init__(self, location: ExportLocation, config: dict[str, Any], device: str = "cpu", use_oplib: bool = True):
+    def __init__(
+        self,
+        location: ExportLocation,
+        config: dict[str, Any],
+        device: str = "cpu",
+        use_oplib: bool = True,
+        threads: int | None = None,
+    ):
         from transformers import AutoTokenizer
 
         self.location = location
         self.config = config
         self.device = device
+        self.threads = threads
         # uses_oplib: whether the popc op library's kernels run the ai.popc ops.
-        self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib)
+        self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib, threads)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(location.directory))
         except Exception as error:
@@ -184,6 +212,10 @@ class PopcModel:
         outputs = self.session.run(self.output_order, feed)
         return outputs[0], outputs[1:]
 
+    def bound(self, pop: PopSettings | None = None) -> BoundSteps:
+        """A prefill-then-decode stepper whose state stays in ONNX Runtime (IOBinding)."""
+        return BoundSteps(self, pop)
+
     def check_context(self, prompt_length: int) -> None:
         if prompt_length >= self.max_positions:
             raise PopcError(
@@ -220,8 +252,9 @@ class PopcModel:
             input_ids[row, longest - len(ids) :] = ids
             attention_mask[row, longest - len(ids) :] = 1
 
+        stepper = self.bound(pop)
         started = time.perf_counter()
-        logits, state = self.step(input_ids, attention_mask, self.initial_state(batch), pop)
+        logits = stepper.prefill(input_ids, attention_mask)
         prefill = time.perf_counter() - started
 
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -238,8 +271,7 @@ class PopcModel:
                 on_tokens(next_ids)
             if finished.all() or steps + 1 >= max_new_tokens:
                 break
-            attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-            logits, state = self.step(next_ids.reshape(batch, 1), attention_mask, state, pop)
+            logits = stepper.decode(next_ids.reshape(batch, 1))
             steps += 1
         decode = (time.perf_counter() - decode_started) / max(steps, 1)
         return generated, prefill, decode
@@ -282,11 +314,60 @@ class PopcModel:
         )
 
 
-def load(path: str | Path, device: str = "cpu", use_oplib: bool = True) -> PopcModel:
+class BoundSteps:
+    """One prefill, then one-token decode steps, with the graph's state kept as ONNX Runtime
+    values (IOBinding): each step's ``present*`` outputs are bound as the next step's
+    ``past*`` inputs, so the KV cache and the POP partitions never pass through numpy;
+    only the logits are copied out."""
+
+    def __init__(self, model: PopcModel, pop: PopSettings | None = None):
+        import onnxruntime as ort
+
+        self.model = model
+        self.session = model.session
+        self.ort = ort
+        self.device_type = "cuda" if model.device == "cuda" else "cpu"
+        self.pop_config = (pop or model.pop_defaults).counts(model.pop_channels) if model.has_pop_config else None
+        self.state: list[Any] | None = None
+        self.attention_mask: np.ndarray | None = None
+
+    def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True) -> np.ndarray | None:
+        binding = self.session.io_binding()
+        value = self.ort.OrtValue.ortvalue_from_numpy
+        binding.bind_ortvalue_input("input_ids", value(np.ascontiguousarray(input_ids, np.int64)))
+        binding.bind_ortvalue_input("attention_mask", value(self.attention_mask))
+        for meta, item in zip(self.model.state_inputs, state):
+            binding.bind_ortvalue_input(meta.name, item if isinstance(item, self.ort.OrtValue) else value(item))
+        if self.pop_config is not None:
+            binding.bind_ortvalue_input("pop_config", value(self.pop_config))
+        for name in self.model.output_order:
+            binding.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.state = list(outputs[1:])
+        return outputs[0].numpy() if logits else None
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool = True) -> np.ndarray | None:
+        """Logits [batch, sequence, vocab] of the prompt (None with ``logits=False``: they
+        stay in ONNX Runtime); starts a new state."""
+        self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
+        return self._run(input_ids, self.model.initial_state(input_ids.shape[0]), logits)
+
+    def decode(self, next_ids: np.ndarray) -> np.ndarray:
+        """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]."""
+        if self.state is None:
+            raise PopcError("decode() before prefill()")
+        ones = np.ones((self.attention_mask.shape[0], 1), np.int64)
+        self.attention_mask = np.concatenate([self.attention_mask, ones], axis=1)
+        return self._run(next_ids, self.state)
+
+
+def load(path: str | Path, device: str = "cpu", use_oplib: bool = True, threads: int | None = None) -> PopcModel:
     """Open an export (its directory or its ``.onnx`` file) for generation.
 
     ``use_oplib=False`` runs the ai.popc ops' ONNX function bodies even where the op
-    library is present.
+    library is present. ``threads`` sets ONNX Runtime's intra-op threads (default: its own
+    choice, one per physical core).
     """
     location, config = read_export(path)
-    return PopcModel(location, config, device, use_oplib)
+    return PopcModel(location, config, device, use_oplib, threads)

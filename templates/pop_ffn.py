@@ -79,9 +79,9 @@ def PopRowsExpand(X, partition):
 @script(popc_ops, default_opset=op)
 def DenseRows(X, W):
     """X [B, S, H] @ W[D, H]^T without a transposed copy of W (Gemm transB on 2-D rows)."""
-    rows = op.Reshape(X, op.Concat(op.Constant(value_ints=[-1]), op.Shape(X, start=2, end=3), axis=0))
+    rows = op.Flatten(X, axis=2)  # [B * S, H]: one node, no shape arithmetic (prefill of short prompts)
     Y = op.Gemm(rows, W, transB=1)
-    return op.Reshape(Y, op.Concat(op.Shape(X, start=0, end=2), op.Shape(W, start=0, end=1), axis=0))
+    return op.Reshape(Y, op.Concat(op.Shape(X, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
 
 
 @script(popc_ops, default_opset=op)

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace popc {
 
@@ -34,6 +35,58 @@ struct CpuGatherMatMul {
   int64_t block;  // output columns per task
   int64_t task_count() const;
   void run_task(int64_t task) const;
+};
+
+// PopSwiGLUDecode / PopGeGLUDecode: a whole POP-online FFN decode step, fused.
+//   per row r (token) of X [rows, H], with its sequence's partition P[b] (RC channel ids,
+//   the R retained first): g_j = act(X[r] . Wg[P[b, j]]) for every j; the top-K candidates
+//   (j >= R) by |g_j| (ties to the lower j) plus all retained are "kept";
+//   Y[r] = sum_{kept j} g_j * (X[r] . Wu[id_j]) * Wd[id_j].
+// Weights are walked in ascending channel id (sequential reads, whatever the partition's
+// order). Ids must be unique and in [0, D) (the caller validates). Work splits into tasks
+// over rows (many rows) or over channel chunks of one row (rows == 1).
+enum PopActivation { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+
+struct PopDecodeScratch {
+  const int64_t* ids = nullptr;  // this row's partition [RC]
+  std::vector<float> xf;         // [H] this row of X, in float
+  std::vector<float> gate;       // [RC] activations by partition position
+  std::vector<int64_t> order;    // [RC] partition positions by ascending channel id
+  std::vector<int64_t> kept;     // kept positions, ascending channel id
+  std::vector<int32_t> seen;     // [D] scratch for the id sort
+  std::vector<float> partial;    // [chunks, H] partial sums of Y (one-row split)
+};
+
+struct CpuPopDecode {
+  const void* X; const int64_t* P; const void* Wg; const void* Wu; const void* Wd; void* Y;
+  int64_t rows, seq, H, D, RC, R, K;
+  int activation;
+  bool half, use_avx2;
+  // Phases of one row r (the one-row split runs gate/updown chunks in parallel):
+  // prepare -> gate(order[begin, end)) -> select -> updown(kept[begin, end), out += ...) -> finish.
+  // prepare returns false on a duplicate channel id in the partition.
+  bool prepare(int64_t r, PopDecodeScratch& s) const;
+  void gate(PopDecodeScratch& s, int64_t begin, int64_t end) const;
+  void select(PopDecodeScratch& s) const;
+  void updown(const PopDecodeScratch& s, int64_t begin, int64_t end, float* out) const;
+  void finish(int64_t r, const float* y) const;
+  bool run_row(int64_t r) const;  // all phases serially (rows > 1: one task per row)
+};
+
+// PopPartition: POP-online's prefill scoring and ranking, fused.
+//   Z [B, T, D] (the FFN's channel activations), token_mask float [B, T]:
+//   score[b, d] = sqrt(sum_t (Z[b,t,d] / (||Z[b,t,:]|| + 1e-12) * mask[b,t])^2), or
+//   static_score[d] when `use_static`; out[b, :] = the `count` channels of highest score,
+//   in decreasing score (ties to the lower channel id, as ONNX TopK).
+struct CpuPopPartition {
+  const void* Z; const float* mask; const void* static_score; int64_t* out;
+  int64_t B, T, D, count;
+  bool half, use_static;
+  std::vector<float>* inv_norm;  // [B * T] scratch
+  std::vector<double>* score;    // [B * D] scratch
+  void norms(int64_t row) const;                 // one (b, t) row: inv_norm = mask / (norm + eps)
+  void scores(int64_t b, int64_t d0, int64_t d1) const;  // score[b, d0..d1)
+  void rank(int64_t b) const;                    // out[b, :]
 };
 
 // The first index outside [0, n) in idx[0..count), or -1 when all are valid.

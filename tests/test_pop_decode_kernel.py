@@ -1,0 +1,132 @@
+"""The op library's fused POP decode kernels (PopSwiGLUDecode / PopGeGLUDecode) against their
+ONNX function bodies, and their index contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from popc import oplib
+from popc.templates.ops import DOMAIN, VERSION
+from popc.templates.pop_ffn import POP_FUNCTIONS
+
+
+@pytest.fixture(scope="module")
+def library():
+    if oplib.toolchain_problem():
+        pytest.skip("cannot build the popc op library here")
+    return oplib.find_library() or oplib.build()
+
+
+def decode_model(op: str, weights: list[np.ndarray], approximate: str | None = None) -> onnx.ModelProto:
+    elem = TensorProto.FLOAT16 if weights[0].dtype == np.float16 else TensorProto.FLOAT
+    attributes = {"approximate": approximate} if approximate else {}
+    node = helper.make_node(op, ["X", "P", "C", "Wg", "Wu", "Wd"], ["Y"], domain=DOMAIN, **attributes)
+    graph = helper.make_graph(
+        [node], "decode",
+        [helper.make_tensor_value_info("X", elem, ["b", "s", "h"]),
+         helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "rc"]),
+         helper.make_tensor_value_info("C", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("Y", elem, ["b", "s", "h"])],
+        initializer=[numpy_helper.from_array(w, n) for w, n in zip(weights, ("Wg", "Wu", "Wd"))],
+    )  # fmt: skip
+    functions = []
+    for function in POP_FUNCTIONS:
+        proto = function.to_function_proto()
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+        functions.append(proto)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)], functions=functions
+    )
+    model.ir_version = 10
+    return model
+
+
+def session(model: onnx.ModelProto, library):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if library is not None:
+        options.register_custom_ops_library(str(library.path))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+CASES = [("PopSwiGLUDecode", None), ("PopGeGLUDecode", "tanh"), ("PopGeGLUDecode", "none")]
+
+
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("op,approximate", CASES, ids=["swiglu", "geglu-tanh", "geglu-erf"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 5)], ids=["b1", "b3", "b2s5"])
+def test_fused_decode_equals_function_body(library, monkeypatch, op, approximate, dtype, avx2, shape):
+    if not avx2:
+        monkeypatch.setenv("POPC_OPLIB_NO_AVX2", "1")
+    rng = np.random.default_rng(7)
+    H, D = 40, 96
+    weights = [(rng.standard_normal((D, H)) / 4).astype(dtype) for _ in range(3)]
+    model = decode_model(op, weights, approximate)
+    batch, seq = shape
+    retain, candidate, keep = 16, 40, 20
+    feed = {
+        "X": rng.standard_normal((batch, seq, H)).astype(dtype),
+        "P": np.stack([rng.permutation(D)[: retain + candidate] for _ in range(batch)]).astype(np.int64),
+        "C": np.array([retain, candidate, keep, 0], np.int64),
+    }
+    (expected,) = session(model, None).run(None, feed)
+    (got,) = session(model, library).run(None, feed)
+    tolerance = 2e-2 if dtype == np.float16 else 1e-4
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("bad,message", [(96, "outside"), (-1, "outside"), ("dup", "twice")])
+def test_fused_decode_rejects_bad_partitions(library, bad, message):
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((96, 40)).astype(np.float32) for _ in range(3)]
+    partition = rng.permutation(96)[None, :24].astype(np.int64)
+    partition[0, 5] = partition[0, 2] if bad == "dup" else bad
+    feed = {"X": np.ones((1, 1, 40), np.float32), "P": partition, "C": np.array([8, 16, 8, 0], np.int64)}
+    with pytest.raises(Exception, match=message):
+        session(decode_model("PopSwiGLUDecode", weights), library).run(None, feed)
+
+
+def partition_model(dtype) -> onnx.ModelProto:
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    node = helper.make_node("PopPartition", ["Z", "M", "C", "S"], ["P"], domain=DOMAIN)
+    graph = helper.make_graph(
+        [node], "partition",
+        [helper.make_tensor_value_info("Z", elem, ["b", "t", "d"]),
+         helper.make_tensor_value_info("M", TensorProto.FLOAT, ["b", "t"]),
+         helper.make_tensor_value_info("C", TensorProto.INT64, [4]),
+         helper.make_tensor_value_info("S", elem, ["d"])],
+        [helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "k"])],
+    )  # fmt: skip
+    model = decode_model("PopSwiGLUDecode", [np.zeros((2, 2), dtype)] * 3)  # for its functions
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
+    out.ir_version = 10
+    return out
+
+
+@pytest.mark.parametrize("static", [0, 1], ids=["scored", "static"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_fused_partition_equals_function_body(library, dtype, static):
+    rng = np.random.default_rng(3)
+    B, T, D = 3, 9, 200
+    mask = np.ones((B, T), np.float32)
+    mask[1, :4] = 0  # left padding
+    feed = {
+        "Z": rng.standard_normal((B, T, D)).astype(dtype),
+        "M": mask,
+        "C": np.array([50, 70, 30, static], np.int64),
+        "S": rng.random(D).astype(dtype),
+    }
+    model = partition_model(dtype)
+    (expected,) = session(model, None).run(None, feed)
+    (got,) = session(model, library).run(None, feed)
+    assert got.shape == (B, 120)
+    for row in range(B):  # same regions; order inside may differ only at fp ties
+        assert set(got[row, :50]) == set(expected[row, :50])
+        assert set(got[row, 50:]) == set(expected[row, 50:])
