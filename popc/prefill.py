@@ -290,20 +290,9 @@ class SkipReference:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int = 0):
         """Greedy generation over left-padded prompts (no early stop): new ids per prompt."""
-        longest = max(map(len, prompts))
-        ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-            mask[row, longest - len(prompt) :] = 1
-        logits, cache = self.step(ids, mask)
-        generated = []
-        for _ in range(max_new_tokens):
-            next_ids = logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(next_ids)
-            mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-            logits, cache = self.step(next_ids, mask, cache)
-        return torch.cat(generated, dim=1).tolist()
+        from popc.reference import greedy_generate
+
+        return greedy_generate(self.step, prompts, max_new_tokens, pad_token_id)
 
 
 @torch.no_grad()
