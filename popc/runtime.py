@@ -143,7 +143,9 @@ class PopcModel:
         self.device = device
         self.threads = threads
         # uses_oplib: whether the popc op library's kernels run the ai.popc ops.
-        self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib, threads)
+        # Dense exports have no ai.popc ops: no need to load (or first build) the op library.
+        has_popc_ops = config.get("pop") is not None
+        self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib and has_popc_ops, threads)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(location.directory))
         except Exception as error:
