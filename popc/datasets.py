@@ -107,7 +107,8 @@ def _pip_download(args: Sequence[str], dest: Path, what: str, env: dict[str, str
             if "Preparing metadata" in line or "Getting requirements" in line:
                 progress.update(task, description=f"pip: preparing {what} metadata", total=None)
         status = proc.wait()
-    if status != 0 and any("no such option: --progress-bar" in line for line in log):
+    # Older pips lack the option ("no such option") or its "raw" value ("invalid choice").
+    if status != 0 and any("--progress-bar" in line for line in log):
         return _pip_plain(command, dest)
     _pip_download.last_log = log  # type: ignore[attr-defined]
     return status
