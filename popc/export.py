@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -211,8 +212,25 @@ def check_destination(location: ExportLocation, force: bool) -> None:
                 raise PopcError(f"{directory / name} already exists; pass --force to replace it")
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends: an interrupt between two renames would
+    leave neither the old export nor the new one in place."""
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def publish(staging: Path, location: ExportLocation) -> None:
     """Move the finished export from ``staging/content`` into place with renames only."""
+    with signals_deferred():
+        _move_into_place(staging, location)
+
+
+def _move_into_place(staging: Path, location: ExportLocation) -> None:
     content = staging / "content"
     directory = location.directory
     if location.owns_directory:
