@@ -283,13 +283,16 @@ def eval_(
         console.print(f"[yellow]note:[/] {info['note']}")
 
 
-def _int_list(value: str | None, option: str) -> list[int] | None:
-    if value is None:
-        return None
+def _number_list(value: str, option: str, kind: type, what: str) -> list:
+    """``"1,2,3"`` -> numbers of ``kind``, or a one-line error naming the option."""
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise PopcError(f"{option} takes comma-separated integers, got {value!r}") from None
+        raise PopcError(f"{option} takes comma-separated {what}, got {value!r}") from None
+
+
+def _int_list(value: str | None, option: str) -> list[int] | None:
+    return None if value is None else _number_list(value, option, int, "integers")
 
 
 @app.command()
@@ -337,10 +340,7 @@ def analyze(
 
 
 def _float_list(value: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise PopcError(f"{option} takes comma-separated numbers, got {value!r}") from None
+    return _number_list(value, option, float, "numbers")
 
 
 @app.command()

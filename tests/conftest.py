@@ -186,6 +186,20 @@ def make_tiny_model_dir(tmp_path: Path, family: str, *, seed: int = 0) -> Path:
     return out
 
 
+def padded(lengths: list[int], vocab: int, seed: int = 0):
+    """Random token ids [B, max(lengths)], left-padded with 0, and their attention mask."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    longest = max(lengths)
+    ids = np.zeros((len(lengths), longest), np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, longest - n :] = rng.integers(6, vocab, n)
+        mask[row, longest - n :] = 1
+    return ids, mask
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Callable[..., Path]:
     """Factory fixture: ``tiny_model_dir("llama")`` -> Path of a tiny model dir."""

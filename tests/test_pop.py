@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import TINY_FAMILIES, make_tiny_model_dir
+from conftest import TINY_FAMILIES, make_tiny_model_dir, padded
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -50,17 +50,6 @@ def pop_export(request, family_exports):
             pytest.fail("the popc op library is missing in CI (the README's test command builds it)")
         pytest.skip("popc op library not built (popc doctor --build)")
     return hf, popc.load(root / "dense"), model
-
-
-def padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    longest = max(lengths)
-    ids = np.zeros((len(lengths), longest), np.int64)
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, longest - n :] = rng.integers(6, vocab, n)
-        mask[row, longest - n :] = 1
-    return ids, mask
 
 
 def assert_same_partition(mine: np.ndarray, theirs: np.ndarray, scores: np.ndarray, retain: int) -> None:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model_dir
+from conftest import make_tiny_model_dir, padded
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -21,17 +21,6 @@ from popc.reference import PopReference
 TOLERANCE = 1e-4
 FAMILIES = ("llama", "qwen2", "gemma3", "mistral")
 HALF = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
-
-
-def padded(lengths, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    longest = max(lengths)
-    ids = np.zeros((len(lengths), longest), np.int64)
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, longest - n :] = rng.integers(6, vocab, n)
-        mask[row, longest - n :] = 1
-    return ids, mask
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
