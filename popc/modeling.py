@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from popc import ort_contrib
 from popc.errors import PopcError
 
 # config.model_type -> family; the families share one forward with these switches.
@@ -80,8 +81,11 @@ class RMSNorm(nn.Module):
         weight = hf_norm.weight.detach().float()
         self.weight = nn.Parameter(weight + 1.0 if unit_offset else weight, requires_grad=False)
         self.eps = float(getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6)))
+        self.fused = False  # trace as ORT's SimplifiedLayerNormalization
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return ort_contrib.simplified_layer_norm(x, self.weight, self.eps)
         variance = x.pow(2).mean(-1, keepdim=True)
         return x * torch.rsqrt(variance + self.eps) * self.weight
 
@@ -189,8 +193,12 @@ class Attention(nn.Module):
         self.scaling = scaling
         self.q_norm = RMSNorm(hf_attn.q_norm, features["unit_offset_norm"]) if features["qk_norm"] else None
         self.k_norm = RMSNorm(hf_attn.k_norm, features["unit_offset_norm"]) if features["qk_norm"] else None
+        self.fused = False  # trace as ORT's GroupQueryAttention (see ExportableDecoder)
+        self.window: int | None = None
 
     def forward(self, x, cos, sin, mask, past_key, past_value):
+        if self.fused:
+            return self.forward_fused(x, cos, sin, mask, past_key, past_value)
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -212,6 +220,29 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out), key, value
 
+    def forward_fused(self, x, cos_cache, sin_cache, inputs: FusedInputs, past_key, past_value):
+        """q/k/v projections (+ Gemma's per-head QK-norm), then one GroupQueryAttention node
+        doing RoPE, the cache concat and the attention."""
+        batch, seq, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q = self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)).view(batch, seq, -1)
+            k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim)).view(batch, seq, -1)
+        out, key, value = ort_contrib.group_query_attention(
+            q, k, v, past_key, past_value, inputs.seqlens_k, inputs.total, cos_cache, sin_cache, inputs.bias,
+            self.num_heads, self.num_kv_heads, self.scaling, -1 if self.window is None else self.window,
+        )  # fmt: skip
+        return self.o_proj(out), key, value
+
+
+@dataclass
+class FusedInputs:
+    """What every GroupQueryAttention node shares, derived once from ``attention_mask``."""
+
+    seqlens_k: torch.Tensor  # int32 [B]: total - 1 in every row (left padding occupies slots)
+    total: torch.Tensor  # int32 []: past + new
+    bias: torch.Tensor  # float [B, 1, S, T]: 0 at tokens, most negative at padding
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -228,6 +259,7 @@ class DecoderLayer(nn.Module):
         self.rope = rope
         self.input_layernorm = RMSNorm(hf_layer.input_layernorm, offset)
         self.self_attn = Attention(hf_layer.self_attn, config, features, scaling)
+        self.self_attn.window = window
         self.post_attention_layernorm = RMSNorm(hf_layer.post_attention_layernorm, offset)
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(hf_layer.pre_feedforward_layernorm, offset)
@@ -254,7 +286,13 @@ class ExportableDecoder(nn.Module):
     past, head_dim]``.
     """
 
-    def __init__(self, hf_model: nn.Module, prefill_skip: int | None = None, drop_layers: int | None = None):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        prefill_skip: int | None = None,
+        drop_layers: int | None = None,
+        fused: bool = False,
+    ):
         super().__init__()
         config = hf_model.config
         family = family_of(config)
@@ -306,13 +344,36 @@ class ExportableDecoder(nn.Module):
         if drop_layers and prefill_skip is not None:
             raise PopcError("give --prefill-skip or --drop-layers, not both")
         self.drop_layers = drop_layers or 0
+        # ORT's fused operators (popc.ort_contrib); POP-prefill keeps its own attention.
+        if fused and (prefill_skip is not None or self.drop_layers):
+            raise PopcError("the fused ORT graph does not combine with --prefill-skip/--drop-layers; add --no-fuse")
+        self.fused = fused
+        if fused:
+            for module in self.modules():
+                if isinstance(module, (RMSNorm, Attention)):
+                    module.fused = True
+            # GroupQueryAttention's rotary tables: one row per slot, RoPE scaling folded in.
+            slots = torch.arange(shape.max_positions, dtype=torch.float32)
+            for name in self.rope_names:
+                freqs = torch.outer(slots, getattr(self, f"inv_freq_{name}"))
+                scale = getattr(self, f"rope_scale_{name}")
+                self.register_buffer(f"cos_cache_{name}", (freqs.cos() * scale).contiguous(), persistent=False)
+                self.register_buffer(f"sin_cache_{name}", (freqs.sin() * scale).contiguous(), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *past: torch.Tensor,
+        logits_to_keep: torch.Tensor | None = None,
+    ):
         batch, seq = input_ids.shape
         total = attention_mask.shape[1]
         hidden = nn.functional.embedding(input_ids, self.embed_weight)
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
+        if self.fused:
+            return self.forward_fused(hidden, attention_mask, past, logits_to_keep)
 
         # Positions count real tokens only, so left padding does not shift them.
         positions = (torch.cumsum(attention_mask, dim=-1) - 1).clamp(min=0)[:, total - seq :]
@@ -341,7 +402,7 @@ class ExportableDecoder(nn.Module):
             from popc.prefill import prefill_skip_layers
 
             hidden, presents = prefill_skip_layers(self, hidden, rope, masks, past)
-            seq = hidden.shape[1]  # 1 at a prefill (only the last token's logits), else every token's
+            # 1 at a prefill (only the last token's logits), else every token's
         else:
             for index, layer in enumerate(self.layers):
                 cos, sin = rope[layer.rope]
@@ -349,6 +410,32 @@ class ExportableDecoder(nn.Module):
                     hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1]
                 )
                 presents += [key, value]
+        if logits_to_keep is not None:
+            hidden = ort_contrib.keep_last_positions(hidden, logits_to_keep)
+        return (self.logits(hidden), *presents)
+
+    def forward_fused(self, hidden, attention_mask, past, logits_to_keep):
+        batch, seq = hidden.shape[0], hidden.shape[1]
+        total = torch._shape_as_tensor(attention_mask)[1]
+        # A pad token's slot gets the most negative bias; ORT adds the causal mask itself.
+        pad_bias = torch.where(attention_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, None, None, :]
+        inputs = FusedInputs(
+            seqlens_k=(attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32),
+            total=total.to(torch.int32),
+            bias=pad_bias.expand(batch, 1, seq, attention_mask.shape[1]),
+        )
+        presents = []
+        for index, layer in enumerate(self.layers):
+            cos = getattr(self, f"cos_cache_{layer.rope}")
+            sin = getattr(self, f"sin_cache_{layer.rope}")
+            hidden, key, value = layer(hidden, cos, sin, inputs, past[2 * index], past[2 * index + 1])
+            presents += [key, value]
+        if logits_to_keep is not None:
+            hidden = ort_contrib.keep_last_positions(hidden, logits_to_keep)
+        return (self.logits(hidden), *presents)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, seq = hidden.shape[0], hidden.shape[1]
         hidden = self.norm(hidden)
         # A 2-D linear traces to Gemm(transB=1) over the weight as stored: a tied
         # embedding then stays one initializer instead of gaining a transposed copy.
@@ -356,4 +443,4 @@ class ExportableDecoder(nn.Module):
         logits = logits.view(batch, seq, -1)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return (logits, *presents)
+        return logits

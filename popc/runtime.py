@@ -160,6 +160,10 @@ class PopcModel:
         inputs = self.session.get_inputs()
         self.state_inputs = [i for i in inputs if i.name.startswith("past_")]
         self.has_pop_config = any(i.name == "pop_config" for i in inputs)
+        self.has_logits_to_keep = any(i.name == "logits_to_keep" for i in inputs)
+        # ORT's GroupQueryAttention takes several new tokens over a non-empty cache for one
+        # row at a time only: such calls run row by row (see step()).
+        self.fused_attention = bool(config.get("ort_fusions"))
         self.output_order = ["logits"] + [present_name(i.name) for i in self.state_inputs]
         pop = config.get("pop") or {}
         self.pop_channels = int(pop.get("intermediate_size", 0))
@@ -201,16 +205,32 @@ class PopcModel:
         attention_mask: np.ndarray,
         state: list[np.ndarray],
         pop: PopSettings | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run the graph once: logits for ``input_ids`` and the next state.
 
         ``state`` is the list of ``past_*`` inputs (KV cache, then POP partitions) in
         graph order. With an empty state the call is a prefill; otherwise it extends.
+        ``logits_to_keep`` > 0 returns only the last that many positions' logits (the LM
+        head runs on those alone); 0 returns every position's.
         """
+        batch, new = input_ids.shape
+        extends = bool(state) and state[0].ndim == 4 and state[0].shape[2] > 0
+        if self.fused_attention and batch > 1 and new > 1 and extends:
+            rows = [
+                self.step(input_ids[r : r + 1], attention_mask[r : r + 1], [s[r : r + 1] for s in state], pop, logits_to_keep)
+                for r in range(batch)
+            ]  # fmt: skip
+            return np.concatenate([r[0] for r in rows]), [np.concatenate(parts) for parts in zip(*(r[1] for r in rows))]
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         feed |= {meta.name: value for meta, value in zip(self.state_inputs, state)}
         if self.has_pop_config:
             feed["pop_config"] = (pop or self.pop_defaults).counts(self.pop_channels)
+        if self.has_logits_to_keep:
+            feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
+        elif logits_to_keep:  # an export from before the input existed: slice here
+            outputs = self.session.run(self.output_order, feed)
+            return outputs[0][:, -logits_to_keep:], outputs[1:]
         outputs = self.session.run(self.output_order, feed)
         return outputs[0], outputs[1:]
 
@@ -333,11 +353,13 @@ class BoundSteps:
         self.state: list[Any] | None = None
         self.attention_mask: np.ndarray | None = None
 
-    def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True) -> np.ndarray | None:
+    def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True, keep: int = 0) -> np.ndarray | None:
         binding = self.session.io_binding()
         value = self.ort.OrtValue.ortvalue_from_numpy
         binding.bind_ortvalue_input("input_ids", value(np.ascontiguousarray(input_ids, np.int64)))
         binding.bind_ortvalue_input("attention_mask", value(self.attention_mask))
+        if self.model.has_logits_to_keep:
+            binding.bind_ortvalue_input("logits_to_keep", value(np.array(keep, np.int64)))
         for meta, item in zip(self.model.state_inputs, state):
             binding.bind_ortvalue_input(meta.name, item if isinstance(item, self.ort.OrtValue) else value(item))
         if self.pop_config is not None:
@@ -349,11 +371,14 @@ class BoundSteps:
         self.state = list(outputs[1:])
         return outputs[0].numpy() if logits else None
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool = True) -> np.ndarray | None:
-        """Logits [batch, sequence, vocab] of the prompt (None with ``logits=False``: they
-        stay in ONNX Runtime); starts a new state."""
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool = True, logits_to_keep: int = 1
+    ) -> np.ndarray | None:
+        """Logits [batch, logits_to_keep, vocab] of the prompt's last positions (every
+        position's with 0; None with ``logits=False``: they stay in ONNX Runtime); starts
+        a new state. The default 1 runs the LM head on the last token only."""
         self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
-        return self._run(input_ids, self.model.initial_state(input_ids.shape[0]), logits)
+        return self._run(input_ids, self.model.initial_state(input_ids.shape[0]), logits, logits_to_keep)
 
     def decode(self, next_ids: np.ndarray) -> np.ndarray:
         """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]."""
