@@ -351,10 +351,13 @@ def bench(
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of latency and speedup.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the tables as Markdown.")] = None,
-    prompt_lengths: Annotated[str, typer.Option(help="Prefill prompt lengths.")] = "16,128,512,2048",
+    prompt_lengths: Annotated[str, typer.Option(help="Prompt lengths for TTFT (prefill + first token, batch 1).")] = "16,128,512,2048",
     batches: Annotated[str, typer.Option(help="Decode batch sizes.")] = "1,4",
     sparsities: Annotated[str, typer.Option(help="POP decode sparsities.")] = "0.25,0.5,0.75",
-    variants: Annotated[str, typer.Option(help="dense-ort,pop-body,pop-oplib,hf-eager,pop-reference")] = "dense-ort,pop-body,pop-oplib,hf-eager,pop-reference",
+    variants: Annotated[
+        Optional[str],
+        typer.Option(help="Comma list of dense-ort,pop-body,pop-oplib,hf-eager,pop-reference,ort-genai (default: all; ort-genai where onnxruntime-genai is installed)."),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per figure (median, min-max).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
     decode_tokens: Annotated[int, typer.Option(help="Decode steps per run.")] = 32,
@@ -364,7 +367,7 @@ def bench(
     model: Annotated[Optional[str], typer.Option(help="Model for the PyTorch variants (default: the export's source).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Prefill and decode latency of dense vs POP (and PyTorch), against the memory roofline."""
+    """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai), against the memory roofline."""
     from popc import bench as b
 
     try:
@@ -373,7 +376,7 @@ def bench(
             prompt_lengths=[int(v) for v in _float_list(prompt_lengths, "--prompt-lengths")],
             batches=[int(v) for v in _float_list(batches, "--batches")],
             sparsities=_float_list(sparsities, "--sparsities"),
-            variants=[v.strip() for v in variants.split(",") if v.strip()],
+            variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
             repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
             threads=threads, device=device, torch_max_prompt=torch_max_prompt,
         )  # fmt: skip
@@ -387,6 +390,10 @@ def bench(
             markdown.write_text(b.markdown(result))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except PopcError as error:
+        from rich.markup import escape
+
+        fail(PopcError(escape(str(error))))  # keep `popc[genai]` from being read as markup
     except Exception as error:
         fail(error)
     out = Console()
