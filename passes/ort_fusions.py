@@ -14,6 +14,10 @@ fold what stays around them into ONNX Runtime's fused forms (onnxscript rewriter
   sum ``a + b`` for the Add's other consumers (the next residual add). Applies when neither
   addend is a constant (a residual add sums two activations of one shape).
 
+* **tied LM head** ``MatMul(h, W)`` where ``W`` is the transpose of the embedding table
+  a ``Gather`` reads -> ``FusedMatMul(h, E, transB=1)`` over that table: the tracer
+  constant-folds ``E^T`` into a second copy of the largest weight; this stores it once.
+
 Neither touches the FFN, so the POP-online pass (``passes/pop_online.py``) matches the
 same subgraphs before or after these rules.
 """
@@ -120,7 +124,8 @@ def skip_rms_norm_last(op, a, b, gamma, normalized, **_):
 
 PACK_QKV_RULES = [
     pattern.RewriteRule(qkv_pattern, pack_qkv, weights_pack, name="PackedQKV"),
-    pattern.RewriteRule(qkv_bias_pattern, pack_qkv, weights_pack, name="PackedQKVBias"),
+    # Linear's bias may come first or second in the traced Add.
+    *pattern.RewriteRule(qkv_bias_pattern, pack_qkv, weights_pack, name="PackedQKVBias").commute(),
 ]
 SKIP_RMS_NORM_RULES = [
     pattern.RewriteRule(skip_rms_norm_pattern, skip_rms_norm, is_residual_add, name="SkipRMSNorm"),
@@ -128,8 +133,42 @@ SKIP_RMS_NORM_RULES = [
 ]
 
 
+def tied_head_pattern(op, hidden, head_weight):
+    return op.MatMul(hidden, head_weight)
+
+
+def tied_head_rule(graph: ir.Graph) -> pattern.RewriteRule | None:
+    """The tied-LM-head rule for ``graph``'s embedding tables (None if it has none)."""
+    tables = [
+        node.inputs[0]
+        for node in graph
+        if node.op_type == "Gather" and node.domain == "" and node.inputs[0].const_value is not None
+        and node.inputs[0].const_value.shape.rank() == 2
+    ]  # fmt: skip
+    if not tables:
+        return None
+    tied: dict[int, ir.Value] = {}
+
+    def is_transposed_table(context, hidden, head_weight, **_) -> bool:
+        weight = head_weight.const_value
+        if weight is None or weight.shape.rank() != 2:
+            return False
+        for table in tables:
+            if tuple(table.shape) == tuple(reversed(weight.shape)) and np.array_equal(
+                table.const_value.numpy().T, weight.numpy()
+            ):
+                tied[id(head_weight)] = table
+                return True
+        return False
+
+    def read_table(op, hidden, head_weight, **_):
+        return op.FusedMatMul(hidden, tied[id(head_weight)], _domain=MICROSOFT, transB=1, alpha=1.0)
+
+    return pattern.RewriteRule(tied_head_pattern, read_table, is_transposed_table, name="TiedLmHead")
+
+
 class OrtFusionPass(ir.passes.InPlacePass):
-    """Packed QKV, then skip-add-RMSNorm; records how many of each it applied."""
+    """Packed QKV, skip-add-RMSNorm, the tied LM head; records how many of each it applied."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,7 +176,14 @@ class OrtFusionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for label, rules in (("packed_qkv", PACK_QKV_RULES), ("skip_rms_norm", SKIP_RMS_NORM_RULES)):
+        head = tied_head_rule(model.graph)
+        for label, rules in (
+            ("packed_qkv", PACK_QKV_RULES),
+            ("skip_rms_norm", SKIP_RMS_NORM_RULES),
+            ("tied_lm_head", [head] if head else []),
+        ):
+            if not rules:
+                continue
             rule_set = pattern.RewriteRuleSet(rules)
             count = rule_set.apply_to_model(model)
             self.counts[label] = count

@@ -83,6 +83,13 @@ def export(
     drop_layers: Annotated[
         Optional[int], typer.Option(help="Baseline: remove the deepest N layers for every token (ShortGPT-style).")
     ] = None,
+    fuse: Annotated[
+        bool,
+        typer.Option(
+            help="ONNX Runtime's fused operators: GroupQueryAttention with packed QKV, RMSNorm and "
+            "skip-add-RMSNorm (--no-fuse: plain ONNX attention; --prefill-skip/--drop-layers imply it)."
+        ),
+    ] = True,
 ) -> None:
     """Export MODEL to ONNX with its KV cache as graph inputs/outputs (and POP-online FFNs)."""
     from popc.export import ExportPlan
@@ -105,8 +112,9 @@ def export(
                 progress.console.print(f"  {message}", style="dim", highlight=False)
 
             plan = ExportPlan(
-                model=model, out=out, force=force, pop=pop, prefill_skip=prefill_skip, drop_layers=drop_layers
-            )
+                model=model, out=out, force=force, pop=pop, prefill_skip=prefill_skip, drop_layers=drop_layers,
+                fuse=fuse,
+            )  # fmt: skip
             location = run_export(plan, progress=report)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] nothing was written")

@@ -160,7 +160,9 @@ class PopcModel:
         inputs = self.session.get_inputs()
         self.state_inputs = [i for i in inputs if i.name.startswith("past_")]
         self.has_pop_config = any(i.name == "pop_config" for i in inputs)
-        self.has_logits_to_keep = any(i.name == "logits_to_keep" for i in inputs)
+        # An input with a default: ORT lists it among the overridable initializers.
+        optional = [i.name for i in self.session.get_overridable_initializers()]
+        self.has_logits_to_keep = "logits_to_keep" in optional + [i.name for i in inputs]
         # ORT's GroupQueryAttention takes several new tokens over a non-empty cache for one
         # row at a time only: such calls run row by row (see step()).
         self.fused_attention = bool(config.get("ort_fusions"))
@@ -234,9 +236,13 @@ class PopcModel:
         outputs = self.session.run(self.output_order, feed)
         return outputs[0], outputs[1:]
 
-    def bound(self, pop: PopSettings | None = None) -> BoundSteps:
-        """A prefill-then-decode stepper whose state stays in ONNX Runtime (IOBinding)."""
-        return BoundSteps(self, pop)
+    def bound(self, pop: PopSettings | None = None, capacity: int | None = None) -> BoundSteps:
+        """A prefill-then-decode stepper whose state stays in ONNX Runtime (IOBinding).
+
+        With fused attention the KV cache is one buffer per layer, read and written in
+        place; ``capacity`` (tokens, default: prompt + 256) sizes it, and it grows if
+        outrun."""
+        return BoundSteps(self, pop, capacity)
 
     def check_context(self, prompt_length: int) -> None:
         if prompt_length >= self.max_positions:
@@ -274,7 +280,7 @@ class PopcModel:
             input_ids[row, longest - len(ids) :] = ids
             attention_mask[row, longest - len(ids) :] = 1
 
-        stepper = self.bound(pop)
+        stepper = self.bound(pop, capacity=longest + max_new_tokens)
         started = time.perf_counter()
         logits = stepper.prefill(input_ids, attention_mask)
         prefill = time.perf_counter() - started
@@ -340,12 +346,21 @@ class BoundSteps:
     """One prefill, then one-token decode steps, with the graph's state kept as ONNX Runtime
     values (IOBinding): each step's ``present*`` outputs are bound as the next step's
     ``past*`` inputs, so the KV cache and the POP partitions never pass through numpy;
-    only the logits are copied out."""
+    only the logits are copied out.
 
-    def __init__(self, model: PopcModel, pop: PopSettings | None = None):
+    Fused exports go further: each layer's keys and values live in one ``capacity``-slot
+    buffer bound as both ``past`` input and ``present`` output, which GroupQueryAttention
+    then updates in place (its shared-buffer mode, as onnxruntime-genai runs it): a step
+    writes the new token's slot instead of copying the whole cache."""
+
+    GROWTH = 256  # slots added beyond the prompt when no capacity is given
+
+    def __init__(self, model: PopcModel, pop: PopSettings | None = None, capacity: int | None = None):
         import onnxruntime as ort
 
         self.model = model
+        self.capacity = capacity
+        self.kv_buffers: dict[str, Any] = {}  # past name -> shared OrtValue (fused exports)
         self.session = model.session
         self.ort = ort
         self.device_type = "cuda" if model.device == "cuda" else "cpu"
@@ -361,11 +376,19 @@ class BoundSteps:
         if self.model.has_logits_to_keep:
             binding.bind_ortvalue_input("logits_to_keep", value(np.array(keep, np.int64)))
         for meta, item in zip(self.model.state_inputs, state):
+            shared = self.kv_buffers.get(meta.name)
+            if shared is not None:
+                binding.bind_ortvalue_input(meta.name, shared)
+                continue
             binding.bind_ortvalue_input(meta.name, item if isinstance(item, self.ort.OrtValue) else value(item))
         if self.pop_config is not None:
             binding.bind_ortvalue_input("pop_config", value(self.pop_config))
-        for name in self.model.output_order:
-            binding.bind_output(name, self.device_type)
+        shared_outputs = {present_name(name): buffer for name, buffer in self.kv_buffers.items()}
+        for name in self.model.output_order:  # get_outputs() keeps this order
+            if name in shared_outputs:
+                binding.bind_ortvalue_output(name, shared_outputs[name])
+            else:
+                binding.bind_output(name, self.device_type)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.state = list(outputs[1:])
@@ -378,7 +401,22 @@ class BoundSteps:
         position's with 0; None with ``logits=False``: they stay in ONNX Runtime); starts
         a new state. The default 1 runs the LM head on the last token only."""
         self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
-        return self._run(input_ids, self.model.initial_state(input_ids.shape[0]), logits, logits_to_keep)
+        batch, length = input_ids.shape
+        self.kv_buffers = {}
+        if self.model.fused_attention and self.device_type == "cpu":
+            self._allocate(batch, max(self.capacity or 0, length + self.GROWTH if self.capacity is None else length))
+        return self._run(input_ids, self.model.initial_state(batch), logits, logits_to_keep)
+
+    def _allocate(self, batch: int, slots: int, keep: int = 0) -> None:
+        """(Re)allocate the shared KV buffers with ``slots`` slots, keeping the first ``keep``."""
+        for meta in self.model.state_inputs:
+            if not meta.name.startswith("past_key_values."):
+                continue
+            array = np.zeros((batch, self.model.num_kv_heads, slots, self.model.head_dim), np.float32)
+            if keep:
+                array[:, :, :keep] = self.kv_buffers[meta.name].numpy()[:, :, :keep]
+            self.kv_buffers[meta.name] = self.ort.OrtValue.ortvalue_from_numpy(array)
+        self.slots = slots
 
     def decode(self, next_ids: np.ndarray) -> np.ndarray:
         """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]."""
@@ -386,6 +424,8 @@ class BoundSteps:
             raise PopcError("decode() before prefill()")
         ones = np.ones((self.attention_mask.shape[0], 1), np.int64)
         self.attention_mask = np.concatenate([self.attention_mask, ones], axis=1)
+        if self.kv_buffers and self.attention_mask.shape[1] > self.slots:
+            self._allocate(self.attention_mask.shape[0], self.slots + self.GROWTH, keep=self.slots)
         return self._run(next_ids, self.state)
 
 

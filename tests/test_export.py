@@ -14,12 +14,14 @@ from popc.export import ExportPlan, export
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+# Every family fused (the default); the plain-ONNX attention (--no-fuse) for two of them.
+@pytest.fixture(scope="module", params=[*TINY_FAMILIES, "llama-unfused", "gemma3-unfused"])
 def exported(request, tmp_path_factory):
     """(HF model, tokenizer, PopcModel) for one tiny family, exported once per module."""
+    family, _, unfused = request.param.partition("-")
     root = tmp_path_factory.mktemp(request.param)
-    source = make_tiny_model_dir(root, request.param)
-    export(ExportPlan(model=str(source), out=root / "export"))
+    source = make_tiny_model_dir(root, family)
+    export(ExportPlan(model=str(source), out=root / "export", fuse=not unfused))
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     return hf, AutoTokenizer.from_pretrained(source), popc.load(root / "export")
 
