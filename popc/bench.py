@@ -249,11 +249,17 @@ def _prompt(rng: np.random.Generator, vocab: int, batch: int, length: int) -> tu
     return ids, np.ones_like(ids)
 
 
-def _time(fn: Callable[[], float], warmup: int, repeats: int) -> Timing:
-    """``fn`` times itself (its set-up excluded) and returns milliseconds."""
-    for _ in range(warmup):
-        fn()
-    return Timing.of([fn() for _ in range(repeats)])
+def _interleaved(jobs: dict[Any, Callable[[], float]], warmup: int, repeats: int) -> dict[Any, Timing]:
+    """Time every job ``repeats`` times, round-robin: the machine's drift over the run (a
+    shared host's bandwidth moves by a third within minutes) then hits all of them alike."""
+    for fn in jobs.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[Any, list[float]] = {key: [] for key in jobs}
+    for _ in range(repeats):
+        for key, fn in jobs.items():
+            samples[key].append(fn())
+    return {key: Timing.of(values) for key, values in samples.items()}
 
 
 def _ms_since(start: float) -> float:
@@ -693,12 +699,13 @@ def run_bench(plan: BenchPlan, log: Log = lambda message: None) -> dict[str, Any
     prefill: list[dict[str, Any]] = []
     for length in lengths:
         ids, mask = _prompt(rng, vocab, 1, length)
+        jobs = {}
         for variant, runner in runners.items():
             if variant in TORCH_VARIANTS and plan.torch_max_prompt and length > plan.torch_max_prompt:
                 continue
-            log(f"TTFT {length:>5} tokens: {LABELS[variant]}")
-            fn = runner.prefill(ids, mask, setting(variant, None))
-            timing = _time(fn, plan.warmup, prefill_repeats(plan.repeats, length))
+            jobs[variant] = runner.prefill(ids, mask, setting(variant, None))
+        log(f"TTFT {length:>5} tokens: {', '.join(LABELS[v] for v in jobs)} (interleaved)")
+        for variant, timing in _interleaved(jobs, plan.warmup, prefill_repeats(plan.repeats, length)).items():
             prefill.append({"variant": variant, "prompt": length, "ms": timing.to_json()})
 
     # Decode: each batch size (equal-length random prompts, no padding), dense variants
@@ -706,16 +713,14 @@ def run_bench(plan: BenchPlan, log: Log = lambda message: None) -> dict[str, Any
     decode: list[dict[str, Any]] = []
     for batch in plan.batches:
         ids, mask = _prompt(rng, vocab, batch, plan.decode_prompt)
+        jobs = {}
         for variant, runner in runners.items():
             levels = [None] if variant in DENSE_VARIANTS else list(plan.sparsities)
             for sparsity in levels:
-                label = LABELS[variant] + (f" @ {sparsity:.0%}" if sparsity else "")
-                log(f"decode batch {batch}: {label}")
-                fn = runner.decode(ids, mask, plan.decode_tokens, setting(variant, sparsity))
-                for _ in range(plan.warmup):
-                    fn()
-                timing = Timing.of([fn() for _ in range(plan.repeats)])
-                decode.append({"variant": variant, "sparsity": sparsity or 0.0, "batch": batch, "ms_per_step": timing.to_json()})
+                jobs[(variant, sparsity)] = runner.decode(ids, mask, plan.decode_tokens, setting(variant, sparsity))
+        log(f"decode batch {batch}: {len(jobs)} variants (interleaved)")
+        for (variant, sparsity), timing in _interleaved(jobs, plan.warmup, plan.repeats).items():
+            decode.append({"variant": variant, "sparsity": sparsity or 0.0, "batch": batch, "ms_per_step": timing.to_json()})
 
     peers = _add_ratios(prefill, decode, weights, bandwidth["gbs"])
     info["load_average_end"] = list(os.getloadavg())
