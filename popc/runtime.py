@@ -367,6 +367,11 @@ class BoundSteps:
         self.pop_config = (pop or model.pop_defaults).counts(model.pop_channels) if model.has_pop_config else None
         self.state: list[Any] | None = None
         self.attention_mask: np.ndarray | None = None
+        # The decode steps' binding, made once per cache: only input_ids (updated in place),
+        # the growing attention_mask and any non-shared state are rebound per step.
+        self._decode_binding: Any = None
+        self._next_ids: Any = None
+        self._logits: Any = None
 
     def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True, keep: int = 0) -> np.ndarray | None:
         binding = self.session.io_binding()
@@ -403,6 +408,7 @@ class BoundSteps:
         self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
         batch, length = input_ids.shape
         self.kv_buffers = {}
+        self._decode_binding = None
         if self.model.fused_attention and self.device_type == "cpu":
             self._allocate(batch, max(self.capacity or 0, length + self.GROWTH if self.capacity is None else length))
         return self._run(input_ids, self.model.initial_state(batch), logits, logits_to_keep)
@@ -417,6 +423,44 @@ class BoundSteps:
                 array[:, :, :keep] = self.kv_buffers[meta.name].numpy()[:, :, :keep]
             self.kv_buffers[meta.name] = self.ort.OrtValue.ortvalue_from_numpy(array)
         self.slots = slots
+        self._decode_binding = None
+
+    def _decode_step(self, next_ids: np.ndarray) -> np.ndarray:
+        """One decode step on the persistent binding (built at the first step after a
+        prefill or a buffer growth)."""
+        ort = self.ort
+        batch = next_ids.shape[0]
+        if self._decode_binding is None:
+            binding = self.session.io_binding()
+            self._next_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))
+            binding.bind_ortvalue_input("input_ids", self._next_ids)
+            if self.model.has_logits_to_keep:
+                binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
+            if self.pop_config is not None:
+                binding.bind_ortvalue_input("pop_config", ort.OrtValue.ortvalue_from_numpy(self.pop_config))
+            for name, buffer in self.kv_buffers.items():
+                binding.bind_ortvalue_input(name, buffer)
+            vocab = int(self.model.config.get("vocab_size") or 0)
+            self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, vocab], np.float32, self.device_type)
+            shared = {present_name(name): buffer for name, buffer in self.kv_buffers.items()}
+            # Output positions are fixed by this first binding (rebinding a name keeps its slot).
+            binding.bind_ortvalue_output("logits", self._logits)
+            for name in self.model.output_order[1:]:
+                if name in shared:
+                    binding.bind_ortvalue_output(name, shared[name])
+                else:
+                    binding.bind_output(name, self.device_type)
+            self._decode_binding = binding
+        binding = self._decode_binding
+        self._next_ids.update_inplace(np.ascontiguousarray(next_ids, np.int64))
+        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.attention_mask))
+        for meta, item in zip(self.model.state_inputs, self.state):
+            if meta.name not in self.kv_buffers:
+                binding.bind_ortvalue_input(meta.name, item)
+                binding.bind_output(present_name(meta.name), self.device_type)
+        self.session.run_with_iobinding(binding)
+        self.state = list(binding.get_outputs()[1:])
+        return np.array(self._logits.numpy())  # numpy() is a view of the reused buffer
 
     def decode(self, next_ids: np.ndarray) -> np.ndarray:
         """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]."""
@@ -426,7 +470,9 @@ class BoundSteps:
         self.attention_mask = np.concatenate([self.attention_mask, ones], axis=1)
         if self.kv_buffers and self.attention_mask.shape[1] > self.slots:
             self._allocate(self.attention_mask.shape[0], self.slots + self.GROWTH, keep=self.slots)
-        return self._run(next_ids, self.state)
+        if next_ids.shape != (self.attention_mask.shape[0], 1):
+            raise PopcError(f"decode() takes one token per row, [batch, 1]; got {list(next_ids.shape)}")
+        return self._decode_step(next_ids)
 
 
 def load(path: str | Path, device: str = "cpu", use_oplib: bool = True, threads: int | None = None) -> PopcModel:
