@@ -459,7 +459,8 @@ class BoundSteps:
                 binding.bind_ortvalue_input(meta.name, item)
                 binding.bind_output(present_name(meta.name), self.device_type)
         self.session.run_with_iobinding(binding)
-        self.state = list(binding.get_outputs()[1:])
+        if len(self.kv_buffers) < len(self.state):  # else every state value is a shared buffer
+            self.state = list(binding.get_outputs()[1:])
         return np.array(self._logits.numpy())  # numpy() is a view of the reused buffer
 
     def decode(self, next_ids: np.ndarray) -> np.ndarray:
