@@ -190,7 +190,18 @@ class OrtFusionPass(ir.passes.InPlacePass):
             modified |= bool(count)
         if modified:
             ir.passes.common.RemoveUnusedNodesPass()(model)  # and the unpacked weights
+            _omit_unused_statistics(model.graph)
         return ir.passes.PassResult(model, modified)
+
+
+def _omit_unused_statistics(graph: ir.Graph) -> None:
+    """SkipSimplifiedLayerNormalization's mean and inv_std_var outputs are for training:
+    name them "" (omitted) so ORT does not write them at every call (~25 % of its time)."""
+    for node in graph:
+        if node.op_type == "SkipSimplifiedLayerNormalization" and node.domain == MICROSOFT:
+            for value in node.outputs[1:3]:
+                if not value.uses() and not value.is_graph_output():
+                    value.name = ""
 
 
 def ort_fusion_passes() -> list[ir.passes.PassBase]:

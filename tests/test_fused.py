@@ -48,6 +48,10 @@ def test_fused_graph_holds_the_ort_fused_operators(fused):
     # Two norms per layer follow a residual add (Gemma: the input and pre-FFN norms), except
     # the first layer's input norm (after the embedding); the final norm follows a Slice.
     assert counts[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * layers - 1
+    graph = onnx.load(directory / "model.onnx", load_external_data=False).graph
+    for node in graph.node:
+        if node.op_type == "SkipSimplifiedLayerNormalization":  # mean, inv_std_var omitted
+            assert list(node.output[1:3]) == ["", ""] and node.output[3]
     # No plain softmax/transposes of an unfused attention left.
     assert counts[("ai.onnx", "Softmax")] == 0 and counts[("ai.onnx", "Transpose")] == 0
     tied = hf.config.tie_word_embeddings
