@@ -373,7 +373,7 @@ class ExportableDecoder(nn.Module):
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
         if self.fused:
-            return self.forward_fused(hidden, attention_mask, past, logits_to_keep)
+            return self.forward_fused(hidden, input_ids, attention_mask, past, logits_to_keep)
 
         # Positions count real tokens only, so left padding does not shift them.
         positions = (torch.cumsum(attention_mask, dim=-1) - 1).clamp(min=0)[:, total - seq :]
@@ -414,15 +414,17 @@ class ExportableDecoder(nn.Module):
             hidden = ort_contrib.keep_last_positions(hidden, logits_to_keep)
         return (self.logits(hidden), *presents)
 
-    def forward_fused(self, hidden, attention_mask, past, logits_to_keep):
-        batch, seq = hidden.shape[0], hidden.shape[1]
+    def forward_fused(self, hidden, input_ids, attention_mask, past, logits_to_keep):
         total = torch._shape_as_tensor(attention_mask)[1]
         # A pad token's slot gets the most negative bias; ORT adds the causal mask itself.
+        # GroupQueryAttention wants it [B, 1, S, T]: broadcast against zeros shaped like the
+        # new tokens (fewer nodes than an Expand to a computed shape: decode runs them all).
         pad_bias = torch.where(attention_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, None, None, :]
+        rows = (input_ids * 0).to(torch.float32)[:, None, :, None]
         inputs = FusedInputs(
             seqlens_k=(attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32),
             total=total.to(torch.int32),
-            bias=pad_bias.expand(batch, 1, seq, attention_mask.shape[1]),
+            bias=pad_bias + rows,
         )
         presents = []
         for index, layer in enumerate(self.layers):
@@ -437,10 +439,14 @@ class ExportableDecoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, seq = hidden.shape[0], hidden.shape[1]
         hidden = self.norm(hidden)
-        # A 2-D linear traces to Gemm(transB=1) over the weight as stored: a tied
-        # embedding then stays one initializer instead of gaining a transposed copy.
-        logits = nn.functional.linear(hidden.reshape(batch * seq, -1), self.lm_head.weight, self.lm_head.bias)
-        logits = logits.view(batch, seq, -1)
+        if self.fused:
+            # One 3-D MatMul, no reshapes; the tracer folds the transposed weight into a copy,
+            # which passes/ort_fusions.py's tied-head rule turns back into the embedding table.
+            logits = nn.functional.linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        else:
+            # A 2-D linear traces to Gemm(transB=1) over the weight as stored.
+            logits = nn.functional.linear(hidden.reshape(batch * seq, -1), self.lm_head.weight, self.lm_head.bias)
+            logits = logits.view(batch, seq, -1)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
