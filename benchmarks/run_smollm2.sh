@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the README's `popc bench` table: SmolLM2-135M fp32, dense vs POP at 25/50/75 %.
+# Reproduce the README's `popc bench` table: SmolLM2-135M fp32, popc dense and POP at 25/50/75 %
+# against onnxruntime-genai's build of the same model and transformers eager (2 threads).
 #
 #   benchmarks/run_smollm2.sh [OUT_DIR] [extra popc bench options...]
 #
@@ -16,9 +17,11 @@ mkdir -p "$work" "$here/results"
 [ -f "$work/dense/popc.json" ] || popc export smollm2-135m --out "$work/dense" --force
 [ -f "$work/pop/popc.json" ] || popc export smollm2-135m --out "$work/pop" --sparsity 0.5 --force
 popc doctor --build > /dev/null
+python -c "import onnxruntime_genai" 2>/dev/null || pip install "onnxruntime-genai>=0.18"
 popc bench "$work/pop" --dense "$work/dense" \
-  --prompt-lengths 16,128,512,2048 --batches 1,4 --sparsities 0.25,0.5,0.75 \
-  --repeats 5 --decode-tokens 32 --decode-prompt 64 \
+  --variants dense-ort,pop-oplib,ort-genai,hf-eager --threads 2 \
+  --prompt-lengths 16,128,512 --batches 1,4 --sparsities 0.25,0.5,0.75 \
+  --repeats 9 --decode-tokens 32 --decode-prompt 64 \
   --json "$here/results/smollm2-135m.json" --markdown "$here/results/smollm2-135m.md" \
   --plot "$here/results/smollm2-135m.png" "$@"
 python "$here/profile_decode.py" "$work/dense" "$work/pop" --sparsity 0.5 --out "$here/results/smollm2-135m-profile.md"

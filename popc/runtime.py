@@ -166,6 +166,14 @@ class PopcModel:
         # ORT's GroupQueryAttention takes several new tokens over a non-empty cache for one
         # row at a time only: such calls run row by row (see step()).
         self.fused_attention = bool(config.get("ort_fusions"))
+        if self.fused_attention and device == "cuda":
+            import warnings
+
+            warnings.warn(
+                "this export uses ONNX Runtime's fp32 GroupQueryAttention, which runs on the CPU "
+                "execution provider only; for CUDA, re-export with `popc export --no-fuse`",
+                stacklevel=2,
+            )
         self.output_order = ["logits"] + [present_name(i.name) for i in self.state_inputs]
         pop = config.get("pop") or {}
         self.pop_channels = int(pop.get("intermediate_size", 0))
