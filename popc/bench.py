@@ -45,9 +45,12 @@ from popc.errors import PopcError
 ORT_VARIANTS = ("dense-ort", "pop-body", "pop-oplib")
 TORCH_VARIANTS = ("hf-eager", "pop-reference")
 GENAI_VARIANT = "ort-genai"
-VARIANTS = ORT_VARIANTS + TORCH_VARIANTS + (GENAI_VARIANT,)
+# popc's dense export (its genai_config.json) driven by onnxruntime-genai's C++ runtime:
+# the graph against genai's graph with the same driver.
+DENSE_GENAI_RUNTIME = "dense-genai-runtime"
+VARIANTS = ORT_VARIANTS + TORCH_VARIANTS + (GENAI_VARIANT, DENSE_GENAI_RUNTIME)
 # Variants that run the model dense (one decode row per batch, no sparsity).
-DENSE_VARIANTS = ("dense-ort", "hf-eager", GENAI_VARIANT)
+DENSE_VARIANTS = ("dense-ort", "hf-eager", GENAI_VARIANT, DENSE_GENAI_RUNTIME)
 # Other runtimes' dense builds of the same model: every row is also compared with the
 # fastest of these in the same run.
 PEERS = (GENAI_VARIANT, "hf-eager")
@@ -58,6 +61,7 @@ LABELS = {
     "hf-eager": "HF PyTorch eager",
     "pop-reference": "POP PyTorch reference",
     GENAI_VARIANT: "onnxruntime-genai",
+    DENSE_GENAI_RUNTIME: "dense ORT, genai runtime",
 }
 GENAI_INSTALL = 'pip install "popc[genai]" (or pip install onnxruntime-genai)'
 
@@ -249,6 +253,9 @@ def _prompt(rng: np.random.Generator, vocab: int, batch: int, length: int) -> tu
     return ids, np.ones_like(ids)
 
 
+SETTLE_SECONDS = 0.2
+
+
 def _interleaved(jobs: dict[Any, Callable[[], float]], warmup: int, repeats: int) -> dict[Any, Timing]:
     """Time every job ``repeats`` times, round-robin: the machine's drift over the run (a
     shared host's bandwidth moves by a third within minutes) then hits all of them alike."""
@@ -258,6 +265,9 @@ def _interleaved(jobs: dict[Any, Callable[[], float]], warmup: int, repeats: int
     samples: dict[Any, list[float]] = {key: [] for key in jobs}
     for _ in range(repeats):
         for key, fn in jobs.items():
+            # Let the previous job's thread pools (ORT's spin-waiting workers, PyTorch's
+            # OpenMP team) go idle first: else they steal cores from this one.
+            time.sleep(SETTLE_SECONDS)
             samples[key].append(fn())
     return {key: Timing.of(values) for key, values in samples.items()}
 
@@ -415,7 +425,7 @@ def genai_available() -> bool:
 
 def default_variants() -> list[str]:
     """Every variant; ``ort-genai`` only where onnxruntime-genai is installed."""
-    return [v for v in VARIANTS if v != GENAI_VARIANT or genai_available()]
+    return [v for v in VARIANTS if v not in (GENAI_VARIANT, DENSE_GENAI_RUNTIME) or genai_available()]
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -512,12 +522,13 @@ def genai_model(spec: str, log: Log = lambda message: None) -> Path:
 class GenaiRunner:
     """onnxruntime-genai's build of the same model, driven by its Generator API."""
 
-    def __init__(self, spec: str, plan: BenchPlan, log: Log):
+    def __init__(self, spec: str, plan: BenchPlan, log: Log, directory: Path | None = None):
         if plan.device != "cpu":
             raise PopcError("the ort-genai variant is measured on CPU only (--device cpu)")
         og = import_genai()
         self.og = og
-        self.directory = genai_model(spec, log)
+        # `directory`: a model genai can load as it is (popc's own dense export); else genai's build.
+        self.directory = directory or genai_model(spec, log)
         config = og.Config(str(self.directory))
         if plan.threads:
             threads = {"intra_op_num_threads": plan.threads, "inter_op_num_threads": 1}
@@ -683,6 +694,13 @@ def run_bench(plan: BenchPlan, log: Log = lambda message: None) -> dict[str, Any
                 raise
             log(f"ort-genai skipped: {error}")
             skipped_variants[GENAI_VARIANT] = str(error)
+    if DENSE_GENAI_RUNTIME in plan.variants and dense_dir:
+        from popc.export import GENAI_CONFIG_NAME
+
+        if genai_available() and (Path(dense_dir) / GENAI_CONFIG_NAME).is_file():
+            runners[DENSE_GENAI_RUNTIME] = GenaiRunner(str(dense_dir), plan, log, directory=Path(dense_dir))
+        else:
+            log(f"{DENSE_GENAI_RUNTIME} skipped: needs onnxruntime-genai and a fused dense export (its {GENAI_CONFIG_NAME})")
     if not runners:
         raise PopcError("nothing to measure: no variant could be set up")
     vocab = next(r.vocab for r in runners.values())
@@ -977,7 +995,9 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         if dense and variant != "pop-reference":
             # 0 % sparsity is the dense export itself (speedup 1).
             speedup.plot([0.0, *xs], [1.0, *[r["speedup"] for r in rows]], style, label=LABELS[variant])
-    for variant, color in (("dense-ort", "black"), ("hf-eager", "gray"), (GENAI_VARIANT, "tab:green")):
+    for variant, color in (
+        ("dense-ort", "black"), ("hf-eager", "gray"), (GENAI_VARIANT, "tab:green"), (DENSE_GENAI_RUNTIME, "tab:olive")
+    ):
         row = next((r for r in decode if r["variant"] == variant), None)
         if row:
             latency.axhline(row["ms_per_step"]["median"], color=color, linestyle="-", linewidth=1, label=LABELS[variant])

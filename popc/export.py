@@ -229,6 +229,63 @@ def prefill_config(skip: int, num_layers: int) -> dict[str, Any]:
     }
 
 
+GENAI_CONFIG_NAME = "genai_config.json"
+# Families whose fused dense graph is exactly onnxruntime-genai's decoder interface (checked
+# by tests/test_genai_interop.py); Gemma 3's and the MoE families' are not checked there.
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict[str, Any] | None:
+    """onnxruntime-genai's ``genai_config.json`` for a fused dense export (else None), so its
+    runtime (C, C++, C#, Java, Python) runs the export as it is, KV cache shared in place."""
+    config = loaded.model.config
+    family = family_of(config)
+    if not plan.fused or plan.pop is not None or family not in GENAI_TYPES:
+        return None
+    shape = decoder_shape(config)
+    tokenizer = loaded.tokenizer
+    generation = getattr(loaded.model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    return {
+        "model": {
+            "type": GENAI_TYPES[family],
+            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "vocab_size": shape.vocab_size,
+            "context_length": shape.max_positions,
+            "decoder": {
+                "filename": model_file,
+                "session_options": {"log_id": "popc", "provider_options": []},
+                "head_size": shape.head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_key_value_heads": shape.num_kv_heads,
+                "num_hidden_layers": shape.num_layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "max_length": shape.max_positions,
+            "past_present_share_buffer": True,
+        },
+    }
+
+
 @contextlib.contextmanager
 def staging_directory(location: ExportLocation) -> Iterator[Path]:
     """A hidden directory beside the destination (same filesystem, so renames are atomic),
@@ -330,5 +387,8 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         config = export_config(loaded, location, plan)
         config["export_seconds"] = round(time.perf_counter() - started, 1)
         (content / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        genai = genai_config(loaded, plan, location.model_file) if location.owns_directory else None
+        if genai is not None:
+            (content / GENAI_CONFIG_NAME).write_text(json.dumps(genai, indent=2) + "\n")
         publish(staging, location)
     return location

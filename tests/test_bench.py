@@ -125,17 +125,19 @@ def test_bench_with_peers(genai_tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "read_bandwidth", lambda: {"numpy_sum_gbs": 10.0, "numpy_gemv_gbs": 10.0, "gbs": 10.0})
     messages = []
     plan = bench.BenchPlan(
-        directory=dense, model=str(source), variants=["ort-genai", "dense-ort", "hf-eager"], prompt_lengths=[8],
+        directory=dense, model=str(source), variants=["ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime"],
+        prompt_lengths=[8],
         batches=[1, 2], repeats=1, warmup=0, decode_tokens=2, decode_prompt=8, threads=1,
     )  # fmt: skip
     result = bench.run_bench(plan, log=messages.append)
     assert not any("building" in m for m in messages)  # the fixture's build was reused
-    assert result["settings"]["variants"] == ["dense-ort", "hf-eager", "ort-genai"]
+    every = ("ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime")
+    assert sorted(result["settings"]["variants"]) == sorted(every)
     assert result["machine"]["onnxruntime_genai"]
     ttft = {row["variant"]: row for row in result["prefill"]}
-    assert set(ttft) == {"ort-genai", "dense-ort", "hf-eager"}
+    assert set(ttft) == set(every)
     decode = {(row["variant"], row["batch"]): row for row in result["decode"]}
-    assert set(decode) == {(v, b) for v in ("ort-genai", "dense-ort", "hf-eager") for b in (1, 2)}
+    assert set(decode) == {(v, b) for v in every for b in (1, 2)}
     for row in [*ttft.values(), *decode.values()]:
         ms = row.get("ms", row.get("ms_per_step"))["median"]
         assert row["best_peer"] in ("ort-genai", "hf-eager")
