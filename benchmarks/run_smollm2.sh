@@ -19,7 +19,7 @@ mkdir -p "$work" "$here/results"
 popc doctor --build > /dev/null
 python -c "import onnxruntime_genai" 2>/dev/null || pip install "onnxruntime-genai>=0.18"
 popc bench "$work/pop" --dense "$work/dense" \
-  --variants dense-ort,pop-oplib,ort-genai,hf-eager --threads 2 \
+  --variants dense-ort,dense-genai-runtime,pop-oplib,ort-genai,hf-eager --threads 2 \
   --prompt-lengths 16,128,512 --batches 1,4 --sparsities 0.25,0.5,0.75 \
   --repeats 9 --decode-tokens 32 --decode-prompt 64 \
   --json "$here/results/smollm2-135m.json" --markdown "$here/results/smollm2-135m.md" \

@@ -196,6 +196,13 @@ def info(
     for key in ("source", "family", "model_type", "dtype", "num_layers", "num_kv_heads", "head_dim",
                 "vocab_size", "max_positions", "eos_token_ids", "opset", "export_seconds"):
         table.add_row(key, str(config.get(key)))
+    fusions = config.get("ort_fusions")
+    table.add_row("graph", "fused ORT ops (GroupQueryAttention, packed QKV, skip-RMSNorm)" if fusions else "plain ONNX attention")
+    if config.get("pop"):
+        pop = config["pop"]
+        table.add_row("pop", f"retain {pop['retain']}, candidate {pop['candidate']}, keep {pop['keep']}")
+    if (location.directory / "genai_config.json").is_file():
+        table.add_row("onnxruntime-genai", "genai_config.json: og.Model(DIR) runs this export")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()))
     data = location.model_path.with_name(location.model_file + ".data")
     size = sum(p.stat().st_size for p in (location.model_path, data) if p.exists())
