@@ -37,8 +37,11 @@ def fail(error: BaseException) -> None:
     """One line on stderr and a non-zero exit; the traceback only with --debug."""
     if state["debug"]:
         traceback.print_exception(error)
+    from rich.markup import escape
+
     message = str(error) if isinstance(error, PopcError) else f"{type(error).__name__}: {error}"
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: messages name things like `popc[genai]` that rich would read as markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if not isinstance(error, PopcError):
         console.print("(unexpected; re-run with --debug for the traceback)", style="dim")
     raise typer.Exit(1)
@@ -405,10 +408,6 @@ def bench(
             markdown.write_text(b.markdown(result))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    except PopcError as error:
-        from rich.markup import escape
-
-        fail(PopcError(escape(str(error))))  # keep `popc[genai]` from being read as markup
     except Exception as error:
         fail(error)
     out = Console()
