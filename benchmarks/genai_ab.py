@@ -1,6 +1,6 @@
 """Graph vs driver: popc's and onnxruntime-genai's graphs, each run by each runtime.
 
-    python benchmarks/genai_ab.py POPC_DENSE_DIR GENAI_DIR [--rounds 12] [--threads 2] [--out FILE.md]
+    python benchmarks/genai_ab.py POPC_DENSE_DIR GENAI_DIR [--rounds 12] [--threads 2] [--batch 1] [--out FILE.md]
 
 POPC_DENSE_DIR is a fused dense popc export (it carries genai_config.json); GENAI_DIR is
 onnxruntime-genai's model builder output for the same model (``popc bench`` caches one
@@ -29,15 +29,16 @@ import popc
 STEPS, PROMPT = 32, 64
 
 
-def genai_loop(directory: Path, threads: int):
+def genai_loop(directory: Path, threads: int, batch: int):
     config = og.Config(str(directory))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
-    ids = np.random.default_rng(0).integers(10, 40000, (1, PROMPT)).astype(np.int32)
+    ids = np.random.default_rng(0).integers(10, 40000, (batch, PROMPT)).astype(np.int32)
 
     def run() -> float:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=PROMPT + STEPS + 1, min_length=PROMPT + STEPS + 1, do_sample=False, batch_size=1)
+        length = PROMPT + STEPS + 1
+        params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=batch)
         generator = og.Generator(model, params)
         generator.append_tokens(ids)
         start = time.perf_counter()
@@ -48,16 +49,16 @@ def genai_loop(directory: Path, threads: int):
     return run
 
 
-def popc_loop(directory: Path, threads: int):
+def popc_loop(directory: Path, threads: int, batch: int):
     model = popc.load(directory, threads=threads)
-    ids = np.random.default_rng(0).integers(10, 40000, (1, PROMPT))
+    ids = np.random.default_rng(0).integers(10, 40000, (batch, PROMPT))
 
     def run() -> float:
         stepper = model.bound(capacity=PROMPT + STEPS + 1)
         logits = stepper.prefill(ids, np.ones_like(ids))
         start = time.perf_counter()
         for _ in range(STEPS):
-            logits = stepper.decode(logits[:, -1].argmax(-1).reshape(1, 1))
+            logits = stepper.decode(logits[:, -1].argmax(-1).reshape(batch, 1), copy=False)
         return (time.perf_counter() - start) * 1000 / STEPS
 
     return run
@@ -80,15 +81,16 @@ def main() -> None:
     parser.add_argument("genai", type=Path)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.genai.parent) as tmp:
         genai_as_popc = as_popc_export(args.genai, args.popc_dense, Path(tmp) / "genai-as-popc")
         jobs = {
-            "genai runtime, genai graph": genai_loop(args.genai, args.threads),
-            "genai runtime, popc graph": genai_loop(args.popc_dense, args.threads),
-            "popc runtime, popc graph": popc_loop(args.popc_dense, args.threads),
-            "popc runtime, genai graph": popc_loop(genai_as_popc, args.threads),
+            "genai runtime, genai graph": genai_loop(args.genai, args.threads, args.batch),
+            "genai runtime, popc graph": genai_loop(args.popc_dense, args.threads, args.batch),
+            "popc runtime, popc graph": popc_loop(args.popc_dense, args.threads, args.batch),
+            "popc runtime, genai graph": popc_loop(genai_as_popc, args.threads, args.batch),
         }
         for run in jobs.values():
             run()  # warm-up
@@ -99,7 +101,7 @@ def main() -> None:
                 samples[name].append(run())
     base = np.array(samples["genai runtime, genai graph"])
     lines = [
-        f"Batch-1 decode, {STEPS} steps after a {PROMPT}-token prompt, {args.threads} threads, "
+        f"Batch-{args.batch} decode, {STEPS} steps after a {PROMPT}-token prompt, {args.threads} threads, "
         f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| runtime, graph | ms/token (median, min–max) | paired ratio to genai/genai |",

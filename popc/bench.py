@@ -318,7 +318,7 @@ class OrtRunner:
             next_ids = logits[:, -1].argmax(-1).reshape(-1, 1)
             start = time.perf_counter()
             for _ in range(steps):
-                logits = stepper.decode(next_ids)
+                logits = stepper.decode(next_ids, copy=False)
                 next_ids = logits[:, -1].argmax(-1).reshape(-1, 1)
             return (time.perf_counter() - start) * 1000 / steps
 

@@ -307,7 +307,7 @@ class PopcModel:
                 on_tokens(next_ids)
             if finished.all() or steps + 1 >= max_new_tokens:
                 break
-            logits = stepper.decode(next_ids.reshape(batch, 1))
+            logits = stepper.decode(next_ids.reshape(batch, 1), copy=False)
             steps += 1
         decode = (time.perf_counter() - decode_started) / max(steps, 1)
         return generated, prefill, decode
@@ -433,7 +433,7 @@ class BoundSteps:
         self.slots = slots
         self._decode_binding = None
 
-    def _decode_step(self, next_ids: np.ndarray) -> np.ndarray:
+    def _decode_step(self, next_ids: np.ndarray, copy: bool) -> np.ndarray:
         """One decode step on the persistent binding (built at the first step after a
         prefill or a buffer growth)."""
         ort = self.ort
@@ -469,10 +469,13 @@ class BoundSteps:
         self.session.run_with_iobinding(binding)
         if len(self.kv_buffers) < len(self.state):  # else every state value is a shared buffer
             self.state = list(binding.get_outputs()[1:])
-        return np.array(self._logits.numpy())  # numpy() is a view of the reused buffer
+        logits = self._logits.numpy()  # a view of the buffer the next step overwrites
+        return np.array(logits) if copy else logits
 
-    def decode(self, next_ids: np.ndarray) -> np.ndarray:
-        """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]."""
+    def decode(self, next_ids: np.ndarray, copy: bool = True) -> np.ndarray:
+        """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]. ``copy=False``
+        returns a view of the output buffer, valid until the next ``decode`` (saves copying
+        batch x vocab floats per step when the caller picks the token at once)."""
         if self.state is None:
             raise PopcError("decode() before prefill()")
         ones = np.ones((self.attention_mask.shape[0], 1), np.int64)
@@ -481,7 +484,7 @@ class BoundSteps:
             self._allocate(self.attention_mask.shape[0], self.slots + self.GROWTH, keep=self.slots)
         if next_ids.shape != (self.attention_mask.shape[0], 1):
             raise PopcError(f"decode() takes one token per row, [batch, 1]; got {list(next_ids.shape)}")
-        return self._decode_step(next_ids)
+        return self._decode_step(next_ids, copy)
 
 
 def load(path: str | Path, device: str = "cpu", use_oplib: bool = True, threads: int | None = None) -> PopcModel:
