@@ -703,6 +703,9 @@ def run_bench(plan: BenchPlan, log: Log = lambda message: None) -> dict[str, Any
             log(f"{DENSE_GENAI_RUNTIME} skipped: needs onnxruntime-genai and a fused dense export (its {GENAI_CONFIG_NAME})")
     if not runners:
         raise PopcError("nothing to measure: no variant could be set up")
+    # Round-robin order: the dense ORT runs side by side, so each round pairs them closely.
+    first = ("dense-ort", GENAI_VARIANT, DENSE_GENAI_RUNTIME)
+    runners = {v: runners[v] for v in sorted(runners, key=lambda v: (v not in first, first.index(v) if v in first else 0))}
     vocab = next(r.vocab for r in runners.values())
     rng = np.random.default_rng(plan.seed)
     default_pop = settings_for_sparsity(0.5)
@@ -780,27 +783,41 @@ def _fastest(rows, key: str, timing: str) -> dict[Any, tuple[str, float]]:  # no
     return best
 
 
+def _ratio(timing: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    """``timing / base``: the median of per-round ratios when both were timed in the same
+    interleaved rounds (paired: the host's drift from round to round cancels), else the
+    ratio of the medians."""
+    if not base or not base["median"]:
+        return None
+    ours, theirs = timing.get("samples") or [], base.get("samples") or []
+    if ours and len(ours) == len(theirs) and all(t > 0 for t in theirs):
+        return float(np.median(np.asarray(ours) / np.asarray(theirs)))
+    return timing["median"] / base["median"]
+
+
 def _add_ratios(prefill, decode, weights, gbs: float) -> dict[str, Any]:  # noqa: ANN001
-    """Ratios against dense ORT and against the fastest dense peer of the same run, and the
-    roofline of each decode row. Returns the fastest peer per prompt length and batch size."""
-    dense_prefill = {r["prompt"]: r["ms"]["median"] for r in prefill if r["variant"] == "dense-ort"}
+    """Ratios against dense ORT and against the fastest dense peer of the same run (paired
+    per round, see ``_ratio``), and the roofline of each decode row. Returns the fastest
+    peer (by median) per prompt length and batch size."""
+    timing_of = {(r["variant"], r["prompt"]): r["ms"] for r in prefill}
     best_prefill = _fastest(prefill, "prompt", "ms")
     for row in prefill:
-        base = dense_prefill.get(row["prompt"])
-        row["vs_dense"] = row["ms"]["median"] / base if base else None
+        row["vs_dense"] = _ratio(row["ms"], timing_of.get(("dense-ort", row["prompt"])))
         peer = best_prefill.get(row["prompt"])
         row["best_peer"] = peer[0] if peer else None
-        row["vs_best_peer"] = row["ms"]["median"] / peer[1] if peer and peer[1] else None  # < 1: faster than the peer
-    dense_decode = {r["batch"]: r["ms_per_step"]["median"] for r in decode if r["variant"] == "dense-ort"}
+        # < 1: faster than the peer
+        row["vs_best_peer"] = _ratio(row["ms"], timing_of.get((peer[0], row["prompt"]))) if peer else None
+    step_of = {(r["variant"], r["batch"]): r["ms_per_step"] for r in decode if r["sparsity"] == 0}
     best_decode = _fastest(decode, "batch", "ms_per_step")
     for row in decode:
         ms = row["ms_per_step"]["median"]
         row["tokens_per_s"] = row["batch"] * 1000 / ms if ms else None
-        base = dense_decode.get(row["batch"])
-        row["speedup"] = base / ms if base and ms else None
+        dense = step_of.get(("dense-ort", row["batch"]))
+        row["speedup"] = _ratio(dense, row["ms_per_step"]) if dense and ms else None
         peer = best_decode.get(row["batch"])
         row["best_peer"] = peer[0] if peer else None
-        row["vs_best_peer"] = peer[1] / ms if peer and ms else None  # a speedup: > 1 is faster than the peer
+        # a speedup: > 1 is faster than the peer
+        row["vs_best_peer"] = _ratio(step_of[(peer[0], row["batch"])], row["ms_per_step"]) if peer and ms else None
         key = "dense" if row["sparsity"] == 0 else f"pop@{row['sparsity']:g}"
         read = weights.get(key)
         if read and row["batch"] == 1:
@@ -967,7 +984,9 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "TTFT: prefill plus picking the first token (batch 1); ratios are ms ÷ dense ORT ms and "
             "ms ÷ the fastest dense peer's ms (below 1: faster). Decode \"vs best peer\" is the peer's "
-            f"ms/step ÷ the variant's (above 1: faster). Fastest dense peer at decode: {decode_peers}.",
+            f"ms/step ÷ the variant's (above 1: faster). Fastest dense peer at decode: {decode_peers}. "
+            "Every ratio is the median of per-round ratios (variants run round-robin, so each round "
+            "pairs them under the same host conditions); the ms columns are plain medians.",
         ]
     return "\n".join(lines) + "\n"
 
