@@ -199,6 +199,14 @@ int main(int argc, char** argv) {
       throw std::runtime_error("the model has an input this program does not know: '" + name +
                                "' (known: input_ids, attention_mask, past_*, pop_config)");
     }
+    // logits_to_keep: an input with a default (ORT lists it among the overridable
+    // initializers); feeding 1 runs the LM head on the last position only at the prefill.
+    bool keep_last_logits = false;
+    for (size_t i = 0; i < session.GetOverridableInitializerCount(); ++i)
+      if (std::string(session.GetOverridableInitializerNameAllocated(i, allocator).get()) == "logits_to_keep") {
+        keep_last_logits = true;
+        input_names.push_back("logits_to_keep");
+      }
     std::vector<std::string> output_names;
     for (size_t i = 0; i < session.GetOutputCount(); ++i)
       output_names.push_back(session.GetOutputNameAllocated(i, allocator).get());
@@ -218,6 +226,7 @@ int main(int argc, char** argv) {
     if (!pop_config_name.empty() && pop_config_shape.empty() && pop_config.size() != 1)
       throw std::runtime_error("pop_config is a scalar: give one value");
     std::vector<int64_t> generated;
+    int64_t one = 1;
     double prefill_ms = 0, decode_ms = 0;
     for (int step = 0; step < args.max_new_tokens; ++step) {
       const auto started = std::chrono::steady_clock::now();
@@ -230,6 +239,8 @@ int main(int argc, char** argv) {
           inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu, step_ids.data(), step_ids.size(), ids_shape, 2));
         else if (name == "attention_mask")
           inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu, mask.data(), mask.size(), mask_shape, 2));
+        else if (keep_last_logits && name == "logits_to_keep")
+          inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu, &one, 1, nullptr, 0));
         else if (name == pop_config_name)
           inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu, pop_config.data(), pop_config.size(), cfg_shape,
                                                              pop_config_shape.empty() ? 0 : 1));
