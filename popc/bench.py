@@ -287,14 +287,11 @@ class OrtRunner:
 
         self.model = load(path, device=plan.device, use_oplib=use_oplib, threads=plan.threads)
         self.vocab = int(self.model.config.get("vocab_size") or 32000)
-        import inspect
-
-        self.sized = "capacity" in inspect.signature(self.model.bound).parameters
 
     def stepper(self, pop, tokens: int):  # noqa: ANN001, ANN201
-        """A bound stepper whose KV cache holds ``tokens`` (where the runtime sizes it up front,
-        as onnxruntime-genai's ``max_length`` does)."""
-        return self.model.bound(pop, capacity=tokens) if self.sized else self.model.bound(pop)
+        """A bound stepper whose KV cache holds ``tokens``, sized up front as
+        onnxruntime-genai's ``max_length`` sizes its cache."""
+        return self.model.bound(pop, capacity=tokens)
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, pop) -> Callable[[], float]:  # noqa: ANN001
         """TTFT: the prefill (the KV cache's allocation included) and the first (greedy) token,
