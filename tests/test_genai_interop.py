@@ -49,3 +49,12 @@ def test_only_fused_dense_exports_carry_a_genai_config(tmp_path):
     export(ExportPlan(model=str(source), out=tmp_path / "plain", fuse=False))
     assert not (tmp_path / "pop" / GENAI_CONFIG_NAME).exists()
     assert not (tmp_path / "plain" / GENAI_CONFIG_NAME).exists()
+    gemma = make_tiny_model_dir(tmp_path, "gemma3")  # genai's Gemma 3 interface is unchecked
+    export(ExportPlan(model=str(gemma), out=tmp_path / "gemma"))
+    assert not (tmp_path / "gemma" / GENAI_CONFIG_NAME).exists()
+    # `--out dir/name.onnx` into a directory popc does not own: never a genai_config.json there.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("someone else's")
+    export(ExportPlan(model=str(source), out=shared / "m.onnx"))
+    assert (shared / "m.onnx").is_file() and not (shared / GENAI_CONFIG_NAME).exists()
