@@ -140,16 +140,21 @@ def versions() -> dict[str, str]:
     return found
 
 
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """End-of-sequence ids: the generation config's, else the tokenizer's."""
+    generation = getattr(loaded.model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    return sorted({int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None})
+
+
 def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPlan) -> dict[str, Any]:
     config = loaded.model.config
     shape = decoder_shape(config)
     inputs, outputs = io_names(shape.num_layers)
     tokenizer = loaded.tokenizer
-    generation = getattr(loaded.model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = sorted({int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None})
+    eos_ids = eos_token_ids(loaded)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -244,15 +249,13 @@ def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict
         return None
     shape = decoder_shape(config)
     tokenizer = loaded.tokenizer
-    generation = getattr(loaded.model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
-    eos = tokenizer.eos_token_id if eos is None else eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    eos = eos_token_ids(loaded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     return {
         "model": {
             "type": GENAI_TYPES[family],
             "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id,
-            "eos_token_id": eos,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": pad,
             "vocab_size": shape.vocab_size,
             "context_length": shape.max_positions,

@@ -418,7 +418,7 @@ class BoundSteps:
         self.kv_buffers = {}
         self._decode_binding = None
         if self.model.fused_attention and self.device_type == "cpu":
-            self._allocate(batch, max(self.capacity or 0, length + self.GROWTH if self.capacity is None else length))
+            self._allocate(batch, length + self.GROWTH if self.capacity is None else max(self.capacity, length))
         return self._run(input_ids, self.model.initial_state(batch), logits, logits_to_keep)
 
     def _allocate(self, batch: int, slots: int, keep: int = 0) -> None:

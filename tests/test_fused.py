@@ -65,6 +65,19 @@ def test_fused_graph_holds_the_ort_fused_operators(fused):
     assert config["ort_fusions"] is not None
 
 
+def test_onnxscript_ort_fusions_match_nothing_on_the_plain_trace(tmp_path):
+    """Why popc traces the ORT ops itself (README): onnxscript's ORT fusions, run on popc's
+    plain (--no-fuse) trace, fuse none of attention, rotary or the norms. If a future
+    onnxscript does, this fails and the choice is worth revisiting."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import ort_fusions
+
+    source = make_tiny_model_dir(tmp_path, "llama")
+    export(ExportPlan(model=str(source), out=tmp_path / "plain", fuse=False))
+    _, counts = ort_fusions.optimize_for_ort(ir.load(tmp_path / "plain" / "model.onnx"))
+    assert counts and not any(counts.values()), counts
+
+
 def test_no_fuse_exports_plain_onnx_attention(tmp_path):
     source = make_tiny_model_dir(tmp_path, "llama")
     export(ExportPlan(model=str(source), out=tmp_path / "plain", fuse=False))
@@ -92,7 +105,7 @@ def test_in_place_kv_buffers_grow_and_match_transformers(fused):
         mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
         logits = stepper.decode(next_ids)
         np.testing.assert_allclose(logits[:, -1], hf_logits(hf, ids, mask)[:, -1], atol=TOLERANCE, rtol=0)
-    assert stepper.slots >= ids.shape[1] > ids.shape[1] - 7 + 2
+    assert stepper.slots >= ids.shape[1] and stepper.slots > 9 + 2  # grew past the first capacity
 
 
 def test_logits_to_keep(fused):
