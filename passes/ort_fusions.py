@@ -29,7 +29,6 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 MICROSOFT = "com.microsoft"
-_GQA_TAIL = ("past_key", "past_value", "seqlens_k", "total", "cos_cache", "sin_cache")
 
 
 def _gqa(op, query, key, value, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, attention_bias):
