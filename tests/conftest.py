@@ -216,3 +216,19 @@ def popc_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "popc-cache"
     monkeypatch.setenv("POPC_CACHE_DIR", str(cache))
     return cache
+
+
+class StageRecorder:
+    """A popc.progress.Progress that keeps each stage's message, for tests to assert on."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+
+    def stage(self, message: str) -> None:
+        self.stages.append(message)
+
+    def start(self, total: int | None) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        pass
