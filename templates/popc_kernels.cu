@@ -18,6 +18,15 @@
 namespace popc {
 namespace {
 
+// Device element types: Dev<T>::type is what the kernels read for the host's T (popc::half
+// is CUDA's __half bit for bit); to_f / from_f convert one element. A new weight type adds
+// one Dev specialisation and its to_f overload.
+template <class T> struct Dev { using type = T; };
+template <> struct Dev<half> { using type = __half; };
+template <class T> using dev_type = typename Dev<T>::type;
+template <class T> const dev_type<T>* dev(const T* p) { return reinterpret_cast<const dev_type<T>*>(p); }
+template <class T> dev_type<T>* dev(T* p) { return reinterpret_cast<dev_type<T>*>(p); }
+
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 template <typename T> __device__ __forceinline__ T from_f(float v);
@@ -107,39 +116,38 @@ int run_checked(cudaStream_t stream, bool check, char* error, size_t error_len, 
 
 }  // namespace
 
-int cuda_gather_matmul_t(void* stream_ptr, bool half, const void* X, const void* W, const int64_t* I, void* Y,
-                         int64_t rows, int64_t H, int64_t N, int64_t K, bool check_indices, char* error,
-                         size_t error_len) {
+template <class T>
+int cuda_gather_matmul_t(void* stream_ptr, const T* X, const T* W, const int64_t* I, T* Y, int64_t rows, int64_t H,
+                         int64_t N, int64_t K, bool check_indices, char* error, size_t error_len) {
   const int64_t total = rows * K;
   if (total == 0) return 0;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kWarps - 1) / kWarps, 1u << 20));
   return run_checked(stream, check_indices, error, error_len, [&](int* flag) {
-    if (half)
-      gather_matmul_t_kernel<__half><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const __half*>(X), static_cast<const __half*>(W), I, static_cast<__half*>(Y), rows, H, N, K, flag);
-    else
-      gather_matmul_t_kernel<float><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const float*>(X), static_cast<const float*>(W), I, static_cast<float*>(Y), rows, H, N, K, flag);
+    gather_matmul_t_kernel<<<blocks, kThreads, 0, stream>>>(dev(X), dev(W), I, dev(Y), rows, H, N, K, flag);
   });
 }
 
-int cuda_gather_matmul(void* stream_ptr, bool half, const void* Z, const void* W, const int64_t* I, void* Y,
-                       int64_t rows, int64_t H, int64_t N, int64_t K, bool check_indices, char* error,
-                       size_t error_len) {
+template <class T>
+int cuda_gather_matmul(void* stream_ptr, const T* Z, const T* W, const int64_t* I, T* Y, int64_t rows, int64_t H,
+                       int64_t N, int64_t K, bool check_indices, char* error, size_t error_len) {
   if (rows * H == 0) return 0;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (K == 0)  // an empty selection sums to zero
-    return report(cudaMemsetAsync(Y, 0, rows * H * (half ? 2 : 4), stream), "cudaMemsetAsync", error, error_len);
+    return report(cudaMemsetAsync(Y, 0, rows * H * sizeof(T), stream), "cudaMemsetAsync", error, error_len);
   const dim3 grid(static_cast<unsigned>((H + 31) / 32), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid)));
   return run_checked(stream, check_indices, error, error_len, [&](int* flag) {
-    if (half)
-      gather_matmul_kernel<__half><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __half*>(Z), static_cast<const __half*>(W), I, static_cast<__half*>(Y), rows, H, N, K, flag);
-    else
-      gather_matmul_kernel<float><<<grid, kThreads, 0, stream>>>(
-          static_cast<const float*>(Z), static_cast<const float*>(W), I, static_cast<float*>(Y), rows, H, N, K, flag);
+    gather_matmul_kernel<<<grid, kThreads, 0, stream>>>(dev(Z), dev(W), I, dev(Y), rows, H, N, K, flag);
   });
 }
+
+// The element types the op registrations use (popc_kernels.h).
+#define POPC_INSTANTIATE(T)                                                                                       \
+  template int cuda_gather_matmul_t<T>(void*, const T*, const T*, const int64_t*, T*, int64_t, int64_t, int64_t, \
+                                       int64_t, bool, char*, size_t);                                             \
+  template int cuda_gather_matmul<T>(void*, const T*, const T*, const int64_t*, T*, int64_t, int64_t, int64_t,   \
+                                     int64_t, bool, char*, size_t);
+POPC_FOR_EACH_TYPE(POPC_INSTANTIATE)
+#undef POPC_INSTANTIATE
 
 }  // namespace popc

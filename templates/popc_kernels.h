@@ -6,6 +6,12 @@
 // W is [N, H], row-major. Indices must lie in [0, N): callers validate them first
 // (popc_ops.cc rejects the call with an ORT error); the CUDA kernels check again on
 // the device and never read out of bounds.
+//
+// Element types: every kernel is a template over T (activations and output) and WT
+// (weights, WT = T today). The types the library is built for are listed once, in
+// POPC_FOR_EACH_TYPE; popc_ops.cc picks one per ORT tensor type at registration, so the
+// kernels never branch on the type at run time. A new weight type (int8, int4) needs an
+// `Elem<WT>` load/convert trait in popc_kernels_cpu.cc (and the .cu), not new loops.
 #pragma once
 
 #include <cstddef>
@@ -14,23 +20,35 @@
 
 namespace popc {
 
+// IEEE binary16 storage (layout of Ort::Float16_t and CUDA's __half). A struct, not a bare
+// uint16_t, so that templates can tell it from a future 16-bit integer weight type.
+struct half {
+  uint16_t bits;
+};
+
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+
+// X(T) for each (activation = weight) type the kernels are instantiated for.
+#define POPC_FOR_EACH_TYPE(X) X(float) X(::popc::half)
+
 // ---- CPU ---------------------------------------------------------------------------
 // Work is split into independent tasks so that a thread pool can run them in any
 // order; run_task(i) for every i in [0, task_count()) computes the whole output.
+template <class T, class WT = T>
 struct CpuGatherMatMulT {
-  const void* X; const void* W; const int64_t* I; void* Y;
+  const T* X; const WT* W; const int64_t* I; T* Y;
   int64_t rows, H, K;
-  bool half;      // float16 X/W/Y (else float32)
   bool use_avx2;  // x86 AVX2+FMA+F16C path (checked at run time by the caller)
   int64_t block;  // output elements per task
   int64_t task_count() const;
   void run_task(int64_t task) const;
 };
 
+template <class T, class WT = T>
 struct CpuGatherMatMul {
-  const void* Z; const void* W; const int64_t* I; void* Y;
+  const T* Z; const WT* W; const int64_t* I; T* Y;
   int64_t rows, H, K;
-  bool half;
   bool use_avx2;
   int64_t block;  // output columns per task
   int64_t task_count() const;
@@ -57,11 +75,12 @@ struct PopDecodeScratch {
   std::vector<float> partial;    // [chunks, H] partial sums of Y (one-row split)
 };
 
+template <class T, class WT = T>
 struct CpuPopDecode {
-  const void* X; const int64_t* P; const void* Wg; const void* Wu; const void* Wd; void* Y;
+  const T* X; const int64_t* P; const WT* Wg; const WT* Wu; const WT* Wd; T* Y;
   int64_t rows, seq, H, D, RC, R, K;
   int activation;
-  bool half, use_avx2;
+  bool use_avx2;
   // Phases of one row r (the one-row split runs gate/updown chunks in parallel):
   // prepare -> gate(order[begin, end)) -> select -> updown(kept[begin, end), out += ...) -> finish.
   // prepare returns false on a duplicate channel id in the partition.
@@ -78,10 +97,11 @@ struct CpuPopDecode {
 //   score[b, d] = sqrt(sum_t (Z[b,t,d] / (||Z[b,t,:]|| + 1e-12) * mask[b,t])^2), or
 //   static_score[d] when `use_static`; out[b, :] = the `count` channels of highest score,
 //   in decreasing score (ties to the lower channel id, as ONNX TopK).
+template <class ZT>
 struct CpuPopPartition {
-  const void* Z; const float* mask; const void* static_score; int64_t* out;
+  const ZT* Z; const float* mask; const ZT* static_score; int64_t* out;
   int64_t B, T, D, count;
-  bool half, use_static;
+  bool use_static;
   std::vector<float>* inv_norm;  // [B * T] scratch
   std::vector<double>* score;    // [B * D] scratch
   void norms(int64_t row) const;                 // one (b, t) row: inv_norm = mask / (norm + eps)
@@ -95,20 +115,17 @@ int64_t first_bad_index(const int64_t* idx, int64_t count, int64_t n);
 // Whether this CPU has AVX2, FMA and F16C (and POPC_OPLIB_NO_AVX2 is not set).
 bool cpu_has_avx2();
 
-float half_to_float(uint16_t h);
-uint16_t float_to_half(float f);
-
 // ---- CUDA (popc_kernels.cu; only in builds with POPC_WITH_CUDA) --------------------
 // Launch on `stream` (a cudaStream_t). Return 0 on success, 1 when an index was out of
 // range (the output is then unspecified but no out-of-bounds read happened), and
 // another value on a CUDA error (message in `error`, `error_len` bytes).
 // With check_indices false the kernels still skip bad indices but do not wait on the
-// stream to report them.
-int cuda_gather_matmul_t(void* stream, bool half, const void* X, const void* W, const int64_t* I,
-                         void* Y, int64_t rows, int64_t H, int64_t N, int64_t K, bool check_indices,
-                         char* error, size_t error_len);
-int cuda_gather_matmul(void* stream, bool half, const void* Z, const void* W, const int64_t* I,
-                       void* Y, int64_t rows, int64_t H, int64_t N, int64_t K, bool check_indices,
-                       char* error, size_t error_len);
+// stream to report them. Instantiated for POPC_FOR_EACH_TYPE.
+template <class T>
+int cuda_gather_matmul_t(void* stream, const T* X, const T* W, const int64_t* I, T* Y, int64_t rows, int64_t H,
+                         int64_t N, int64_t K, bool check_indices, char* error, size_t error_len);
+template <class T>
+int cuda_gather_matmul(void* stream, const T* Z, const T* W, const int64_t* I, T* Y, int64_t rows, int64_t H,
+                       int64_t N, int64_t K, bool check_indices, char* error, size_t error_len);
 
 }  // namespace popc

@@ -1,8 +1,9 @@
 // popc op library: CPU kernels (see popc_kernels.h).
 //
-// Two code paths per op and dtype: AVX2+FMA+F16C intrinsics, picked at run time
-// when the CPU has them, and portable loops written so that the compiler
-// vectorises them (independent lanes, no cross-iteration float reduction).
+// Two code paths per op: AVX2+FMA+F16C intrinsics, picked at run time when the CPU
+// has them, and portable loops written so that the compiler vectorises them
+// (independent lanes, no cross-iteration float reduction). Both are written once,
+// as templates over the weight type WT: Elem<WT> below is all that differs per type.
 // Weights are read in place, row by selected row; nothing is gathered or copied.
 #include "popc_kernels.h"
 
@@ -10,11 +11,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define POPC_X86 1
 #include <immintrin.h>
+// One target for every AVX2 function, so that the Elem loads inline into all callers.
+#define POPC_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace popc {
@@ -83,120 +87,78 @@ bool cpu_has_avx2() {
 
 namespace {
 
+// ---- element types ------------------------------------------------------------------
+// Elem<T>: one element to/from float; with AVX2, 8 consecutive elements as 8 floats.
+// A new weight type adds a specialisation here (a quantized layout also needs its
+// block scales at the call sites); the loops below stay as they are.
+template <class T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static float to_float(float v) { return v; }
+  static float from_float(float v) { return v; }
+#if POPC_X86
+  POPC_AVX2 static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#endif
+};
+
+template <>
+struct Elem<half> {
+  static float to_float(half v) { return half_to_float(v.bits); }
+  static half from_float(float v) { return half{float_to_half(v)}; }
+#if POPC_X86
+  POPC_AVX2 static __m256 load8(const half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+#endif
+};
+
+template <class T>
+void widen(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Elem<T>::to_float(src[i]);
+}
+
+template <class T>
+void narrow(const float* src, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Elem<T>::from_float(src[i]);
+}
+
+// A row of activations as float: float rows are used in place, others widened into buf.
+template <class T>
+const float* float_row(const T* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    buf.resize(static_cast<size_t>(n));
+    widen(src, n, buf.data());
+    return buf.data();
+  }
+}
+
 constexpr int kLanes = 8;
 
 // ---- portable loops ---------------------------------------------------------------
-inline float dot_f32(const float* x, const float* w, int64_t n) {
+template <class WT>
+inline float dot(const float* x, const WT* w, int64_t n) {
   float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * w[i + j];
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * Elem<WT>::to_float(w[i + j]);
   float s = 0;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < n; ++i) s += x[i] * w[i];
+  for (; i < n; ++i) s += x[i] * Elem<WT>::to_float(w[i]);
   return s;
 }
 
-inline float dot_f16(const float* x, const uint16_t* w, int64_t n) {
-  float acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * half_to_float(w[i + j]);
-  float s = 0;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  for (; i < n; ++i) s += x[i] * half_to_float(w[i]);
-  return s;
+// y[0..n) += s * w[0..n)
+template <class WT>
+void axpy(float* y, float s, const WT* w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += s * Elem<WT>::to_float(w[i]);
 }
 
-#if POPC_X86
-// ---- AVX2 + FMA + F16C ------------------------------------------------------------
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) float dot_f32_avx2(const float* x, const float* w, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(w + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(w + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(w + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(w + i + 24), a3);
-  }
-  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(w + i), a0);
-  float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < n; ++i) s += x[i] * w[i];
-  return s;
-}
-
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load_h8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-__attribute__((target("avx2,fma,f16c"))) float dot_f16_avx2(const float* x, const uint16_t* w, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load_h8(w + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load_h8(w + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load_h8(w + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load_h8(w + i + 24), a3);
-  }
-  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load_h8(w + i), a0);
-  float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < n; ++i) s += x[i] * half_to_float(w[i]);
-  return s;
-}
-
-// acc[0..64) += z * row[0..64): the full-width column block of GatherMatMul.
-__attribute__((target("avx2,fma"))) void axpy64_f32_avx2(const float* z, const int64_t* idx, int64_t K,
-                                                          const float* W, int64_t H, float* out) {
-  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
-  __m256 c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    if (k + 8 < K) __builtin_prefetch(W + idx[k + 8] * H);
-    const float* w = W + idx[k] * H;
-    __m256 s = _mm256_set1_ps(z[k]);
-    c0 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w), c0);
-    c1 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 8), c1);
-    c2 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 16), c2);
-    c3 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 24), c3);
-    c4 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 32), c4);
-    c5 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 40), c5);
-    c6 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 48), c6);
-    c7 = _mm256_fmadd_ps(s, _mm256_loadu_ps(w + 56), c7);
-  }
-  _mm256_storeu_ps(out, c0); _mm256_storeu_ps(out + 8, c1); _mm256_storeu_ps(out + 16, c2); _mm256_storeu_ps(out + 24, c3);
-  _mm256_storeu_ps(out + 32, c4); _mm256_storeu_ps(out + 40, c5); _mm256_storeu_ps(out + 48, c6); _mm256_storeu_ps(out + 56, c7);
-}
-
-__attribute__((target("avx2,fma,f16c"))) void axpy64_f16_avx2(const float* z, const int64_t* idx, int64_t K,
-                                                               const uint16_t* W, int64_t H, float* out) {
-  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
-  __m256 c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    if (k + 8 < K) __builtin_prefetch(W + idx[k + 8] * H);
-    const uint16_t* w = W + idx[k] * H;
-    __m256 s = _mm256_set1_ps(z[k]);
-    c0 = _mm256_fmadd_ps(s, load_h8(w), c0);
-    c1 = _mm256_fmadd_ps(s, load_h8(w + 8), c1);
-    c2 = _mm256_fmadd_ps(s, load_h8(w + 16), c2);
-    c3 = _mm256_fmadd_ps(s, load_h8(w + 24), c3);
-    c4 = _mm256_fmadd_ps(s, load_h8(w + 32), c4);
-    c5 = _mm256_fmadd_ps(s, load_h8(w + 40), c5);
-    c6 = _mm256_fmadd_ps(s, load_h8(w + 48), c6);
-    c7 = _mm256_fmadd_ps(s, load_h8(w + 56), c7);
-  }
-  _mm256_storeu_ps(out, c0); _mm256_storeu_ps(out + 8, c1); _mm256_storeu_ps(out + 16, c2); _mm256_storeu_ps(out + 24, c3);
-  _mm256_storeu_ps(out + 32, c4); _mm256_storeu_ps(out + 40, c5); _mm256_storeu_ps(out + 48, c6); _mm256_storeu_ps(out + 56, c7);
-}
-#endif  // POPC_X86
-
-// Column block [h0, h0 + len) of one GatherMatMul row, portable loop (len <= 64).
-template <typename WT>
+// Column block [h0, h0 + len) of one GatherMatMul row (len <= 64).
+template <class WT>
 void axpy_block(const float* z, const int64_t* idx, int64_t K, const WT* W, int64_t H, int64_t h0, int64_t len,
                 float* out) {
   float acc[64];
@@ -205,47 +167,94 @@ void axpy_block(const float* z, const int64_t* idx, int64_t K, const WT* W, int6
     if (k + 8 < K) __builtin_prefetch(W + idx[k + 8] * H + h0);
     const WT* w = W + idx[k] * H + h0;
     const float s = z[k];
-    if constexpr (sizeof(WT) == 4) {
-      for (int64_t j = 0; j < len; ++j) acc[j] += s * w[j];
-    } else {
-      for (int64_t j = 0; j < len; ++j) acc[j] += s * half_to_float(w[j]);
-    }
+    for (int64_t j = 0; j < len; ++j) acc[j] += s * Elem<WT>::to_float(w[j]);
   }
   for (int64_t j = 0; j < len; ++j) out[j] = acc[j];
 }
 
-
-// ---- fused POP decode helpers -------------------------------------------------------
 #if POPC_X86
-__attribute__((target("avx2,fma"))) void axpy_f32_avx2(float* y, float s, const float* w, int64_t n) {
+// ---- AVX2 + FMA + F16C ------------------------------------------------------------
+POPC_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Four accumulators: enough independent FMAs to hide their latency.
+template <class WT>
+POPC_AVX2 float dot_avx2(const float* x, const WT* w, int64_t n) {
+  using E = Elem<WT>;
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), E::load8(w + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), E::load8(w + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), E::load8(w + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), E::load8(w + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), E::load8(w + i), a0);
+  float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += x[i] * E::to_float(w[i]);
+  return s;
+}
+
+// out[0..64) = sum_k z[k] * W[idx[k], 0..64): the full-width column block of GatherMatMul,
+// its 64 sums held in 8 registers.
+template <class WT>
+POPC_AVX2 void axpy64_avx2(const float* z, const int64_t* idx, int64_t K, const WT* W, int64_t H, float* out) {
+  using E = Elem<WT>;
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+  __m256 c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (k + 8 < K) __builtin_prefetch(W + idx[k + 8] * H);
+    const WT* w = W + idx[k] * H;
+    __m256 s = _mm256_set1_ps(z[k]);
+    c0 = _mm256_fmadd_ps(s, E::load8(w), c0);
+    c1 = _mm256_fmadd_ps(s, E::load8(w + 8), c1);
+    c2 = _mm256_fmadd_ps(s, E::load8(w + 16), c2);
+    c3 = _mm256_fmadd_ps(s, E::load8(w + 24), c3);
+    c4 = _mm256_fmadd_ps(s, E::load8(w + 32), c4);
+    c5 = _mm256_fmadd_ps(s, E::load8(w + 40), c5);
+    c6 = _mm256_fmadd_ps(s, E::load8(w + 48), c6);
+    c7 = _mm256_fmadd_ps(s, E::load8(w + 56), c7);
+  }
+  _mm256_storeu_ps(out, c0); _mm256_storeu_ps(out + 8, c1); _mm256_storeu_ps(out + 16, c2); _mm256_storeu_ps(out + 24, c3);
+  _mm256_storeu_ps(out + 32, c4); _mm256_storeu_ps(out + 40, c5); _mm256_storeu_ps(out + 48, c6); _mm256_storeu_ps(out + 56, c7);
+}
+
+// y[0..n) += s * w[0..n)
+template <class WT>
+POPC_AVX2 void axpy_avx2(float* y, float s, const WT* w, int64_t n) {
+  using E = Elem<WT>;
   const __m256 v = _mm256_set1_ps(s);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
-    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(v, _mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(y + i + 8)));
-    _mm256_storeu_ps(y + i + 16, _mm256_fmadd_ps(v, _mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(y + i + 16)));
-    _mm256_storeu_ps(y + i + 24, _mm256_fmadd_ps(v, _mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(y + i + 24)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, E::load8(w + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(v, E::load8(w + i + 8), _mm256_loadu_ps(y + i + 8)));
+    _mm256_storeu_ps(y + i + 16, _mm256_fmadd_ps(v, E::load8(w + i + 16), _mm256_loadu_ps(y + i + 16)));
+    _mm256_storeu_ps(y + i + 24, _mm256_fmadd_ps(v, E::load8(w + i + 24), _mm256_loadu_ps(y + i + 24)));
   }
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += s * w[i];
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, E::load8(w + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += s * E::to_float(w[i]);
 }
+#endif  // POPC_X86
 
-__attribute__((target("avx2,fma,f16c"))) void axpy_f16_avx2(float* y, float s, const uint16_t* w, int64_t n) {
-  const __m256 v = _mm256_set1_ps(s);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, load_h8(w + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += s * half_to_float(w[i]);
-}
-
+// The CPU (not the type) picks the path: AVX2 when the caller found it, else portable.
+template <class WT>
+inline float row_dot(bool use_avx2, const float* x, const WT* w, int64_t n) {
+#if POPC_X86
+  if (use_avx2) return dot_avx2(x, w, n);
 #endif
+  return dot(x, w, n);
+}
 
-template <typename WT>
-void axpy_portable(float* y, float s, const WT* w, int64_t n) {
-  if constexpr (sizeof(WT) == 4) {
-    for (int64_t i = 0; i < n; ++i) y[i] += s * w[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] += s * half_to_float(w[i]);
-  }
+template <class WT>
+inline void row_axpy(bool use_avx2, float* y, float s, const WT* w, int64_t n) {
+#if POPC_X86
+  if (use_avx2) return axpy_avx2(y, s, w, n);
+#endif
+  axpy(y, s, w, n);
 }
 
 // Prefetch a whole weight row (used when the next row is not the adjacent one).
@@ -260,64 +269,6 @@ inline float activate(float g, int activation) {
     case kGeluErf: return 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f));
     default: return 0.5f * g * (1.0f + std::tanh(0.79788456080286536f * (g + 0.044715f * g * g * g)));
   }
-}
-
-}  // namespace
-
-// ---- PopSwiGLUDecode / PopGeGLUDecode ----------------------------------------------------
-namespace {
-inline float row_dot(const CpuPopDecode& k, const float* x, const void* W, int64_t id) {
-  if (!k.half) {
-    const float* w = static_cast<const float*>(W) + id * k.H;
-#if POPC_X86
-    if (k.use_avx2) return dot_f32_avx2(x, w, k.H);
-#endif
-    return dot_f32(x, w, k.H);
-  }
-  const uint16_t* w = static_cast<const uint16_t*>(W) + id * k.H;
-#if POPC_X86
-  if (k.use_avx2) return dot_f16_avx2(x, w, k.H);
-#endif
-  return dot_f16(x, w, k.H);
-}
-
-inline void row_axpy(const CpuPopDecode& k, float* y, float s, const void* W, int64_t id) {
-  if (!k.half) {
-    const float* w = static_cast<const float*>(W) + id * k.H;
-#if POPC_X86
-    if (k.use_avx2) return axpy_f32_avx2(y, s, w, k.H);
-#endif
-    return axpy_portable(y, s, w, k.H);
-  }
-  const uint16_t* w = static_cast<const uint16_t*>(W) + id * k.H;
-#if POPC_X86
-  if (k.use_avx2) return axpy_f16_avx2(y, s, w, k.H);
-#endif
-  axpy_portable(y, s, w, k.H);
-}
-}  // namespace
-
-bool CpuPopDecode::prepare(int64_t r, PopDecodeScratch& s) const {
-  s.ids = P + (r / seq) * RC;
-  s.xf.resize(static_cast<size_t>(H));
-  if (half) {
-    const uint16_t* x = static_cast<const uint16_t*>(X) + r * H;
-    for (int64_t h = 0; h < H; ++h) s.xf[h] = half_to_float(x[h]);
-  } else {
-    const float* x = static_cast<const float*>(X) + r * H;
-    std::copy(x, x + H, s.xf.begin());
-  }
-  s.gate.assign(static_cast<size_t>(RC), 0.0f);
-  s.seen.assign(static_cast<size_t>(std::max(D, RC)), -1);
-  for (int64_t j = 0; j < RC; ++j) {
-    const int64_t id = s.ids[j];
-    if (s.seen[id] >= 0) return false;  // a channel twice in one partition
-    s.seen[id] = static_cast<int32_t>(j);
-  }
-  s.order.clear();
-  for (int64_t id = 0; id < D; ++id)
-    if (s.seen[id] >= 0) s.order.push_back(s.seen[id]);
-  return true;
 }
 
 // Rows this far ahead are prefetched whole (into L1): the selected rows have gaps that stop
@@ -337,16 +288,39 @@ inline void walk_rows(const int64_t* ids, const int64_t* order, int64_t begin, i
   }
 }
 
-void CpuPopDecode::gate(PopDecodeScratch& s, int64_t begin, int64_t end) const {
-  const int64_t row_bytes = H * (half ? 2 : 4);
+}  // namespace
+
+// ---- PopSwiGLUDecode / PopGeGLUDecode ----------------------------------------------------
+template <class T, class WT>
+bool CpuPopDecode<T, WT>::prepare(int64_t r, PopDecodeScratch& s) const {
+  s.ids = P + (r / seq) * RC;
+  s.xf.resize(static_cast<size_t>(H));
+  widen(X + r * H, H, s.xf.data());
+  s.gate.assign(static_cast<size_t>(RC), 0.0f);
+  s.seen.assign(static_cast<size_t>(std::max(D, RC)), -1);
+  for (int64_t j = 0; j < RC; ++j) {
+    const int64_t id = s.ids[j];
+    if (s.seen[id] >= 0) return false;  // a channel twice in one partition
+    s.seen[id] = static_cast<int32_t>(j);
+  }
+  s.order.clear();
+  for (int64_t id = 0; id < D; ++id)
+    if (s.seen[id] >= 0) s.order.push_back(s.seen[id]);
+  return true;
+}
+
+template <class T, class WT>
+void CpuPopDecode<T, WT>::gate(PopDecodeScratch& s, int64_t begin, int64_t end) const {
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(WT));
   const float* x = s.xf.data();
-  walk_rows(s.ids, s.order.data(), begin, end, static_cast<const char*>(Wg), row_bytes, [&](int64_t t) {
+  walk_rows(s.ids, s.order.data(), begin, end, reinterpret_cast<const char*>(Wg), row_bytes, [&](int64_t t) {
     const int64_t j = s.order[t];
-    s.gate[j] = activate(row_dot(*this, x, Wg, s.ids[j]), activation);
+    s.gate[j] = activate(row_dot(use_avx2, x, Wg + s.ids[j] * H, H), activation);
   });
 }
 
-void CpuPopDecode::select(PopDecodeScratch& s) const {
+template <class T, class WT>
+void CpuPopDecode<T, WT>::select(PopDecodeScratch& s) const {
   // Top-K candidates by |activation|, ties to the lower position (as ONNX TopK).
   std::vector<int64_t> candidates;
   candidates.reserve(static_cast<size_t>(RC - R));
@@ -367,33 +341,31 @@ void CpuPopDecode::select(PopDecodeScratch& s) const {
     if (s.seen[j]) s.kept.push_back(j);
 }
 
-void CpuPopDecode::updown(const PopDecodeScratch& s, int64_t begin, int64_t end, float* out) const {
+template <class T, class WT>
+void CpuPopDecode<T, WT>::updown(const PopDecodeScratch& s, int64_t begin, int64_t end, float* out) const {
   // Two streaming passes per block of channels: up rows (z = gate * x.Wu), then down rows (out += z Wd).
-  const int64_t row_bytes = H * (half ? 2 : 4);
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(WT));
   const float* x = s.xf.data();
   float z[512];
   for (int64_t c0 = begin; c0 < end; c0 += 512) {
     const int64_t c1 = std::min(end, c0 + 512);
-    walk_rows(s.ids, s.kept.data(), c0, c1, static_cast<const char*>(Wu), row_bytes, [&](int64_t t) {
+    walk_rows(s.ids, s.kept.data(), c0, c1, reinterpret_cast<const char*>(Wu), row_bytes, [&](int64_t t) {
       const int64_t j = s.kept[t];
-      z[t - c0] = s.gate[j] * row_dot(*this, x, Wu, s.ids[j]);
+      z[t - c0] = s.gate[j] * row_dot(use_avx2, x, Wu + s.ids[j] * H, H);
     });
-    walk_rows(s.ids, s.kept.data(), c0, c1, static_cast<const char*>(Wd), row_bytes, [&](int64_t t) {
-      row_axpy(*this, out, z[t - c0], Wd, s.ids[s.kept[t]]);
+    walk_rows(s.ids, s.kept.data(), c0, c1, reinterpret_cast<const char*>(Wd), row_bytes, [&](int64_t t) {
+      row_axpy(use_avx2, out, z[t - c0], Wd + s.ids[s.kept[t]] * H, H);
     });
   }
 }
 
-void CpuPopDecode::finish(int64_t r, const float* y) const {
-  if (half) {
-    uint16_t* out = static_cast<uint16_t*>(Y) + r * H;
-    for (int64_t h = 0; h < H; ++h) out[h] = float_to_half(y[h]);
-  } else {
-    std::copy(y, y + H, static_cast<float*>(Y) + r * H);
-  }
+template <class T, class WT>
+void CpuPopDecode<T, WT>::finish(int64_t r, const float* y) const {
+  narrow(y, H, Y + r * H);
 }
 
-bool CpuPopDecode::run_row(int64_t r) const {
+template <class T, class WT>
+bool CpuPopDecode<T, WT>::run_row(int64_t r) const {
   thread_local PopDecodeScratch s;
   if (!prepare(r, s)) return false;
   gate(s, 0, static_cast<int64_t>(s.order.size()));
@@ -404,40 +376,32 @@ bool CpuPopDecode::run_row(int64_t r) const {
   return true;
 }
 
-
 // ---- PopPartition ---------------------------------------------------------------------
-namespace {
-inline float z_at(const CpuPopPartition& k, int64_t i) {
-  return k.half ? half_to_float(static_cast<const uint16_t*>(k.Z)[i]) : static_cast<const float*>(k.Z)[i];
-}
-}  // namespace
-
-void CpuPopPartition::norms(int64_t row) const {
-  const int64_t base = row * D;
-  double sum = 0.0;
-  if (!half) {
-    const float* z = static_cast<const float*>(Z) + base;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8)
-      for (int j = 0; j < 8; ++j) acc[j] += z[d + j] * z[d + j];
-    for (int j = 0; j < 8; ++j) sum += acc[j];
-    for (; d < D; ++d) sum += static_cast<double>(z[d]) * z[d];
-  } else {
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = z_at(*this, base + d);
-      sum += static_cast<double>(v) * v;
+template <class ZT>
+void CpuPopPartition<ZT>::norms(int64_t row) const {
+  // Squares summed in 8 float lanes (vectorises), the lanes then in double.
+  const ZT* z = Z + row * D;
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float v = Elem<ZT>::to_float(z[d + j]);
+      acc[j] += v * v;
     }
+  double sum = 0.0;
+  for (int j = 0; j < 8; ++j) sum += acc[j];
+  for (; d < D; ++d) {
+    const float v = Elem<ZT>::to_float(z[d]);
+    sum += static_cast<double>(v) * v;
   }
   (*inv_norm)[row] = static_cast<float>(mask[row] / (std::sqrt(sum) + 1e-12));
 }
 
-void CpuPopPartition::scores(int64_t b, int64_t d0, int64_t d1) const {
+template <class ZT>
+void CpuPopPartition<ZT>::scores(int64_t b, int64_t d0, int64_t d1) const {
   double* out_score = score->data() + b * D;
   if (use_static) {
-    for (int64_t d = d0; d < d1; ++d)
-      out_score[d] = half ? half_to_float(static_cast<const uint16_t*>(static_score)[d])
-                          : static_cast<const float*>(static_score)[d];
+    for (int64_t d = d0; d < d1; ++d) out_score[d] = Elem<ZT>::to_float(static_score[d]);
     return;
   }
   float acc[256];
@@ -447,25 +411,18 @@ void CpuPopPartition::scores(int64_t b, int64_t d0, int64_t d1) const {
     for (int64_t t = 0; t < T; ++t) {
       const float s = (*inv_norm)[b * T + t];
       if (s == 0.0f) continue;  // padding
-      const int64_t base = (b * T + t) * D + c0;
-      if (!half) {
-        const float* z = static_cast<const float*>(Z) + base;
-        for (int64_t j = 0; j < len; ++j) {
-          const float v = z[j] * s;
-          acc[j] += v * v;
-        }
-      } else {
-        for (int64_t j = 0; j < len; ++j) {
-          const float v = z_at(*this, base + j) * s;
-          acc[j] += v * v;
-        }
+      const ZT* z = Z + (b * T + t) * D + c0;
+      for (int64_t j = 0; j < len; ++j) {
+        const float v = Elem<ZT>::to_float(z[j]) * s;
+        acc[j] += v * v;
       }
     }
     for (int64_t j = 0; j < len; ++j) out_score[c0 + j] = std::sqrt(static_cast<double>(acc[j]));
   }
 }
 
-void CpuPopPartition::rank(int64_t b) const {
+template <class ZT>
+void CpuPopPartition<ZT>::rank(int64_t b) const {
   // One uint64 key per channel: (inverted float score bits, channel id). Scores are >= 0, so
   // the bits order like the values; ascending keys = decreasing score, ties to the lower id.
   const double* sc = score->data() + b * D;
@@ -483,92 +440,65 @@ void CpuPopPartition::rank(int64_t b) const {
 }
 
 // ---- GatherMatMulT ----------------------------------------------------------------
-int64_t CpuGatherMatMulT::task_count() const {
+template <class T, class WT>
+int64_t CpuGatherMatMulT<T, WT>::task_count() const {
   const int64_t total = rows * K;
   return total == 0 ? 0 : (total + block - 1) / block;
 }
 
-void CpuGatherMatMulT::run_task(int64_t task) const {
+template <class T, class WT>
+void CpuGatherMatMulT<T, WT>::run_task(int64_t task) const {
   const int64_t total = rows * K;
   const int64_t begin = task * block, end = std::min(total, begin + block);
-  if (!half) {
-    const float* x = static_cast<const float*>(X);
-    const float* w = static_cast<const float*>(W);
-    float* y = static_cast<float*>(Y);
-    for (int64_t e = begin; e < end; ++e) {
-      const float* xr = x + (e / K) * H;
-      const float* wr = w + I[e] * H;
-#if POPC_X86
-      y[e] = use_avx2 ? dot_f32_avx2(xr, wr, H) : dot_f32(xr, wr, H);
-#else
-      y[e] = dot_f32(xr, wr, H);
-#endif
-    }
-    return;
-  }
-  const uint16_t* x = static_cast<const uint16_t*>(X);
-  const uint16_t* w = static_cast<const uint16_t*>(W);
-  uint16_t* y = static_cast<uint16_t*>(Y);
-  thread_local std::vector<float> xf;
-  xf.resize(static_cast<size_t>(H));
+  thread_local std::vector<float> xbuf;
+  const float* x = nullptr;
   int64_t current = -1;
   for (int64_t e = begin; e < end; ++e) {
     const int64_t r = e / K;
-    if (r != current) {  // this token's activations, widened once
-      for (int64_t h = 0; h < H; ++h) xf[h] = half_to_float(x[r * H + h]);
+    if (r != current) {  // this token's activations as float, widened once per row
+      x = float_row(X + r * H, H, xbuf);
       current = r;
     }
-    const uint16_t* wr = w + I[e] * H;
-#if POPC_X86
-    const float v = use_avx2 ? dot_f16_avx2(xf.data(), wr, H) : dot_f16(xf.data(), wr, H);
-#else
-    const float v = dot_f16(xf.data(), wr, H);
-#endif
-    y[e] = float_to_half(v);
+    Y[e] = Elem<T>::from_float(row_dot(use_avx2, x, W + I[e] * H, H));
   }
 }
 
 // ---- GatherMatMul -----------------------------------------------------------------
-int64_t CpuGatherMatMul::task_count() const {
+template <class T, class WT>
+int64_t CpuGatherMatMul<T, WT>::task_count() const {
   return rows * ((H + block - 1) / block);
 }
 
-void CpuGatherMatMul::run_task(int64_t task) const {
+template <class T, class WT>
+void CpuGatherMatMul<T, WT>::run_task(int64_t task) const {
   const int64_t blocks = (H + block - 1) / block;
   const int64_t r = task / blocks;
   const int64_t h_begin = (task % blocks) * block, h_end = std::min(H, h_begin + block);
   const int64_t* idx = I + r * K;
-  thread_local std::vector<float> zf;
-  zf.resize(static_cast<size_t>(K));
-  if (half) {
-    const uint16_t* z = static_cast<const uint16_t*>(Z) + r * K;
-    for (int64_t k = 0; k < K; ++k) zf[k] = half_to_float(z[k]);
-  } else {
-    const float* z = static_cast<const float*>(Z) + r * K;
-    std::copy(z, z + K, zf.begin());
-  }
+  thread_local std::vector<float> zbuf;
+  const float* z = float_row(Z + r * K, K, zbuf);
   float acc[64];
   for (int64_t h0 = h_begin; h0 < h_end; h0 += 64) {
     const int64_t len = std::min<int64_t>(64, h_end - h0);
-    if (half) {
-      const uint16_t* w = static_cast<const uint16_t*>(W);
+    T* y = Y + r * H + h0;
+    float* sums = acc;  // float output is written in place; other types via acc, then narrowed
+    if constexpr (std::is_same_v<T, float>) sums = y;
 #if POPC_X86
-      if (use_avx2 && len == 64) axpy64_f16_avx2(zf.data(), idx, K, w + h0, H, acc);
-      else
+    if (use_avx2 && len == 64) axpy64_avx2(z, idx, K, W + h0, H, sums);
+    else
 #endif
-        axpy_block(zf.data(), idx, K, w, H, h0, len, acc);
-      uint16_t* y = static_cast<uint16_t*>(Y) + r * H + h0;
-      for (int64_t j = 0; j < len; ++j) y[j] = float_to_half(acc[j]);
-    } else {
-      const float* w = static_cast<const float*>(W);
-      float* y = static_cast<float*>(Y) + r * H + h0;
-#if POPC_X86
-      if (use_avx2 && len == 64) axpy64_f32_avx2(zf.data(), idx, K, w + h0, H, y);
-      else
-#endif
-        axpy_block(zf.data(), idx, K, w, H, h0, len, y);
-    }
+      axpy_block(z, idx, K, W, H, h0, len, sums);
+    if constexpr (!std::is_same_v<T, float>) narrow(acc, len, y);
   }
 }
+
+// The element types the op registrations use (popc_kernels.h).
+#define POPC_INSTANTIATE(T)               \
+  template struct CpuGatherMatMulT<T>;    \
+  template struct CpuGatherMatMul<T>;     \
+  template struct CpuPopDecode<T>;        \
+  template struct CpuPopPartition<T>;
+POPC_FOR_EACH_TYPE(POPC_INSTANTIATE)
+#undef POPC_INSTANTIATE
 
 }  // namespace popc

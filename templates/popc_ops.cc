@@ -14,6 +14,11 @@
 // The CPU kernels are always registered (a CUDA-only registration would make
 // CPU sessions fail instead of running the function bodies); the CUDA kernels
 // are added when built with POPC_WITH_CUDA and run on the CUDA EP's compute stream.
+//
+// Each kernel below is written once, as a template over its element type; `Op<Kernel>`
+// turns any of them into an ORT custom op, and the registration table instantiates each
+// kernel for every type of POPC_FOR_EACH_TYPE (popc_kernels.h). ORT picks the op whose
+// declared tensor types match the node, so the element type is fixed at that boundary.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -22,10 +27,10 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <iterator>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "popc_kernels.h"
@@ -129,18 +134,52 @@ void run_parallel(Ort::KernelContext& ctx, const Job& job) {
   for (int64_t t = 0; t < tasks; ++t) job.run_task(t);
 }
 
-template <typename T>
-constexpr ONNXTensorElementDataType elem_type() {
+// The ORT tensor type of each kernel element type.
+template <class T>
+constexpr ONNXTensorElementDataType onnx_type() {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, popc::half>::value, "no ORT type for T");
   return std::is_same<T, float>::value ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
+constexpr ONNXTensorElementDataType kInt64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+constexpr const char* kCpu = "CPUExecutionProvider";
+constexpr const char* kCuda = "CUDAExecutionProvider";
+
+// The one custom-op wrapper. A Kernel provides kName, kProvider, kInputs, input_type(i),
+// output_type(), a constructor from the OrtKernelInfo, and ComputeV2.
+template <class Kernel>
+struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    *kernel = new Kernel(info);
+    return nullptr;
+  }
+  const char* GetName() const { return Kernel::kName; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
+  size_t GetInputTypeCount() const { return Kernel::kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return Kernel::input_type(i); }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return Kernel::output_type(); }
+};
+
+// GatherMatMulT / GatherMatMul (X or Z, W, I int64) -> Y, shared by the CPU and CUDA kernels.
+template <class T, bool Transposed>
+struct GatherSignature {
+  static constexpr const char* kName = Transposed ? "GatherMatMulT" : "GatherMatMul";
+  static constexpr size_t kInputs = 3;
+  static ONNXTensorElementDataType input_type(size_t i) { return i == 2 ? kInt64 : onnx_type<T>(); }
+  static ONNXTensorElementDataType output_type() { return onnx_type<T>(); }
+};
+
 // ---- CPU kernels ------------------------------------------------------------------
-template <typename T, bool Transposed>
-struct CpuKernel {
+template <class T, bool Transposed>
+struct CpuGatherKernel : GatherSignature<T, Transposed> {
+  static constexpr const char* kProvider = kCpu;
   bool use_avx2 = popc::cpu_has_avx2();
 
+  explicit CpuGatherKernel(const OrtKernelInfo*) {}
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    const char* op = Transposed ? "GatherMatMulT" : "GatherMatMul";
+    const char* op = this->kName;
     return guarded(op, [&] {
       Ort::KernelContext ctx(context);
       auto a = ctx.GetInput(0), w = ctx.GetInput(1), idx = ctx.GetInput(2);
@@ -150,16 +189,16 @@ struct CpuKernel {
       const int64_t* I = idx.GetTensorData<int64_t>();
       check_indices(op, I, g.rows * g.K, g.N);
       auto y = ctx.GetOutput(0, g.out_shape.data(), g.out_shape.size());
-      constexpr bool half = !std::is_same<T, float>::value;
+      const T* A = static_cast<const T*>(a.GetTensorRawData());
+      const T* W = static_cast<const T*>(w.GetTensorRawData());
+      T* Y = static_cast<T*>(y.GetTensorMutableRawData());
       if constexpr (Transposed) {
-        popc::CpuGatherMatMulT job{a.GetTensorRawData(), w.GetTensorRawData(), I, y.GetTensorMutableRawData(),
-                                   g.rows, g.H, g.K, half, use_avx2, 0};
+        popc::CpuGatherMatMulT<T> job{A, W, I, Y, g.rows, g.H, g.K, use_avx2, 0};
         // ~32k multiply-adds per task: enough to amortise the thread-pool hand-off.
         job.block = std::max<int64_t>(1, (32768 + g.H - 1) / std::max<int64_t>(g.H, 1));
         run_parallel(ctx, job);
       } else {
-        popc::CpuGatherMatMul job{a.GetTensorRawData(), w.GetTensorRawData(), I, y.GetTensorMutableRawData(),
-                                  g.rows, g.H, g.K, half, use_avx2, 64};
+        popc::CpuGatherMatMul<T> job{A, W, I, Y, g.rows, g.H, g.K, use_avx2, 64};
         if (g.rows * g.H == 0) return;
         run_parallel(ctx, job);
       }
@@ -167,29 +206,17 @@ struct CpuKernel {
   }
 };
 
-template <typename T, bool Transposed>
-struct CpuOp : Ort::CustomOpBase<CpuOp<T, Transposed>, CpuKernel<T, Transposed>, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    *kernel = new CpuKernel<T, Transposed>();
-    return nullptr;
-  }
-  const char* GetName() const { return Transposed ? "GatherMatMulT" : "GatherMatMul"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : elem_type<T>();
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return elem_type<T>(); }
-};
-
-
 // ---- PopSwiGLUDecode / PopGeGLUDecode (CPU) ---------------------------------------------
 // (X [B, S, H], partition int64 [B, RC], config int64 [4], Wg, Wu, Wd [D, H]) -> Y [B, S, H]:
 // one POP-online FFN decode step (see popc_kernels.h). Partition ids must be unique and
 // in [0, D).
-template <typename T, bool GeGLU>
+template <class T, bool GeGLU>
 struct CpuPopDecodeKernel {
+  static constexpr const char* kName = GeGLU ? "PopGeGLUDecode" : "PopSwiGLUDecode";
+  static constexpr const char* kProvider = kCpu;
+  static constexpr size_t kInputs = 6;
+  static ONNXTensorElementDataType input_type(size_t i) { return (i == 1 || i == 2) ? kInt64 : onnx_type<T>(); }
+  static ONNXTensorElementDataType output_type() { return onnx_type<T>(); }
   bool use_avx2 = popc::cpu_has_avx2();
   int activation = popc::kSilu;
 
@@ -205,7 +232,7 @@ struct CpuPopDecodeKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    const char* op = GeGLU ? "PopGeGLUDecode" : "PopSwiGLUDecode";
+    const char* op = kName;
     return guarded(op, [&] {
       Ort::KernelContext ctx(context);
       auto x = ctx.GetInput(0), part = ctx.GetInput(1), config = ctx.GetInput(2);
@@ -232,16 +259,16 @@ struct CpuPopDecodeKernel {
       const int64_t R = std::min<int64_t>(std::max<int64_t>(cfg[0], 0), RC);
       const int64_t K = std::min<int64_t>(std::max<int64_t>(cfg[2], 0), RC - R);
       auto y = ctx.GetOutput(0, xs.data(), xs.size());
-      constexpr bool half = !std::is_same<T, float>::value;
       const int64_t rows = xs[0] * xs[1];
       if (rows == 0 || H == 0) return;
-      popc::CpuPopDecode job{x.GetTensorRawData(), I, wg.GetTensorRawData(), wu.GetTensorRawData(),
-                             wd.GetTensorRawData(), y.GetTensorMutableRawData(), rows, xs[1], H, D, RC, R, K,
-                             activation, half, use_avx2};
+      auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
+      const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), static_cast<T*>(y.GetTensorMutableRawData()),
+                                      rows, xs[1], H, D, RC, R, K, activation, use_avx2};
+      using Job = popc::CpuPopDecode<T>;
       const std::string duplicate = std::string(op) + ": a channel id appears twice in one partition";
       if (rows > 1) {
         std::atomic<bool> ok{true};
-        struct RowTask { const popc::CpuPopDecode* job; std::atomic<bool>* ok; };
+        struct RowTask { const Job* job; std::atomic<bool>* ok; };
         RowTask task{&job, &ok};
         auto one = [](void* data, size_t i) {
           auto* t = static_cast<RowTask*>(data);
@@ -262,7 +289,7 @@ struct CpuPopDecodeKernel {
       popc::PopDecodeScratch scratch;
       if (!job.prepare(0, scratch)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
       constexpr int64_t kChunks = 8;
-      struct Phase { const popc::CpuPopDecode* job; popc::PopDecodeScratch* s; int64_t count; int64_t H; };
+      struct Phase { const Job* job; popc::PopDecodeScratch* s; int64_t count; int64_t H; };
       Phase phase{&job, &scratch, static_cast<int64_t>(scratch.order.size()), H};
       auto split = [&](void (*fn)(void*, size_t)) {
         try {
@@ -294,29 +321,23 @@ struct CpuPopDecodeKernel {
   }
 };
 
-template <typename T, bool GeGLU>
-struct CpuPopDecodeOp : Ort::CustomOpBase<CpuPopDecodeOp<T, GeGLU>, CpuPopDecodeKernel<T, GeGLU>, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    *kernel = new CpuPopDecodeKernel<T, GeGLU>(info);
-    return nullptr;
-  }
-  const char* GetName() const { return GeGLU ? "PopGeGLUDecode" : "PopSwiGLUDecode"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return (i == 1 || i == 2) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : elem_type<T>();
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return elem_type<T>(); }
-};
-
 // ---- PopPartition (CPU) -------------------------------------------------------------------
 // (Z [B, T, D], token_mask float [B, T], config int64 [4], static_score [D]) -> int64 [B, R+C]:
 // POP-online's prefill scoring and top-(R+C) ranking in one pass (see popc_kernels.h).
-template <typename Elem>
+template <class ZT>
 struct CpuPartitionKernel {
+  static constexpr const char* kName = "PopPartition";
+  static constexpr const char* kProvider = kCpu;
+  static constexpr size_t kInputs = 4;
+  static ONNXTensorElementDataType input_type(size_t i) {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : i == 2 ? kInt64 : onnx_type<ZT>();
+  }
+  static ONNXTensorElementDataType output_type() { return kInt64; }
+
+  explicit CpuPartitionKernel(const OrtKernelInfo*) {}
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    const char* op = "PopPartition";
+    const char* op = kName;
     return guarded(op, [&] {
       Ort::KernelContext ctx(context);
       auto z = ctx.GetInput(0), mask = ctx.GetInput(1), config = ctx.GetInput(2), stat = ctx.GetInput(3);
@@ -346,9 +367,10 @@ struct CpuPartitionKernel {
       if (B == 0 || count == 0) return;
       std::vector<float> inv_norm(static_cast<size_t>(B * T));
       std::vector<double> score(static_cast<size_t>(B * D));
-      popc::CpuPopPartition job{z.GetTensorRawData(), mask.GetTensorData<float>(), stat.GetTensorRawData(),
-                                out.GetTensorMutableData<int64_t>(), B, T, D, count,
-                                !std::is_same<Elem, float>::value, cfg[3] != 0, &inv_norm, &score};
+      using Job = popc::CpuPopPartition<ZT>;
+      Job job{static_cast<const ZT*>(z.GetTensorRawData()), mask.GetTensorData<float>(),
+              static_cast<const ZT*>(stat.GetTensorRawData()), out.GetTensorMutableData<int64_t>(), B, T, D, count,
+              cfg[3] != 0, &inv_norm, &score};
       auto parallel = [&](size_t tasks, void (*fn)(void*, size_t)) {
         try {
           ctx.ParallelFor(fn, tasks, 0, &job);
@@ -358,12 +380,12 @@ struct CpuPartitionKernel {
       };
       if (!job.use_static && T > 0)
         parallel(static_cast<size_t>(B * T), [](void* data, size_t i) {
-          static_cast<popc::CpuPopPartition*>(data)->norms(static_cast<int64_t>(i));
+          static_cast<Job*>(data)->norms(static_cast<int64_t>(i));
         });
       if (T == 0 && !job.use_static) std::fill(score.begin(), score.end(), 0.0);
       else {
         const int64_t chunks = (D + 255) / 256;
-        struct Chunked { popc::CpuPopPartition* job; int64_t chunks; };
+        struct Chunked { Job* job; int64_t chunks; };
         Chunked chunked{&job, chunks};
         try {
           ctx.ParallelFor([](void* data, size_t i) {
@@ -381,24 +403,6 @@ struct CpuPartitionKernel {
   }
 };
 
-template <typename Elem>
-struct CpuPartitionOp : Ort::CustomOpBase<CpuPartitionOp<Elem>, CpuPartitionKernel<Elem>, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    *kernel = new CpuPartitionKernel<Elem>();
-    return nullptr;
-  }
-  const char* GetName() const { return "PopPartition"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    if (i == 2) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-    return elem_type<Elem>();
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; }
-};
-
 #ifdef POPC_WITH_CUDA
 // ---- CUDA kernels -----------------------------------------------------------------
 // Shapes are checked on the host; indices live on the device and are checked by the
@@ -409,12 +413,15 @@ bool env_flag(const char* name) {
   return v && *v && std::strcmp(v, "0") != 0;
 }
 
-template <typename T, bool Transposed>
-struct CudaKernel {
+template <class T, bool Transposed>
+struct CudaGatherKernel : GatherSignature<T, Transposed> {
+  static constexpr const char* kProvider = kCuda;
   bool check = !env_flag("POPC_CUDA_NO_INDEX_SYNC");
 
+  explicit CudaGatherKernel(const OrtKernelInfo*) {}
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    const char* op = Transposed ? "GatherMatMulT" : "GatherMatMul";
+    const char* op = this->kName;
     return guarded(op, [&] {
       Ort::KernelContext ctx(context);
       auto a = ctx.GetInput(0), w = ctx.GetInput(1), idx = ctx.GetInput(2);
@@ -422,16 +429,15 @@ struct CudaKernel {
                                       w.GetTensorTypeAndShapeInfo().GetShape(),
                                       idx.GetTensorTypeAndShapeInfo().GetShape());
       auto y = ctx.GetOutput(0, g.out_shape.data(), g.out_shape.size());
-      constexpr bool half = !std::is_same<T, float>::value;
+      const T* A = static_cast<const T*>(a.GetTensorRawData());
+      const T* W = static_cast<const T*>(w.GetTensorRawData());
+      T* Y = static_cast<T*>(y.GetTensorMutableRawData());
+      const int64_t* I = idx.GetTensorData<int64_t>();
       char error[256] = {0};
       void* stream = ctx.GetGPUComputeStream();
       const int rc = Transposed
-          ? popc::cuda_gather_matmul_t(stream, half, a.GetTensorRawData(), w.GetTensorRawData(),
-                                       idx.GetTensorData<int64_t>(), y.GetTensorMutableRawData(), g.rows, g.H,
-                                       g.N, g.K, check, error, sizeof(error))
-          : popc::cuda_gather_matmul(stream, half, a.GetTensorRawData(), w.GetTensorRawData(),
-                                     idx.GetTensorData<int64_t>(), y.GetTensorMutableRawData(), g.rows, g.H,
-                                     g.N, g.K, check, error, sizeof(error));
+          ? popc::cuda_gather_matmul_t(stream, A, W, I, Y, g.rows, g.H, g.N, g.K, check, error, sizeof(error))
+          : popc::cuda_gather_matmul(stream, A, W, I, Y, g.rows, g.H, g.N, g.K, check, error, sizeof(error));
       if (rc == 1) {
         std::ostringstream msg;
         msg << op << ": an index of I is outside [0, " << g.N
@@ -442,44 +448,48 @@ struct CudaKernel {
     });
   }
 };
-
-template <typename T, bool Transposed>
-struct CudaOp : Ort::CustomOpBase<CudaOp<T, Transposed>, CudaKernel<T, Transposed>, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    *kernel = new CudaKernel<T, Transposed>();
-    return nullptr;
-  }
-  const char* GetName() const { return Transposed ? "GatherMatMulT" : "GatherMatMul"; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : elem_type<T>();
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return elem_type<T>(); }
-};
 #endif  // POPC_WITH_CUDA
 
-// The op objects must outlive every session that uses them: they are static. Each
-// registration gets its own domain object (kept alive too), as ORT's samples do.
-struct Ops {
-  CpuOp<float, true> cpu_t32;
-  CpuOp<Ort::Float16_t, true> cpu_t16;
-  CpuOp<float, false> cpu_32;
-  CpuOp<Ort::Float16_t, false> cpu_16;
-  CpuPopDecodeOp<float, false> swiglu_32;
-  CpuPopDecodeOp<Ort::Float16_t, false> swiglu_16;
-  CpuPopDecodeOp<float, true> geglu_32;
-  CpuPopDecodeOp<Ort::Float16_t, true> geglu_16;
-  CpuPartitionOp<float> partition_32;
-  CpuPartitionOp<Ort::Float16_t> partition_16;
+// ---- registration -----------------------------------------------------------------
+// Every kernel, with one op object per element type. The op objects must outlive every
+// session that uses them: they are created once and never freed.
+template <class T> using CpuGatherT = CpuGatherKernel<T, true>;
+template <class T> using CpuGather = CpuGatherKernel<T, false>;
+template <class T> using SwiGLUDecode = CpuPopDecodeKernel<T, false>;
+template <class T> using GeGLUDecode = CpuPopDecodeKernel<T, true>;
 #ifdef POPC_WITH_CUDA
-  CudaOp<float, true> cuda_t32;
-  CudaOp<Ort::Float16_t, true> cuda_t16;
-  CudaOp<float, false> cuda_32;
-  CudaOp<Ort::Float16_t, false> cuda_16;
+template <class T> using CudaGatherT = CudaGatherKernel<T, true>;
+template <class T> using CudaGather = CudaGatherKernel<T, false>;
 #endif
+
+struct Registration {
+  OrtCustomOp* op;
+  bool fused;  // a fused CPU kernel (PopSwiGLUDecode, PopGeGLUDecode, PopPartition)
 };
+
+template <template <class> class Kernel>
+void add_each_type(std::vector<Registration>& list, bool fused) {
+#define POPC_ADD(T) list.push_back({new Op<Kernel<T>>(), fused});
+  POPC_FOR_EACH_TYPE(POPC_ADD)
+#undef POPC_ADD
+}
+
+const std::vector<Registration>& registrations() {
+  static const std::vector<Registration>* list = [] {
+    auto* ops = new std::vector<Registration>();
+    add_each_type<CpuGatherT>(*ops, false);
+    add_each_type<CpuGather>(*ops, false);
+    add_each_type<SwiGLUDecode>(*ops, true);
+    add_each_type<GeGLUDecode>(*ops, true);
+    add_each_type<CpuPartitionKernel>(*ops, true);
+#ifdef POPC_WITH_CUDA
+    add_each_type<CudaGatherT>(*ops, false);
+    add_each_type<CudaGather>(*ops, false);
+#endif
+    return ops;
+  }();
+  return *list;
+}
 
 }  // namespace
 
@@ -495,28 +505,18 @@ extern "C" POPC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   }
   Ort::InitApi(api);
   static std::mutex lock;
-  static Ops* ops = new Ops();                          // never freed: lives as long as the process
-  static auto* domains = new std::vector<OrtCustomOpDomain*>();
+  static auto* domains = new std::vector<OrtCustomOpDomain*>();  // each registration's domain, kept alive
   std::lock_guard<std::mutex> guard(lock);
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   domains->push_back(domain);
-  OrtCustomOp* list[] = {&ops->cpu_t32, &ops->cpu_t16, &ops->cpu_32, &ops->cpu_16,
-                         &ops->swiglu_32, &ops->swiglu_16, &ops->geglu_32, &ops->geglu_16,
-                         &ops->partition_32, &ops->partition_16,
-#ifdef POPC_WITH_CUDA
-                         &ops->cuda_t32, &ops->cuda_t16, &ops->cuda_32, &ops->cuda_16,
-#endif
-  };
   // POPC_OPLIB_FUSED=0 leaves out the fused CPU kernels (PopSwiGLUDecode, PopGeGLUDecode,
   // PopPartition): their function bodies then run (popc sets it for CUDA sessions).
   const char* fused_env = std::getenv("POPC_OPLIB_FUSED");
   const bool fused = !(fused_env && std::strcmp(fused_env, "0") == 0);
-  const OrtCustomOp* fused_ops[] = {&ops->swiglu_32, &ops->swiglu_16, &ops->geglu_32, &ops->geglu_16,
-                                    &ops->partition_32, &ops->partition_16};
-  for (OrtCustomOp* op : list) {
-    if (!fused && std::find(std::begin(fused_ops), std::end(fused_ops), op) != std::end(fused_ops)) continue;
-    if (OrtStatus* status = api->CustomOpDomain_Add(domain, op)) return status;
+  for (const Registration& r : registrations()) {
+    if (r.fused && !fused) continue;
+    if (OrtStatus* status = api->CustomOpDomain_Add(domain, r.op)) return status;
   }
   return api->AddCustomOpDomain(options, domain);
 }
