@@ -12,10 +12,9 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,17 +24,18 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from popc import __version__
+from popc import __version__, families
 from popc.artifact import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, ExportLocation, location_for_output
+from popc.atomic import staging_directory as new_staging_directory
 from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
-from popc.modeling import ExportableDecoder, decoder_shape, family_of
-from popc.pop import PopSettings
+from popc.modeling import ExportableDecoder, decoder_shape
 from popc.passes.ort_fusions import ort_fusion_passes
 from popc.passes.pop_online import PopOnlinePass
+from popc.pop import PopSettings
+from popc.progress import Progress, or_silent
 
 OPSET = 20
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ExportPlan:
     # Further passes, run after POP's.
     passes: Sequence[ir.passes.PassBase] = field(default_factory=list)
     # POP-prefill: the deepest N layers skipped at prefill by all prompt tokens but the
-    # last (popc.prefill); None = every token runs every layer.
+    # last (popc.prefill_skip); None = every token runs every layer.
     prefill_skip: int | None = None
     # Baseline (ShortGPT-style): the deepest N layers removed for every token.
     drop_layers: int | None = None
@@ -160,7 +160,7 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "format_version": FORMAT_VERSION,
         "model_file": location.model_file,
         "source": loaded.source,
-        "family": family_of(config),
+        "family": loaded.family,
         "model_type": config.model_type,
         "dtype": "float32",
         "num_layers": shape.num_layers,
@@ -235,17 +235,16 @@ def prefill_config(skip: int, num_layers: int) -> dict[str, Any]:
 
 
 GENAI_CONFIG_NAME = "genai_config.json"
-# Families whose fused dense graph is exactly onnxruntime-genai's decoder interface (checked
-# by tests/test_genai_interop.py); Gemma 3's and the MoE families' are not checked there.
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict[str, Any] | None:
     """onnxruntime-genai's ``genai_config.json`` for a fused dense export (else None), so its
     runtime (C, C++, C#, Java, Python) runs the export as it is, KV cache shared in place."""
     config = loaded.model.config
-    family = family_of(config)
-    if not plan.fused or plan.pop is not None or family not in GENAI_TYPES:
+    # FamilySpec.genai_type: set where the fused dense graph is exactly onnxruntime-genai's
+    # decoder interface (checked by tests/test_genai_interop.py).
+    genai_type = families.family(loaded.family).genai_type
+    if not plan.fused or plan.pop is not None or genai_type is None:
         return None
     shape = decoder_shape(config)
     tokenizer = loaded.tokenizer
@@ -253,7 +252,7 @@ def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     return {
         "model": {
-            "type": GENAI_TYPES[family],
+            "type": genai_type,
             "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config.bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": pad,
@@ -289,17 +288,11 @@ def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict
     }
 
 
-@contextlib.contextmanager
-def staging_directory(location: ExportLocation) -> Iterator[Path]:
+def staging_directory(location: ExportLocation) -> contextlib.AbstractContextManager[Path]:
     """A hidden directory beside the destination (same filesystem, so renames are atomic),
     removed however the export ends."""
     parent = location.directory.resolve().parent if location.owns_directory else location.directory
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".popc-export-", dir=parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return new_staging_directory(parent, "popc-export")
 
 
 def check_destination(location: ExportLocation, force: bool) -> None:
@@ -356,21 +349,39 @@ def _move_into_place(staging: Path, location: ExportLocation) -> None:
         os.replace(content / name, target)
 
 
+def own_every_tensor(model: ir.Model) -> None:
+    """Make every tensor the model names part of what ``ir.save`` writes.
+
+    Past the 2 GB protobuf limit the tracer stores large ``Constant`` values as external
+    files of its own beside the traced model; ``ir.save(external_data=...)`` moves
+    initializers into the export's data file but not attribute tensors, which would point
+    at files the export does not have. Large constants become initializers (saved in the
+    data file), and any other attribute tensor still on disk is read into memory.
+    """
+    ir.passes.common.LiftConstantsToInitializersPass(size_limit=1024)(model)
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for name, attribute in list(node.attributes.items()):
+                if attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
+                    tensor = ir.tensor(attribute.value.numpy(), name=attribute.value.name)
+                    node.attributes[name] = ir.AttrTensor(name, tensor)
+
+
 def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation:
     """Run the whole export; returns where it landed."""
-    report = progress or (lambda message: None)
+    progress = or_silent(progress)
     location = location_for_output(plan.out)
     check_destination(location, plan.force)
     started = time.perf_counter()
 
-    loaded = load_model(plan.model, progress=report)
-    family_of(loaded.model.config)
+    loaded = load_model(plan.model, progress=progress)
 
     with staging_directory(location) as staging:
         content = staging / "content"
         content.mkdir()
         traced = staging / "traced.onnx"
-        report("tracing the model to ONNX")
+        progress.stage("tracing the model to ONNX")
         trace_to_onnx(loaded, traced, plan.prefill_skip, plan.drop_layers, fused=plan.fused)
 
         model = ir.load(traced)
@@ -379,13 +390,14 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         passes = ([pop_pass] if plan.pop is not None else []) + (ort_fusion_passes() if plan.fused else [])
         passes += list(plan.passes)
         if passes:
-            report(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")
+            progress.stage(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")
             model = ir.passes.PassManager(passes)(model).model
-        report("writing the model and its external weights")
+        progress.stage("writing the model and its external weights")
+        own_every_tensor(model)
         ir.save(model, content / location.model_file, external_data=location.model_file + ".data")
-        traced.unlink()
+        del model  # its tensors may still map the traced files, removed with the staging directory
 
-        report("writing the tokenizer and popc.json")
+        progress.stage("writing the tokenizer and popc.json")
         loaded.tokenizer.save_pretrained(content)
         config = export_config(loaded, location, plan)
         config["export_seconds"] = round(time.perf_counter() - started, 1)

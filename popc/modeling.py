@@ -1,8 +1,7 @@
 """An export-friendly view of a Hugging Face decoder: the same math, explicit KV cache.
 
 The Hugging Face modules carry Python-side caches, mask builders and dispatch that
-tracing cannot follow (TOOLCHAIN.md: the TorchScript exporter fails on transformers'
-mask code). ``ExportableDecoder`` re-expresses the forward pass of every supported
+tracing cannot follow (the TorchScript exporter fails on transformers' mask code). ``ExportableDecoder`` re-expresses the forward pass of every supported
 family with plain tensor ops over the *same parameter objects*, so that:
 
 * the KV cache is ordinary inputs/outputs (``past_key_values.{i}.key`` ->
@@ -22,18 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from popc import ort_contrib
+from popc import families, ort_contrib
 from popc.errors import PopcError
-
-# config.model_type -> family; the families share one forward with these switches.
-FAMILY_FEATURES: dict[str, dict[str, bool]] = {
-    "llama": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
-    "mistral": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
-    "qwen2": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
-    "gemma3": {"qk_norm": True, "sandwich_norm": True, "embed_scale": True, "unit_offset_norm": True},
-    "mixtral": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
-    "qwen2_moe": {"qk_norm": False, "sandwich_norm": False, "embed_scale": False, "unit_offset_norm": False},
-}
+from popc.families import FamilySpec
+from popc.prefill_skip import prefill_skip_layers
+from popc.rotary import apply_rotary, rotary_tables
 
 ACTIVATIONS = {
     "silu": lambda x: nn.functional.silu(x),
@@ -55,11 +47,14 @@ class DecoderShape:
     max_positions: int
 
 
-def family_of(config) -> str:
-    """Map a (text) config to the family name used throughout popc (or a clear error)."""
-    from popc.loading import check_supported
-
-    return check_supported(config)
+def family_spec(config) -> FamilySpec:
+    """The family of a (text) config; the families share one forward with its switches."""
+    spec = families.for_model_type(getattr(config, "model_type", None))
+    if spec is None:
+        raise PopcError(
+            f"unsupported architecture {getattr(config, 'model_type', None)!r}; supported: {families.supported_labels()}"
+        )
+    return spec
 
 
 def decoder_shape(config) -> DecoderShape:
@@ -178,7 +173,7 @@ def is_sparse_moe(module: nn.Module) -> bool:
 class Attention(nn.Module):
     """Grouped-query attention over ``past ++ new`` keys, without repeating the KV heads."""
 
-    def __init__(self, hf_attn: nn.Module, config, features: dict[str, bool], scaling: float):
+    def __init__(self, hf_attn: nn.Module, config, features: FamilySpec, scaling: float):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             hf_attn.q_proj,
@@ -191,8 +186,8 @@ class Attention(nn.Module):
         self.num_kv_heads = shape.num_kv_heads
         self.head_dim = shape.head_dim
         self.scaling = scaling
-        self.q_norm = RMSNorm(hf_attn.q_norm, features["unit_offset_norm"]) if features["qk_norm"] else None
-        self.k_norm = RMSNorm(hf_attn.k_norm, features["unit_offset_norm"]) if features["qk_norm"] else None
+        self.q_norm = RMSNorm(hf_attn.q_norm, features.unit_offset_norm) if features.qk_norm else None
+        self.k_norm = RMSNorm(hf_attn.k_norm, features.unit_offset_norm) if features.qk_norm else None
         self.fused = False  # trace as ORT's GroupQueryAttention (see ExportableDecoder)
         self.window: int | None = None
 
@@ -244,17 +239,11 @@ class FusedInputs:
     bias: torch.Tensor  # float [B, 1, S, T]: 0 at tokens, most negative at padding
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, config, features, scaling: float, window: int | None, rope: str):
+    def __init__(self, hf_layer: nn.Module, config, features: FamilySpec, scaling: float, window: int | None, rope: str):
         super().__init__()
-        offset = features["unit_offset_norm"]
-        self.sandwich = features["sandwich_norm"]
+        offset = features.unit_offset_norm
+        self.sandwich = features.sandwich_norm
         self.window = window
         self.rope = rope
         self.input_layernorm = RMSNorm(hf_layer.input_layernorm, offset)
@@ -295,8 +284,7 @@ class ExportableDecoder(nn.Module):
     ):
         super().__init__()
         config = hf_model.config
-        family = family_of(config)
-        features = FAMILY_FEATURES[family]
+        features = family_spec(config)
         if getattr(config, "attn_logit_softcapping", None):
             raise PopcError("attention logit soft-capping (Gemma 2) is not supported")
         base = hf_model.model
@@ -305,7 +293,7 @@ class ExportableDecoder(nn.Module):
         # The weight, not HF's module: Gemma's module scales inside its forward.
         self.embed_weight = base.embed_tokens.weight
         scale = getattr(base.embed_tokens, "embed_scale", None)
-        self.embed_scale = float(scale) if features["embed_scale"] and scale is not None else None
+        self.embed_scale = float(scale) if features.embed_scale and scale is not None else None
         self.softcap = getattr(config, "final_logit_softcapping", None)
         scalar = getattr(config, "query_pre_attn_scalar", None)
         scaling = float(scalar) ** -0.5 if scalar else shape.head_dim**-0.5
@@ -323,18 +311,15 @@ class ExportableDecoder(nn.Module):
             setattr(self, f"rope_scale_{name}", float(scale))
             self.rope_names.append(name)
 
-        window = getattr(config, "sliding_window", None)
-        all_sliding = family == "mistral" and window is not None
-        layers = []
-        for index, hf_layer in enumerate(base.layers):
-            sliding = all_sliding or layer_types[index] == "sliding_attention"
-            layers.append(
-                DecoderLayer(hf_layer, config, features, scaling, window if sliding else None, layer_types[index])
-            )
+        windows = features.sliding_windows(config)
+        layers = [
+            DecoderLayer(hf_layer, config, features, scaling, windows[index], layer_types[index])
+            for index, hf_layer in enumerate(base.layers)
+        ]
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(base.norm, features["unit_offset_norm"])
+        self.norm = RMSNorm(base.norm, features.unit_offset_norm)
         self.lm_head = hf_model.lm_head
-        # POP-prefill (popc.prefill): the deepest N layers skipped by all prompt tokens but the last.
+        # POP-prefill (popc.prefill_skip): the deepest N layers skipped by all prompt tokens but the last.
         if prefill_skip is not None and not 0 <= prefill_skip < shape.num_layers:
             raise PopcError(f"--prefill-skip must be in [0, {shape.num_layers - 1}], got {prefill_skip}")
         self.prefill_skip = prefill_skip
@@ -377,12 +362,10 @@ class ExportableDecoder(nn.Module):
 
         # Positions count real tokens only, so left padding does not shift them.
         positions = (torch.cumsum(attention_mask, dim=-1) - 1).clamp(min=0)[:, total - seq :]
-        rope = {}
-        for name in self.rope_names:
-            freqs = positions.unsqueeze(-1).float() * getattr(self, f"inv_freq_{name}")
-            emb = torch.cat([freqs, freqs], dim=-1)
-            scale = getattr(self, f"rope_scale_{name}")
-            rope[name] = ((emb.cos() * scale).unsqueeze(1), (emb.sin() * scale).unsqueeze(1))
+        rope = {
+            name: rotary_tables(positions, getattr(self, f"inv_freq_{name}"), getattr(self, f"rope_scale_{name}"))
+            for name in self.rope_names
+        }
 
         # Additive masks [B, S, T] in cache-index coordinates (what HF's mask builders use).
         key_index = (torch.cumsum(torch.ones_like(attention_mask[0]), dim=0) - 1).unsqueeze(0)
@@ -399,10 +382,7 @@ class ExportableDecoder(nn.Module):
 
         presents = []
         if self.prefill_skip is not None or self.drop_layers:
-            from popc.prefill import prefill_skip_layers
-
             hidden, presents = prefill_skip_layers(self, hidden, rope, masks, past)
-            # 1 at a prefill (only the last token's logits), else every token's
         else:
             for index, layer in enumerate(self.layers):
                 cos, sin = rope[layer.rope]

@@ -1,4 +1,4 @@
-"""POP-prefill exports (--prefill-skip) against popc.prefill.SkipReference, and popc analyze."""
+"""POP-prefill exports (--prefill-skip) against popc.reference.SkipReference, and popc analyze."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import popc
 from popc.cli import app
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
-from popc.prefill import SkipReference
+from popc.reference import SkipReference
 from popc.reference import PopReference
 
 TOLERANCE = 1e-4

@@ -1,26 +1,11 @@
-"""POP-prefill (Prefill-Only Pruning, arXiv 2602.03295): the graph side and the reference.
+"""POP-prefill in eager PyTorch over the Hugging Face layers: the ground truth.
 
-At a prefill (empty KV cache) every prompt token but the last skips the deepest
-``N`` layers. Each skipped layer's keys/values for those tokens come from the
-hidden state at the cut-off (the input of layer ``L - N``) through that layer's
-own input norm, k/v projections, k-norm (Gemma's QK-norm) and rotary embedding
-("independent KV projections"). The last prompt token runs through every layer,
-attending in each deep layer to the independent K/V of the earlier tokens plus its
-own, so the first generated token comes from the full model. Decode runs the full
-model.
-
-One graph serves both modes; prefill-vs-decode is decided in the graph from the
-past length (0 => prefill) with tensor ops only: the deep layers process the new
-tokens ``[start, S)`` where ``start = S - 1`` at a prefill and ``0`` otherwise
-(``Range`` + ``Gather``), and the independent projections run on tokens
-``[0, start)``, which is empty at decode. With left padding the last column is a
-real token in every row. A prefill returns the logits of the last token only
-(``[batch, 1, vocab]``); a decode call returns every new token's.
-
-``SkipReference`` is the same math in eager PyTorch over the Hugging Face layers
-(with any set of layers skipped at prefill only, or for every token: the
-ShortGPT-style baseline), optionally combined with POP-online
-(:class:`popc.reference.PopReference`).
+``SkipReference`` runs a Hugging Face causal LM layer by layer with any set of
+layers skipped at prefill only (POP-prefill: their prompt K/V from independent
+projections of the hidden state reaching them, the last prompt token through every
+layer) or for every token (the ShortGPT-style baseline), optionally combined with
+POP-online (:class:`popc.reference.PopReference`). The traced graph of the same
+math is ``popc/prefill_skip.py``.
 """
 
 from __future__ import annotations
@@ -31,83 +16,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------------------------------
-# The traced graph (called from ExportableDecoder.forward)
-# ---------------------------------------------------------------------------------------
+from popc.modeling import family_spec
+from popc.reference.generate import greedy_generate
+from popc.reference.pop_online import PopFFN, pop_ffn, top_indices
+from popc.rotary import apply_rotary
 
 
-def independent_kv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """K/V of ``hidden`` [B, n, H] through ``layer``'s input norm, k/v proj, k-norm, RoPE."""
-    from popc.modeling import apply_rotary
-
-    attn = layer.self_attn
-    batch, count = hidden.shape[0], hidden.shape[1]
-    x = layer.input_layernorm(hidden)
-    k = attn.k_proj(x).view(batch, count, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(batch, count, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    if attn.k_norm is not None:
-        k = attn.k_norm(k)
-    return apply_rotary(k, cos, sin), v
-
-
-def prefill_skip_layers(decoder, hidden, rope, masks, past):
-    """The layer stack of ``ExportableDecoder`` with POP-prefill; returns (hidden, presents).
-
-    ``hidden`` comes back for the tokens the deep layers processed: the last one at a
-    prefill, all of them otherwise.
-    """
-    layers = decoder.layers
-    presents = []
-    if decoder.drop_layers:  # the baseline: deep layers removed, their (empty) cache passed through
-        keep = len(layers) - decoder.drop_layers
-        for index in range(len(layers)):
-            if index >= keep:
-                presents += [past[2 * index], past[2 * index + 1]]
-                continue
-            layer = layers[index]
-            cos, sin = rope[layer.rope]
-            hidden, key, value = layer(hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1])
-            presents += [key, value]
-        return hidden, presents
-    cut = len(layers) - decoder.prefill_skip
-    for index in range(cut):
-        layer = layers[index]
-        cos, sin = rope[layer.rope]
-        hidden, key, value = layer(hidden, cos, sin, masks[layer.window], past[2 * index], past[2 * index + 1])
-        presents += [key, value]
-
-    # start = S - 1 at a prefill (past length 0), else 0: all in tensor ops so that it traces.
-    seq = torch._shape_as_tensor(hidden)[1]
-    past_length = torch._shape_as_tensor(past[0])[2]
-    start = torch.where(past_length == 0, seq - 1, seq * 0)
-    deep_rows = torch.arange(start, seq, dtype=torch.long)
-    cut_rows = torch.arange(seq * 0, start, dtype=torch.long)
-    cut_hidden = hidden.index_select(1, cut_rows)  # [B, start, H]: empty at decode
-    hidden = hidden.index_select(1, deep_rows)
-    for index in range(cut, len(layers)):
-        layer = layers[index]
-        cos, sin = rope[layer.rope]
-        k, v = independent_kv(layer, cut_hidden, cos.index_select(2, cut_rows), sin.index_select(2, cut_rows))
-        past_key = torch.cat([past[2 * index], k], dim=2)
-        past_value = torch.cat([past[2 * index + 1], v], dim=2)
-        hidden, key, value = layer(
-            hidden,
-            cos.index_select(2, deep_rows),
-            sin.index_select(2, deep_rows),
-            masks[layer.window].index_select(1, deep_rows),
-            past_key,
-            past_value,
-        )
-        presents += [key, value]
-    return hidden, presents
-
-
-# ---------------------------------------------------------------------------------------
-# Reference: eager PyTorch over the Hugging Face layers
-# ---------------------------------------------------------------------------------------
-
-
-class _Cache:
+class LayerCache:
     """The minimal cache HF attention modules call: ``update(k, v, layer_idx) -> (K, V)``."""
 
     def __init__(self) -> None:
@@ -158,8 +73,6 @@ class SkipReference:
         pop=None,
         partition_source: str = "last",
     ):
-        from popc.modeling import family_of
-
         self.model = model
         config = model.config
         self.base = model.model
@@ -170,14 +83,8 @@ class SkipReference:
         if partition_source not in PARTITION_SOURCES:
             raise ValueError(f"partition_source must be one of {PARTITION_SOURCES}")
         self.partition_source = partition_source
-        family = family_of(config)
-        window = getattr(config, "sliding_window", None)
-        types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers))
-        self.layer_types = types
-        self.windows = [
-            window if (family == "mistral" and window is not None) or t == "sliding_attention" else None
-            for t in types
-        ]
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers))
+        self.windows = family_spec(config).sliding_windows(config)
         self.typed_rope = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
@@ -207,15 +114,13 @@ class SkipReference:
             hidden,
             attention_mask=self._mask(attention_mask, query_index, self.windows[index]),
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             position_embeddings=self._rope(hidden, positions, self.layer_types[index]),
             use_cache=True,
         )
         return out[0] if isinstance(out, tuple) else out
 
     def _independent_kv(self, index, hidden, positions):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         layer = self.layers[index]
         attn = layer.self_attn
         batch, count = hidden.shape[:2]
@@ -225,13 +130,10 @@ class SkipReference:
         if getattr(attn, "k_norm", None) is not None:
             k = attn.k_norm(k)
         cos, sin = self._rope(hidden, positions, self.layer_types[index])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        return k, v
+        return apply_rotary(k, cos.unsqueeze(1), sin.unsqueeze(1)), v
 
     def _set_partition(self, index, hidden, token_mask):
         """Partitions of a prefill-skipped layer from the cut-off hidden, or static."""
-        from popc.reference import PopFFN, _top, pop_ffn
-
         wrapper = self.pop.wrappers[index]
         if not isinstance(wrapper, PopFFN):
             raise ValueError("partition sources other than 'last' support dense FFNs only")
@@ -239,7 +141,7 @@ class SkipReference:
         state = wrapper.states[0]
         if self.partition_source == "static":
             score = wrapper.weights.static_score().expand(hidden.shape[0], -1)
-            state.score, state.partition = score, _top(score, retain + candidate)
+            state.score, state.partition = score, top_indices(score, retain + candidate)
             return
         x = ffn_input_norm(self.layers[index])(hidden)
         saved = self.pop.prefill
@@ -252,7 +154,7 @@ class SkipReference:
         """One forward: a prefill when ``cache`` is None (returns the last token's logits
         only), else every new token's logits. ``logits="none"`` skips the LM head."""
         prefill = cache is None
-        cache = cache or _Cache()
+        cache = cache or LayerCache()
         batch, seq = input_ids.shape
         total = attention_mask.shape[1]
         token_mask = attention_mask[:, total - seq :]
@@ -290,8 +192,6 @@ class SkipReference:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int = 0):
         """Greedy generation over left-padded prompts (no early stop): new ids per prompt."""
-        from popc.reference import greedy_generate
-
         return greedy_generate(self.step, prompts, max_new_tokens, pad_token_id)
 
 

@@ -25,11 +25,12 @@ from torch import nn
 
 from popc.modeling import is_sparse_moe
 from popc.pop import PopSettings
+from popc.reference.generate import greedy_generate
 
 EPSILON = 1e-12
 
 
-def _top(values: torch.Tensor, count: int) -> torch.Tensor:
+def top_indices(values: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` largest along the last axis, ties to the lower index."""
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :count]
 
@@ -75,7 +76,7 @@ def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: 
         if static:
             score = weights.static_score().to(score.dtype).expand_as(score)
         state.score = score
-        state.partition = _top(score, retain + candidate)
+        state.partition = top_indices(score, retain + candidate)
         return z @ weights.down_rows + down_bias
 
     batch, seq, _ = x.shape
@@ -84,7 +85,7 @@ def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: 
     if weights.gate_bias is not None:
         gate = gate + weights.gate_bias[partition]
     activated = weights.act(gate)
-    chosen = _top(activated[..., retain:].abs(), keep)
+    chosen = top_indices(activated[..., retain:].abs(), keep)
     ids = torch.cat([partition[..., :retain], partition[..., retain:].gather(-1, chosen)], dim=-1)
     kept = torch.cat([activated[..., :retain], activated[..., retain:].gather(-1, chosen)], dim=-1)
     if weights.up is not None:
@@ -181,28 +182,9 @@ class PopReference:
         self.token_mask = attention_mask[:, -input_ids.shape[1] :]
         if cache is None:
             cache = DynamicCache(config=self.model.config)
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        return output.logits, output.past_key_values
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+        return output.logits, output.cache
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int = 0) -> list[list[int]]:
         """Greedy generation over left-padded prompts (no early stop): the new ids per prompt."""
         return greedy_generate(self.step, prompts, max_new_tokens, pad_token_id)
-
-
-def greedy_generate(step, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int = 0) -> list[list[int]]:
-    """Greedy decoding with any reference's ``step(ids, mask, cache=None) -> (logits, cache)``
-    over left-padded prompts, without early stop: the new ids per prompt."""
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
-        mask[row, longest - len(prompt) :] = 1
-    logits, cache = step(ids, mask)
-    generated = []
-    for _ in range(max_new_tokens):
-        next_ids = logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_ids)
-        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-        logits, cache = step(next_ids, mask, cache)
-    return torch.cat(generated, dim=1).tolist()
