@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -28,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from popc.cache import cache_root
 from popc.errors import PopcError
-from popc.loading import default_cache_dir
+from popc.pip_fetch import pip_download
 
 LEE_NAME = "lee_background.cor"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
@@ -68,63 +67,31 @@ DEFAULT_LIMIT = 50  # examples per task (a full 13-row eval on 2 CPU cores: ~15 
 
 
 def data_dir() -> Path:
-    return default_cache_dir() / "data"
+    return cache_root() / "data"
 
 
 # --------------------------------------------------------------------------- pip
 
 
 def _pip_download(args: Sequence[str], dest: Path, what: str, env: dict[str, str] | None = None) -> int:
-    """Run ``pip download ARGS -d DEST`` with a rich progress bar fed by pip's raw progress.
+    """Run ``pip download ARGS -d DEST`` with a progress bar on stderr; pip's exit status.
 
-    Returns pip's exit status; raises PopcError only if pip cannot be started.
+    pip's log is kept for :func:`_pip_tail`; raises PopcError only if pip cannot be started.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw", *args, "-d", str(dest)]
-    progress_line = re.compile(r"Progress (\d+) of (\d+)")
-    console = Console(stderr=True)
-    log: list[str] = []
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    ) as progress:
-        task = progress.add_task(f"pip download {what}", total=None)
-        try:
-            proc = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-            )
-        except OSError as error:
-            raise PopcError(f"cannot run pip to fetch {what}: {error}") from None
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            match = progress_line.search(line)
-            if match:
-                progress.update(task, completed=int(match.group(1)), total=int(match.group(2)))
-                continue
-            log.append(line.rstrip())
-            if "Preparing metadata" in line or "Getting requirements" in line:
-                progress.update(task, description=f"pip: preparing {what} metadata", total=None)
-        status = proc.wait()
-    # Older pips lack the option ("no such option") or its "raw" value ("invalid choice").
-    if status != 0 and any("--progress-bar" in line for line in log):
-        return _pip_plain(command, dest)
-    _pip_download.last_log = log  # type: ignore[attr-defined]
-    return status
+    from popc.progress import console_progress
 
-
-def _pip_plain(command: list[str], dest: Path) -> int:
-    command = [c for c in command if c not in ("--progress-bar", "raw")]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    _pip_download.last_log = (proc.stdout + proc.stderr).splitlines()  # type: ignore[attr-defined]
-    return proc.returncode
+    with console_progress(Console(stderr=True)) as progress:
+        progress.stage(f"pip download {what}")
+        result = pip_download(args, dest, what, progress, env=env)
+    _pip_download.last_result = result  # type: ignore[attr-defined]
+    return result.status
 
 
 def _pip_tail() -> str:
-    log = getattr(_pip_download, "last_log", [])
-    lines = [line for line in log if line.strip() and not line.startswith("WARNING: Location")]
-    return lines[-1] if lines else "no output"
+    result = getattr(_pip_download, "last_result", None)
+    return result.last_line if result is not None else "no output"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
