@@ -2,7 +2,8 @@
 
 ``make_tiny_model_dir(tmp_path, family)`` writes a Hugging Face model directory
 (config.json + model.safetensors + tokenizer files with a chat template) and returns
-its path. Families: "llama", "qwen2", "gemma3", "mistral". Same seed -> same weights.
+its path, for any family of ``popc.families`` (each carries its tiny config). Same seed ->
+same weights.
 
 Import it directly (``from conftest import make_tiny_model_dir``) or use the
 ``tiny_model_dir`` fixture (a factory: ``tiny_model_dir("gemma3")``).
@@ -10,12 +11,15 @@ Import it directly (``from conftest import make_tiny_model_dir``) or use the
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "mixtral", "qwen2_moe")
+from popc import families
+
+TINY_FAMILIES = tuple(spec.name for spec in families.FAMILIES)
 
 # Special tokens first (ids 0..5), then the 256 byte-level symbols: any text tokenizes.
 TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -61,8 +65,12 @@ def make_tiny_tokenizer():
 
 
 def make_tiny_config(family: str, vocab_size: int):
-    """The tiny config for ``family`` (hidden 64, 4 heads / 2 kv heads, head_dim 16)."""
-    common = dict(
+    """The tiny config for ``family`` (hidden 64, 4 heads / 2 kv heads, head_dim 16), with the
+    family's own overrides from ``popc.families``."""
+    import transformers
+
+    spec = families.family(family)
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -74,87 +82,8 @@ def make_tiny_config(family: str, vocab_size: int):
         eos_token_id=TINY_EOS_ID,
         pad_token_id=TINY_PAD_ID,
     )
-    if family == "llama":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            num_hidden_layers=2,
-            tie_word_embeddings=True,  # like SmolLM2
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **common,
-        )
-    if family == "qwen2":
-        from transformers import Qwen2Config
-
-        # Qwen2 always has q/k/v biases (no o_proj bias); untied lm_head here.
-        return Qwen2Config(
-            num_hidden_layers=2,
-            tie_word_embeddings=False,
-            use_sliding_window=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            **common,
-        )
-    if family == "mistral":
-        from transformers import MistralConfig
-
-        return MistralConfig(
-            num_hidden_layers=2,
-            tie_word_embeddings=False,
-            sliding_window=None,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **common,
-        )
-    if family == "gemma3":
-        from transformers import Gemma3TextConfig
-
-        return Gemma3TextConfig(
-            num_hidden_layers=4,
-            layer_types=[
-                "sliding_attention",
-                "sliding_attention",
-                "full_attention",
-                "sliding_attention",
-            ],
-            sliding_window=4,
-            # != head_dim on purpose, so an exporter that assumes head_dim**-0.5 is caught.
-            query_pre_attn_scalar=32,
-            hidden_activation="gelu_pytorch_tanh",
-            tie_word_embeddings=True,
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
-            },
-            **common,
-        )
-    if family == "mixtral":
-        from transformers import MixtralConfig
-
-        common["intermediate_size"] = 96
-        return MixtralConfig(
-            num_hidden_layers=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            sliding_window=None,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **common,
-        )
-    if family == "qwen2_moe":
-        from transformers import Qwen2MoeConfig
-
-        # Experts narrower than the shared expert, as in Qwen-MoE; top-k weights not renormalised.
-        return Qwen2MoeConfig(
-            num_hidden_layers=2,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=48,
-            shared_expert_intermediate_size=96,
-            norm_topk_prob=False,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            **common,
-        )
-    raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILIES}")
+    settings.update(copy.deepcopy(dict(spec.tiny_config)))
+    return getattr(transformers, spec.tiny_config_class)(**settings)
 
 
 def make_tiny_model_dir(tmp_path: Path, family: str, *, seed: int = 0) -> Path:

@@ -10,11 +10,15 @@ import pytest
 from conftest import make_tiny_model_dir
 
 import popc
+from popc import families
 from popc.defaults import settings_for_sparsity
 from popc.export import GENAI_CONFIG_NAME, ExportPlan, export
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+GENAI_FAMILIES = [spec.name for spec in families.FAMILIES if spec.genai_type is not None]
+
+
+@pytest.mark.parametrize("family", GENAI_FAMILIES)
 def test_genai_runtime_runs_a_popc_export(tmp_path, family):
     og = pytest.importorskip("onnxruntime_genai")
     source = make_tiny_model_dir(tmp_path, family)

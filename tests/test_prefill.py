@@ -15,11 +15,11 @@ import popc
 from popc.cli import app
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
-from popc.reference import SkipReference
-from popc.reference import PopReference
+from popc import families
+from popc.reference import PopReference, SkipReference
 
 TOLERANCE = 1e-4
-FAMILIES = ("llama", "qwen2", "gemma3", "mistral")
+FAMILIES = tuple(spec.name for spec in families.FAMILIES if not spec.moe)  # POP-prefill: dense families
 HALF = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
 
 
