@@ -31,6 +31,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "popc_kernels.h"
@@ -118,20 +119,25 @@ OrtStatus* guarded(const char* op, Body&& body) {
   }
 }
 
-template <typename Job>
-void run_parallel(Ort::KernelContext& ctx, const Job& job) {
-  const int64_t tasks = job.task_count();
-  if (tasks <= 0) return;
-  if (tasks > 1) {
+// fn(i) for every i in [0, n) on ORT's intra-op thread pool, or in turn on runtimes
+// without KernelContext_ParallelFor (it then throws before running anything).
+template <class Fn>
+void parallel_for(Ort::KernelContext& ctx, int64_t n, const Fn& fn) {
+  if (n <= 0) return;
+  if (n > 1) {
     try {
-      ctx.ParallelFor([](void* data, size_t i) { static_cast<const Job*>(data)->run_task(static_cast<int64_t>(i)); },
-                      static_cast<size_t>(tasks), 0, const_cast<Job*>(&job));
+      ctx.ParallelFor([](void* data, size_t i) { (*static_cast<const Fn*>(data))(static_cast<int64_t>(i)); },
+                      static_cast<size_t>(n), 0, const_cast<Fn*>(&fn));
       return;
     } catch (const Ort::Exception&) {
-      // Runtime without KernelContext_ParallelFor: fall through to one thread.
     }
   }
-  for (int64_t t = 0; t < tasks; ++t) job.run_task(t);
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+template <typename Job>
+void run_parallel(Ort::KernelContext& ctx, const Job& job) {
+  parallel_for(ctx, job.task_count(), [&job](int64_t t) { job.run_task(t); });
 }
 
 // The ORT tensor type of each kernel element type.
@@ -264,24 +270,12 @@ struct CpuPopDecodeKernel {
       auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
       const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), static_cast<T*>(y.GetTensorMutableRawData()),
                                       rows, xs[1], H, D, RC, R, K, activation, use_avx2};
-      using Job = popc::CpuPopDecode<T>;
       const std::string duplicate = std::string(op) + ": a channel id appears twice in one partition";
       if (rows > 1) {
         std::atomic<bool> ok{true};
-        struct RowTask { const Job* job; std::atomic<bool>* ok; };
-        RowTask task{&job, &ok};
-        auto one = [](void* data, size_t i) {
-          auto* t = static_cast<RowTask*>(data);
-          if (!t->job->run_row(static_cast<int64_t>(i))) t->ok->store(false);
-        };
-        bool parallel = true;
-        try {
-          ctx.ParallelFor(one, static_cast<size_t>(rows), 0, &task);
-        } catch (const Ort::Exception&) {
-          parallel = false;
-        }
-        if (!parallel)
-          for (int64_t r = 0; r < rows; ++r) one(&task, static_cast<size_t>(r));
+        parallel_for(ctx, rows, [&](int64_t r) {
+          if (!job.run_row(r)) ok.store(false);
+        });
         if (!ok.load()) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
         return;
       }
@@ -289,29 +283,22 @@ struct CpuPopDecodeKernel {
       popc::PopDecodeScratch scratch;
       if (!job.prepare(0, scratch)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
       constexpr int64_t kChunks = 8;
-      struct Phase { const Job* job; popc::PopDecodeScratch* s; int64_t count; int64_t H; };
-      Phase phase{&job, &scratch, static_cast<int64_t>(scratch.order.size()), H};
-      auto split = [&](void (*fn)(void*, size_t)) {
-        try {
-          ctx.ParallelFor(fn, static_cast<size_t>(kChunks), 0, &phase);
-        } catch (const Ort::Exception&) {
-          for (int64_t c = 0; c < kChunks; ++c) fn(&phase, static_cast<size_t>(c));
-        }
+      auto chunk = [](int64_t count, int64_t c) {  // [begin, end) of chunk c of `count` items
+        const int64_t step = (count + kChunks - 1) / kChunks;
+        const int64_t begin = std::min<int64_t>(count, c * step);
+        return std::make_pair(begin, std::min<int64_t>(count, begin + step));
       };
-      split([](void* data, size_t c) {
-        auto* p = static_cast<Phase*>(data);
-        const int64_t step = (p->count + kChunks - 1) / kChunks;
-        const int64_t begin = std::min<int64_t>(p->count, static_cast<int64_t>(c) * step);
-        p->job->gate(*p->s, begin, std::min<int64_t>(p->count, begin + step));
+      const int64_t gates = static_cast<int64_t>(scratch.order.size());
+      parallel_for(ctx, kChunks, [&](int64_t c) {
+        const auto [begin, end] = chunk(gates, c);
+        job.gate(scratch, begin, end);
       });
       job.select(scratch);
-      phase.count = static_cast<int64_t>(scratch.kept.size());
+      const int64_t kept = static_cast<int64_t>(scratch.kept.size());
       scratch.partial.assign(static_cast<size_t>(kChunks * H), 0.0f);
-      split([](void* data, size_t c) {
-        auto* p = static_cast<Phase*>(data);
-        const int64_t step = (p->count + kChunks - 1) / kChunks;
-        const int64_t begin = std::min<int64_t>(p->count, static_cast<int64_t>(c) * step);
-        p->job->updown(*p->s, begin, std::min<int64_t>(p->count, begin + step), p->s->partial.data() + c * p->H);
+      parallel_for(ctx, kChunks, [&](int64_t c) {
+        const auto [begin, end] = chunk(kept, c);
+        job.updown(scratch, begin, end, scratch.partial.data() + c * H);
       });
       float* total = scratch.partial.data();
       for (int64_t c = 1; c < kChunks; ++c)
@@ -367,36 +354,18 @@ struct CpuPartitionKernel {
       if (B == 0 || count == 0) return;
       std::vector<float> inv_norm(static_cast<size_t>(B * T));
       std::vector<double> score(static_cast<size_t>(B * D));
-      using Job = popc::CpuPopPartition<ZT>;
-      Job job{static_cast<const ZT*>(z.GetTensorRawData()), mask.GetTensorData<float>(),
+      const popc::CpuPopPartition<ZT> job{static_cast<const ZT*>(z.GetTensorRawData()), mask.GetTensorData<float>(),
               static_cast<const ZT*>(stat.GetTensorRawData()), out.GetTensorMutableData<int64_t>(), B, T, D, count,
               cfg[3] != 0, &inv_norm, &score};
-      auto parallel = [&](size_t tasks, void (*fn)(void*, size_t)) {
-        try {
-          ctx.ParallelFor(fn, tasks, 0, &job);
-        } catch (const Ort::Exception&) {
-          for (size_t i = 0; i < tasks; ++i) fn(&job, i);
-        }
-      };
-      if (!job.use_static && T > 0)
-        parallel(static_cast<size_t>(B * T), [](void* data, size_t i) {
-          static_cast<Job*>(data)->norms(static_cast<int64_t>(i));
-        });
-      if (T == 0 && !job.use_static) std::fill(score.begin(), score.end(), 0.0);
-      else {
+      if (!job.use_static && T > 0) parallel_for(ctx, B * T, [&](int64_t row) { job.norms(row); });
+      if (T == 0 && !job.use_static) {
+        std::fill(score.begin(), score.end(), 0.0);
+      } else {
         const int64_t chunks = (D + 255) / 256;
-        struct Chunked { Job* job; int64_t chunks; };
-        Chunked chunked{&job, chunks};
-        try {
-          ctx.ParallelFor([](void* data, size_t i) {
-            auto* c = static_cast<Chunked*>(data);
-            const int64_t b = static_cast<int64_t>(i) / c->chunks, k = static_cast<int64_t>(i) % c->chunks;
-            c->job->scores(b, k * 256, std::min<int64_t>(c->job->D, (k + 1) * 256));
-          }, static_cast<size_t>(B * chunks), 0, &chunked);
-        } catch (const Ort::Exception&) {
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t k = 0; k < chunks; ++k) job.scores(b, k * 256, std::min<int64_t>(D, (k + 1) * 256));
-        }
+        parallel_for(ctx, B * chunks, [&](int64_t i) {
+          const int64_t b = i / chunks, k = i % chunks;
+          job.scores(b, k * 256, std::min<int64_t>(D, (k + 1) * 256));
+        });
       }
       for (int64_t b = 0; b < B; ++b) job.rank(b);
     });
