@@ -369,43 +369,51 @@ def bench(
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of latency and speedup.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the tables as Markdown.")] = None,
-    prompt_lengths: Annotated[str, typer.Option(help="Prompt lengths for TTFT (prefill + first token, batch 1).")] = "16,128,512,2048",
-    batches: Annotated[str, typer.Option(help="Decode batch sizes.")] = "1,4",
-    sparsities: Annotated[str, typer.Option(help="POP decode sparsities.")] = "0.25,0.5,0.75",
+    full: Annotated[bool, typer.Option("--full", help="The whole matrix: prompts 16-2048, batches 1,4,8, sparsities 0.25,0.5,0.75, 5 repeats.")] = False,
+    prompt_lengths: Annotated[Optional[str], typer.Option(help="Prompt lengths for TTFT (prefill + first token, batch 1). [default: 16,128,512]")] = None,
+    batches: Annotated[Optional[str], typer.Option(help="Decode batch sizes. [default: 1,4]")] = None,
+    sparsities: Annotated[Optional[str], typer.Option(help="POP decode sparsities. [default: 0.5]")] = None,
     variants: Annotated[
         Optional[str],
-        typer.Option(help="Comma list of dense-ort,pop-body,pop-oplib,hf-eager,pop-reference,ort-genai (default: all; ort-genai where onnxruntime-genai is installed)."),
+        typer.Option(help="Comma list of dense-ort,pop-body,pop-oplib,hf-eager,pop-reference,ort-genai,dense-genai-runtime (default: all; the genai ones where onnxruntime-genai is installed)."),
     ] = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs per figure (median, min-max).")] = 5,
+    repeats: Annotated[Optional[int], typer.Option(help="Timed runs per figure (median, min-max). [default: 3]")] = None,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
     decode_tokens: Annotated[int, typer.Option(help="Decode steps per run.")] = 32,
     decode_prompt: Annotated[int, typer.Option(help="Prompt tokens before decode.")] = 64,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads of every variant (default: one per physical core).")] = None,
     torch_max_prompt: Annotated[Optional[int], typer.Option(help="Longest prompt the PyTorch variants prefill.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model for the PyTorch variants (default: the export's source).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai), against the memory roofline."""
-    from popc import bench as b
+    from popc.bench import BenchPlan, report, run_bench
+    from popc.progress import console_progress
 
     try:
-        plan = b.BenchPlan(
-            directory=directory, dense=dense, pop=pop, model=model,
-            prompt_lengths=[int(v) for v in _float_list(prompt_lengths, "--prompt-lengths")],
-            batches=[int(v) for v in _float_list(batches, "--batches")],
-            sparsities=_float_list(sparsities, "--sparsities"),
+        # Only the options given override the plan's matrix (the quick default, or --full's).
+        matrix = {
+            "prompt_lengths": [int(v) for v in _float_list(prompt_lengths, "--prompt-lengths")] if prompt_lengths else None,
+            "batches": [int(v) for v in _float_list(batches, "--batches")] if batches else None,
+            "sparsities": _float_list(sparsities, "--sparsities") if sparsities else None,
+            "repeats": repeats,
+        }
+        options = {key: value for key, value in matrix.items() if value is not None}
+        options.update(
+            dense=dense, pop=pop, model=model,
             variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
-            repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
+            warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
             threads=threads, device=device, torch_max_prompt=torch_max_prompt,
         )  # fmt: skip
-        with console.status("benchmarking") as status:
-            result = b.run_bench(plan, log=lambda message: status.update(message))
+        plan = BenchPlan.full(directory, **options) if full else BenchPlan(directory=directory, **options)
+        with console_progress(console) as progress:
+            result = run_bench(plan, progress=progress)
         if as_json is not None:
-            b.write_json(result, as_json)
+            report.write_json(result, as_json)
         if plot is not None:
-            b.write_plot(result, plot)
+            report.write_plot(result, plot)
         if markdown is not None:
-            markdown.write_text(b.markdown(result))
+            report.write_markdown(result, markdown)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as error:
@@ -413,7 +421,7 @@ def bench(
     out = Console()
     if not out.is_terminal:
         out = Console(width=220)
-    for table in b.tables(result):
+    for table in report.tables(result):
         out.print(table)
 
 

@@ -2,12 +2,14 @@
 
 Speed is never asserted here (benchmarks belong in benchmarks/); this checks the
 command, the bytes model, the ratios against dense ORT and the fastest dense peer, the
-JSON/plot/Markdown outputs, and that the onnxruntime-genai peer runs the same model
-(same logits, same greedy tokens as popc's runtime).
+JSON/plot/Markdown outputs (one BenchResult behind all of them), that every runner gets
+the same thread count, and that the onnxruntime-genai peer runs the same model (same
+logits, same greedy tokens as popc's runtime).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -16,70 +18,188 @@ import pytest
 from conftest import make_tiny_model_dir
 from typer.testing import CliRunner
 
-from popc import bench
+from popc.bench import BenchPlan, BenchResult, report, run_bench
+from popc.bench import run as bench_run
+from popc.bench.exports import resolve_exports
+from popc.bench.machine import default_threads
+from popc.bench.peers import GenaiRunner, default_variants, genai_available, genai_model
+from popc.bench.result import Bandwidth, BenchSettings, BytesRead, DecodeRow, FastestPeer, MachineInfo, Timing, TtftRow
 from popc.cli import app
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
 
 
-def test_bench_reports_every_variant(tmp_path):
-    source = make_tiny_model_dir(tmp_path, "llama")
-    export(ExportPlan(model=str(source), out=tmp_path / "dense"))
-    export(ExportPlan(model=str(source), out=tmp_path / "pop", pop=PopSettings(0.125, 0.75, 0.375)))
+class Stages:
+    """A Progress that records each stage's message."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def stage(self, message: str) -> None:
+        self.messages.append(message)
+
+    def start(self, total: int | None) -> None:
+        pass
+
+    def advance(self, count: int = 1) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama, its dense popc export and a POP export."""
+    root = tmp_path_factory.mktemp("bench")
+    source = make_tiny_model_dir(root, "llama")
+    export(ExportPlan(model=str(source), out=root / "dense"))
+    export(ExportPlan(model=str(source), out=root / "pop", pop=PopSettings(0.125, 0.75, 0.375)))
+    return source, root / "dense", root / "pop"
+
+
+def test_bench_reports_every_variant(tiny, tmp_path):
+    _, dense_dir, pop_dir = tiny
     result = CliRunner().invoke(
         app,
-        ["bench", str(tmp_path / "pop"), "--dense", str(tmp_path / "dense"), "--prompt-lengths", "8,16",
+        ["bench", str(pop_dir), "--dense", str(dense_dir), "--prompt-lengths", "8,16",
          "--batches", "1,2", "--sparsities", "0.5", "--repeats", "2", "--decode-tokens", "4", "--decode-prompt", "8",
          "--variants", "dense-ort,pop-body,pop-oplib,hf-eager,pop-reference",
-         "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")],
+         "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png"),
+         "--markdown", str(tmp_path / "bench.md")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "bench.json").read_text())
-    text = json.dumps(report)
+    # Not a terminal: each stage is a plain timestamped line as it happens, not a live bar.
+    assert "s] measuring read bandwidth" in result.output and "s] decode batch 2" in result.output
+    report_json = json.loads((tmp_path / "bench.json").read_text())
+    text = json.dumps(report_json)
     for variant in ("dense-ort", "pop-body", "pop-oplib", "hf-eager"):
         assert variant in text, variant
     assert (tmp_path / "bench.png").stat().st_size > 0
-    decode = {(row["variant"], row["sparsity"], row["batch"]): row for row in report["decode"]}
+    decode = {(row["variant"], row["sparsity"], row["batch"]): row for row in report_json["decode"]}
     assert {batch for _, _, batch in decode} == {1, 2}
     dense, pop = decode[("dense-ort", 0.0, 1)], decode[("pop-oplib", 0.5, 1)]
     # The bytes model: a 50 % POP step reads fewer FFN bytes than dense, and predicts a speedup.
     assert pop["bytes_ffn"] < dense["bytes_ffn"] and pop["ideal_speedup"] > 1.0
-    assert dense["speedup"] == 1.0 and report["bandwidth"]["gbs"] > 0
+    assert dense["speedup"] == 1.0 and report_json["bandwidth"]["gbs"] > 0
+    # The JSON reads back into the same BenchResult, whose Markdown is the file written.
+    loaded = report.read_json(tmp_path / "bench.json")
+    assert loaded.to_json() == report_json
+    assert report.markdown(loaded) == (tmp_path / "bench.md").read_text()
+
+
+def test_defaults_are_quick_and_full_is_the_whole_matrix(tmp_path):
+    quick, full = BenchPlan(directory=tmp_path), BenchPlan.full(tmp_path, repeats=2)
+    assert (list(quick.prompt_lengths), list(quick.batches), list(quick.sparsities), quick.repeats) == (
+        [16, 128, 512], [1, 4], [0.5], 3
+    )  # fmt: skip
+    assert (list(full.prompt_lengths), list(full.batches), list(full.sparsities)) == (
+        [16, 128, 512, 2048], [1, 4, 8], [0.25, 0.5, 0.75]
+    )  # fmt: skip
+    assert full.repeats == 2  # an explicit option still wins
+    assert BenchPlan(directory=tmp_path, variants=["dense-ort"]).resolved().threads == default_threads() >= 1
+    with pytest.raises(PopcError, match="--sparsities"):
+        BenchPlan(directory=tmp_path, variants=["dense-ort"], sparsities=[1.0]).resolved()
+
+
+def test_every_runner_gets_the_same_thread_count(tiny):
+    import torch
+
+    source, dense_dir, pop_dir = tiny
+    variants = ["dense-ort", "pop-body", "hf-eager", "pop-reference"]
+    if genai_available():
+        variants.append("dense-genai-runtime")  # popc's dense export, onnxruntime-genai's runtime
+    plan = BenchPlan(directory=pop_dir, dense=dense_dir, model=str(source), variants=variants).resolved()
+    runners, skipped = bench_run.make_runners(plan, resolve_exports(plan), named=True)
+    assert not skipped and set(runners) == set(variants)
+    assert plan.threads == default_threads()
+    assert {runner.threads for runner in runners.values()} == {plan.threads}
+    for variant in ("dense-ort", "pop-body"):
+        assert runners[variant].model.session.get_session_options().intra_op_num_threads == plan.threads
+    assert torch.get_num_threads() == plan.threads
 
 
 # ---- peers: onnxruntime-genai, and the fastest dense peer ------------------------------------
-def _row(variant, ms, **key):  # noqa: ANN001, ANN202
-    timing = {"median": ms, "min": ms, "max": ms, "samples": [ms]}
-    return {"variant": variant, **key, ("ms" if "prompt" in key else "ms_per_step"): timing}
+def _timing(ms: float) -> Timing:
+    return Timing(ms, ms, ms, [ms])
 
 
 def test_ratios_against_the_fastest_dense_peer():
-    prefill = [_row("dense-ort", 10.0, prompt=8), _row("hf-eager", 40.0, prompt=8), _row("ort-genai", 8.0, prompt=8),
-               _row("dense-ort", 30.0, prompt=64), _row("hf-eager", 20.0, prompt=64), _row("ort-genai", 25.0, prompt=64)]
-    decode = [_row("dense-ort", 2.0, sparsity=0.0, batch=1), _row("pop-oplib", 1.0, sparsity=0.5, batch=1),
-              _row("hf-eager", 8.0, sparsity=0.0, batch=1), _row("ort-genai", 4.0, sparsity=0.0, batch=1),
-              _row("dense-ort", 3.0, sparsity=0.0, batch=2), _row("hf-eager", 0.0, sparsity=0.0, batch=2)]  # fmt: skip
-    peers = bench._add_ratios(prefill, decode, {}, 10.0)
-    assert peers["ttft"] == {"8": {"variant": "ort-genai", "ms": 8.0}, "64": {"variant": "hf-eager", "ms": 20.0}}
-    assert peers["decode"] == {"1": {"variant": "ort-genai", "ms_per_step": 4.0}}
+    prefill = [TtftRow(v, n, _timing(ms)) for v, n, ms in (
+        ("dense-ort", 8, 10.0), ("hf-eager", 8, 40.0), ("ort-genai", 8, 8.0),
+        ("dense-ort", 64, 30.0), ("hf-eager", 64, 20.0), ("ort-genai", 64, 25.0))]
+    decode = [DecodeRow(v, s, b, _timing(ms)) for v, s, b, ms in (
+        ("dense-ort", 0.0, 1, 2.0), ("pop-oplib", 0.5, 1, 1.0), ("hf-eager", 0.0, 1, 8.0), ("ort-genai", 0.0, 1, 4.0),
+        ("dense-ort", 0.0, 2, 3.0), ("hf-eager", 0.0, 2, 0.0))]  # fmt: skip
+    ttft_peers, decode_peers = bench_run.add_ratios(prefill, decode, {}, 10.0)
+    assert ttft_peers == {8: FastestPeer("ort-genai", 8.0), 64: FastestPeer("hf-eager", 20.0)}
+    assert decode_peers == {1: FastestPeer("ort-genai", 4.0)}
     dense8, dense64 = prefill[0], prefill[3]
-    assert dense8["best_peer"] == "ort-genai" and dense8["vs_best_peer"] == pytest.approx(10 / 8)  # ms ÷ peer ms
-    assert dense64["best_peer"] == "hf-eager" and dense64["vs_best_peer"] == pytest.approx(30 / 20)
-    assert prefill[2]["vs_best_peer"] == 1.0 and prefill[2]["vs_dense"] == pytest.approx(0.8)
+    assert dense8.best_peer == "ort-genai" and dense8.vs_best_peer == pytest.approx(10 / 8)  # ms ÷ peer ms
+    assert dense64.best_peer == "hf-eager" and dense64.vs_best_peer == pytest.approx(30 / 20)
+    assert prefill[2].vs_best_peer == 1.0 and prefill[2].vs_dense == pytest.approx(0.8)
     pop = decode[1]
-    assert pop["speedup"] == 2.0 and pop["vs_best_peer"] == 4.0 and pop["best_peer"] == "ort-genai"  # speedups
-    assert decode[0]["vs_best_peer"] == 2.0 and decode[2]["vs_best_peer"] == 0.5
+    assert pop.speedup == 2.0 and pop.vs_best_peer == 4.0 and pop.best_peer == "ort-genai"  # speedups
+    assert decode[0].vs_best_peer == 2.0 and decode[2].vs_best_peer == 0.5
     # A 0 ms figure (HF eager's decode is a difference of two runs) is no measurement: no peer.
-    assert decode[4]["best_peer"] is None and decode[4]["vs_best_peer"] is None and decode[5]["tokens_per_s"] is None
+    assert decode[4].best_peer is None and decode[4].vs_best_peer is None and decode[5].tokens_per_s is None
+
+
+def _result_with_peers() -> BenchResult:
+    prefill = [TtftRow("dense-ort", 8, Timing(10.0, 9.0, 12.0, [9.0, 10.0, 12.0])),
+               TtftRow("ort-genai", 8, Timing(8.0, 7.5, 9.0, [7.5, 8.0, 9.0]))]  # fmt: skip
+    decode = [DecodeRow("dense-ort", 0.0, 1, Timing(2.0, 1.9, 2.2, [1.9, 2.0, 2.2])),
+              DecodeRow("ort-genai", 0.0, 1, Timing(2.5, 2.4, 2.6, [2.4, 2.5, 2.6])),
+              DecodeRow("pop-oplib", 0.5, 1, Timing(1.2, 1.1, 1.3, [1.1, 1.2, 1.3])),
+              DecodeRow("pop-oplib", 0.5, 4, Timing(3.0, 2.9, 3.1, [2.9, 3.0, 3.1])),
+              DecodeRow("dense-ort", 0.0, 4, Timing(4.0, 3.9, 4.1, [3.9, 4.0, 4.1]))]  # fmt: skip
+    weights = {"dense": BytesRead(ffn=6e6, total=10e6), "pop@0.5": BytesRead(ffn=3e6, total=7e6)}
+    ttft_peers, decode_peers = bench_run.add_ratios(prefill, decode, weights, 10.0)
+    machine = MachineInfo(
+        cpu="Test CPU", cores=2, threads=2, threads_note="every variant", onnxruntime="1.0", torch="2.0",
+        python="3.12", device="cpu", load_average_start=[0.5, 0.5, 0.5], load_average_end=[0.7, 0.6, 0.5],
+        physical_cores=2, onnxruntime_genai="0.18", seconds=12.5,
+    )  # fmt: skip
+    settings = BenchSettings(
+        prompt_lengths=[8], skipped_prompt_lengths=[], batches=[1, 4], sparsities=[0.5],
+        pop_settings={"0.5": {"retain": 0.125, "candidate": 0.75, "keep": 0.375}}, repeats=3, warmup=1,
+        decode_tokens=4, decode_prompt=8, variants=["dense-ort", "ort-genai", "pop-oplib"],
+    )  # fmt: skip
+    return BenchResult(
+        model="tiny", exports={"dense": "/d", "pop": "/p"}, machine=machine, settings=settings,
+        bandwidth=Bandwidth(10.0, 12.0, 12.0), bytes=weights, prefill=prefill, decode=decode,
+        fastest_ttft_peer=ttft_peers, fastest_decode_peer=decode_peers,
+    )  # fmt: skip
+
+
+def test_json_round_trips():
+    result = _result_with_peers()
+    assert BenchResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+
+
+def test_markdown_and_tables_come_from_one_result():
+    from rich.console import Console
+
+    result = _result_with_peers()
+    text = report.markdown(result)
+    console = Console(file=io.StringIO(), width=2000, color_system=None)
+    for table in report.tables(result):
+        console.print(table)
+    rendered = console.file.getvalue()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 + 4  # decode: header, 3 rows, peer row; TTFT: header, 2 rows, peer row
+    for line in rows:
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        for cell in cells:
+            assert cell in rendered, cell  # every Markdown cell is in the console tables, verbatim
+    speedup = result.decode_row("pop-oplib", 0.5, 1).speedup  # paired: the median of per-round ratios
+    assert speedup == pytest.approx(2.0 / 1.2, rel=0.02) and f"{speedup:.2f}×" in text
 
 
 def test_ort_genai_missing_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # `import onnxruntime_genai` now fails
-    assert "ort-genai" not in bench.default_variants() and "dense-ort" in bench.default_variants()
-    assert not bench.genai_available()
+    assert "ort-genai" not in default_variants() and "dense-ort" in default_variants()
+    assert not genai_available()
     with pytest.raises(PopcError, match=r'pip install "popc\[genai\]"'):
-        bench.run_bench(bench.BenchPlan(directory=tmp_path, variants=["dense-ort", "ort-genai"]))
+        run_bench(BenchPlan(directory=tmp_path, variants=["dense-ort", "ort-genai"]))
     result = CliRunner().invoke(app, ["bench", str(tmp_path), "--variants", "ort-genai"])
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -87,16 +207,15 @@ def test_ort_genai_missing_is_one_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def genai_tiny(tmp_path_factory):  # noqa: ANN001, ANN201
-    """A tiny Llama, its dense popc export and its onnxruntime-genai build (in a private cache)."""
+def genai_tiny(tiny, tmp_path_factory):
+    """The tiny Llama, its dense popc export and its onnxruntime-genai build (in a private cache)."""
     pytest.importorskip("onnxruntime_genai")
     root = tmp_path_factory.mktemp("genai")
+    source, dense, _ = tiny
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("POPC_CACHE_DIR", str(root / "cache"))
-        source = make_tiny_model_dir(root, "llama")
-        export(ExportPlan(model=str(source), out=root / "dense"))
-        built = bench.genai_model(str(source))
-        yield source, root / "dense", built
+        built = genai_model(str(source))
+        yield source, dense, built
 
 
 def test_genai_peer_runs_the_same_model(genai_tiny):
@@ -104,8 +223,9 @@ def test_genai_peer_runs_the_same_model(genai_tiny):
 
     source, dense, built = genai_tiny
     assert json.loads((built / "popc-genai.json").read_text())["hf_directory"] == str(source)
-    assert bench.genai_model(str(source)) == built  # cached: no second build
-    runner = bench.GenaiRunner(str(source), bench.BenchPlan(directory=dense, threads=1), log=lambda m: None)
+    assert genai_model(str(source)) == built  # cached: no second build
+    assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+    runner = GenaiRunner(built, threads=1)
     model = load(dense, use_oplib=False, threads=1)
     prompt = [int(t) for t in np.random.default_rng(3).integers(10, 250, 12)]
     tokens, logits = runner.greedy(prompt, 8)
@@ -122,33 +242,35 @@ def test_genai_peer_runs_the_same_model(genai_tiny):
 
 def test_bench_with_peers(genai_tiny, monkeypatch, tmp_path):
     source, dense, _ = genai_tiny
-    monkeypatch.setattr(bench, "read_bandwidth", lambda: {"numpy_sum_gbs": 10.0, "numpy_gemv_gbs": 10.0, "gbs": 10.0})
-    messages = []
-    plan = bench.BenchPlan(
+    monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
+    stages = Stages()
+    plan = BenchPlan(
         directory=dense, model=str(source), variants=["ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime"],
         prompt_lengths=[8],
         batches=[1, 2], repeats=1, warmup=0, decode_tokens=2, decode_prompt=8, threads=1,
     )  # fmt: skip
-    result = bench.run_bench(plan, log=messages.append)
-    assert not any("building" in m for m in messages)  # the fixture's build was reused
+    result = run_bench(plan, progress=stages)
+    assert not any("building" in m for m in stages.messages)  # the fixture's build was reused
     every = ("ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime")
-    assert sorted(result["settings"]["variants"]) == sorted(every)
-    assert result["machine"]["onnxruntime_genai"]
-    ttft = {row["variant"]: row for row in result["prefill"]}
+    assert sorted(result.settings.variants) == sorted(every)
+    assert result.machine.onnxruntime_genai and result.machine.threads == 1
+    ttft = {row.variant: row for row in result.prefill}
     assert set(ttft) == set(every)
-    decode = {(row["variant"], row["batch"]): row for row in result["decode"]}
+    decode = {(row.variant, row.batch): row for row in result.decode}
     assert set(decode) == {(v, b) for v in every for b in (1, 2)}
     for row in [*ttft.values(), *decode.values()]:
-        ms = row.get("ms", row.get("ms_per_step"))["median"]
-        assert row["best_peer"] in ("ort-genai", "hf-eager")
+        ms = (row.ms if isinstance(row, TtftRow) else row.ms_per_step).median
+        assert row.best_peer in ("ort-genai", "hf-eager")
         if ms > 0:  # HF eager's decode is a difference of two generate() runs: at 2 tokens it can come out 0
-            assert row["vs_best_peer"] > 0 and row.get("vs_dense", row.get("speedup")) > 0
-    best = result["best_peer"]["ttft"]["8"]["variant"]
-    assert ttft[best]["vs_best_peer"] == 1.0
+            ratio = row.vs_dense if isinstance(row, TtftRow) else row.speedup
+            assert row.vs_best_peer > 0 and ratio > 0
+    best = result.fastest_ttft_peer[8].variant
+    assert ttft[best].vs_best_peer == 1.0
     for batch in (1, 2):
-        assert decode[(result["best_peer"]["decode"][str(batch)]["variant"], batch)]["vs_best_peer"] == 1.0
-    text = bench.markdown(result)
+        assert decode[(result.fastest_decode_peer[batch].variant, batch)].vs_best_peer == 1.0
+    text = report.markdown(result)
     assert "| TTFT ms, batch 1 |" in text and "| fastest dense peer |" in text and "vs best peer b2" in text
     assert "onnxruntime-genai" in text
-    bench.tables(result)
-    bench.write_json(result, tmp_path / "bench.json")
+    report.tables(result)
+    report.write_json(result, tmp_path / "bench.json")
+    assert report.read_json(tmp_path / "bench.json") == result

@@ -1,0 +1,111 @@
+"""What a ``popc bench`` run measures: the variants it can compare, and :class:`BenchPlan`.
+
+The default plan finishes in a few minutes on a 2-core CPU (three prompt lengths, two
+batch sizes, one POP sparsity, three repeats); :meth:`BenchPlan.full` is the whole
+matrix the README's table comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from popc.errors import PopcError
+
+ORT_VARIANTS = ("dense-ort", "pop-body", "pop-oplib")
+TORCH_VARIANTS = ("hf-eager", "pop-reference")
+GENAI_VARIANT = "ort-genai"
+# popc's dense export (its genai_config.json) driven by onnxruntime-genai's C++ runtime:
+# the graph against genai's graph with the same driver.
+DENSE_GENAI_RUNTIME = "dense-genai-runtime"
+GENAI_VARIANTS = (GENAI_VARIANT, DENSE_GENAI_RUNTIME)
+VARIANTS = ORT_VARIANTS + TORCH_VARIANTS + GENAI_VARIANTS
+POP_EXPORT_VARIANTS = ("pop-body", "pop-oplib")
+# Variants that run the model dense (one decode row per batch, no sparsity).
+DENSE_VARIANTS = ("dense-ort", "hf-eager", GENAI_VARIANT, DENSE_GENAI_RUNTIME)
+# Other runtimes' dense builds of the same model: every row is also compared with the
+# fastest of these in the same run.
+PEERS = (GENAI_VARIANT, "hf-eager")
+LABELS = {
+    "dense-ort": "dense ORT",
+    "pop-body": "POP (function bodies)",
+    "pop-oplib": "POP (op library)",
+    "hf-eager": "HF PyTorch eager",
+    "pop-reference": "POP PyTorch reference",
+    GENAI_VARIANT: "onnxruntime-genai",
+    DENSE_GENAI_RUNTIME: "dense ORT, genai runtime",
+}
+DEVICES = ("cpu", "cuda")
+
+# `--full`: every measured sparsity, a 2048-token prompt, batch 8, more repeats (~15 min
+# for SmolLM2-135M on 2 cores, against a few minutes for the defaults).
+FULL_MATRIX: dict[str, Any] = {
+    "prompt_lengths": (16, 128, 512, 2048),
+    "batches": (1, 4, 8),
+    "sparsities": (0.25, 0.5, 0.75),
+    "repeats": 5,
+}
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    directory: Path  # a POP export or a dense export
+    dense: Path | None = None  # the dense export (else the one of `directory`, or exported once)
+    pop: Path | None = None  # the POP export (else `directory` if it is one, or exported once)
+    model: str | None = None  # model spec for the PyTorch and genai variants (default: popc.json's source)
+    prompt_lengths: Sequence[int] = (16, 128, 512)
+    batches: Sequence[int] = (1, 4)
+    sparsities: Sequence[float] = (0.5,)
+    variants: Sequence[str] | None = None  # None: every variant this machine can run (default_variants())
+    repeats: int = 3
+    warmup: int = 1
+    decode_tokens: int = 32
+    decode_prompt: int = 64
+    threads: int | None = None  # None: one per physical core, the same for every variant
+    device: str = "cpu"
+    torch_max_prompt: int | None = None  # longest prompt the PyTorch variants prefill
+    seed: int = 0
+
+    @classmethod
+    def full(cls, directory: Path, **overrides: Any) -> BenchPlan:
+        """The whole matrix (:data:`FULL_MATRIX`); ``overrides`` still win."""
+        return cls(directory=directory, **{**FULL_MATRIX, **overrides})
+
+    def resolved(self) -> BenchPlan:
+        """This plan checked, with its variants and thread count filled in."""
+        from popc.bench.machine import default_threads
+        from popc.bench.peers import default_variants, import_genai
+
+        variants = list(dict.fromkeys(self.variants)) if self.variants is not None else default_variants()
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise PopcError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        if not variants:
+            raise PopcError("--variants names no variant")
+        if any(v in GENAI_VARIANTS for v in variants):
+            import_genai()  # asked for by name: a missing package is an error, not a silent skip
+        if self.repeats < 1 or self.decode_tokens < 1:
+            raise PopcError("--repeats and --decode-tokens must be at least 1")
+        if self.warmup < 0:
+            raise PopcError(f"--warmup must be at least 0, got {self.warmup}")
+        if any(not 0 < s < 1 for s in self.sparsities):
+            raise PopcError("--sparsities must lie in (0, 1)")
+        if any(n < 1 for n in self.prompt_lengths) or self.decode_prompt < 1:
+            raise PopcError("--prompt-lengths and --decode-prompt must be at least 1")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise PopcError("--batches must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise PopcError(f"--threads must be at least 1, got {self.threads}")
+        if self.device not in DEVICES:
+            raise PopcError(f"--device must be one of {', '.join(DEVICES)}, got {self.device}")
+        return dataclasses.replace(
+            self,
+            variants=tuple(variants),
+            threads=self.threads or default_threads(),
+            prompt_lengths=tuple(int(n) for n in self.prompt_lengths),
+            batches=tuple(int(b) for b in self.batches),
+            sparsities=tuple(float(s) for s in self.sparsities),
+        )
