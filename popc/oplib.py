@@ -9,8 +9,8 @@ Where the library is looked for, in order:
 
 1. ``$POPC_OPLIB`` -- an explicit path (``POPC_OPLIB=off`` disables the library);
 2. ``popc/templates/libpopc_ops.so`` -- a copy shipped inside the package;
-3. ``$POPC_CACHE_DIR/oplib/<sources digest>/libpopc_ops.so`` (default cache
-   ``~/.cache/popc``) -- what :func:`build` writes.
+3. ``<cache root>/oplib/<sources digest>/libpopc_ops.so`` (``popc.cache.cache_root()``,
+   ``~/.cache/popc`` by default) -- what :func:`build` writes.
 
 :func:`build` needs CMake and a C++17 compiler. ONNX Runtime's PyPI wheels ship no
 C/C++ headers, so the headers come from Debian's ``libonnxruntime-dev`` package,
@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from popc.atomic import atomic_directory, atomic_file
+from popc.cache import cache_root
 from popc.errors import PopcError
 
 LIBRARY_NAME = "libpopc_ops.so"
@@ -78,10 +80,6 @@ def source_dir() -> Path:
     from popc import templates
 
     return Path(templates.__file__).resolve().parent
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("POPC_CACHE_DIR") or Path.home() / ".cache" / "popc").expanduser()
 
 
 def sources_digest() -> str:
@@ -194,23 +192,17 @@ def fetch_headers(log: Log = lambda message: None) -> Path:
                 debs = sorted((apt / "download").glob("libonnxruntime-dev_*.deb"))
                 if not debs:
                     raise PopcError("apt-get download produced no .deb")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(prefix=f".{suite}-", dir=target.parent))
-                subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True, text=True)
+                with atomic_directory(target) as staging:
+                    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True, text=True)
+                    include = staging / "usr" / "include" / "onnxruntime"
+                    if not (include / "onnxruntime_cxx_api.h").is_file():
+                        raise PopcError("the package has no onnxruntime_cxx_api.h")
+                    version = debs[0].name.split("_")[1]
+                    (include / "PACKAGE_VERSION").write_text(f"libonnxruntime-dev {version} (Debian {suite})\n")
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, PopcError, OSError) as error:
                 detail = getattr(error, "stderr", None) or str(error)
                 errors.append(f"{suite}: {detail.strip().splitlines()[-1] if detail.strip() else error}")
                 continue
-            include = staging / "usr" / "include" / "onnxruntime"
-            if not (include / "onnxruntime_cxx_api.h").is_file():
-                errors.append(f"{suite}: the package has no onnxruntime_cxx_api.h")
-                shutil.rmtree(staging, ignore_errors=True)
-                continue
-            version = debs[0].name.split("_")[1]
-            (include / "PACKAGE_VERSION").write_text(f"libonnxruntime-dev {version} (Debian {suite})\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
             return target / "usr" / "include" / "onnxruntime"
     raise PopcError("could not fetch ONNX Runtime headers from Debian: " + "; ".join(errors))
 
@@ -292,9 +284,8 @@ def build(force: bool = False, cuda: bool | None = None, log: Log = lambda messa
             built = build_tree / LIBRARY_NAME
             if not built.is_file():
                 raise PopcError(f"the build produced no {LIBRARY_NAME} (log: {log_file})")
-            staged = target / (LIBRARY_NAME + ".tmp")
-            shutil.copy2(built, staged)
-            staged.replace(target / LIBRARY_NAME)  # atomic: a loaded old copy stays valid
+            with atomic_file(target / LIBRARY_NAME) as staged:  # a loaded old copy stays valid
+                shutil.copy2(built, staged)
             info = {
                 "cuda": bool(want_cuda),
                 "cuda_error": cuda_error,
