@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from popc.artifact import CONFIG_NAME as EXPORT_CONFIG_NAME
@@ -20,14 +19,14 @@ from popc.loading.builtin import load_builtin
 from popc.loading.gguf import load_gguf
 from popc.loading.hf_dir import load_hf_dir, refuse_pickles
 from popc.loading.loaded import BUILTIN_MODELS, LoadedModel, check_supported, short_error
-from popc.progress import Progress, Silent, or_silent
+from popc.progress import Progress, or_silent
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     """Resolve ``spec`` (built-in name, .gguf path, local dir, or cached hub id) and load it."""
-    progress = _as_progress(progress)
+    progress = or_silent(progress)
     if not isinstance(spec, str) or not spec.strip():
         raise PopcError(
             "no model given: pass a built-in name "
@@ -60,20 +59,6 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
         f"{spec}: no such file or directory, and not a built-in model{_near_miss_hint(spec)}; "
         f"built-in models: {', '.join(BUILTIN_MODELS)}; a hub id looks like 'org/name'"
     )
-
-
-def _as_progress(progress: Progress | Callable[[str], None] | None) -> Progress:
-    """Transitional: a caller not yet moved to popc.progress (popc/analyze.py) passes a
-    callable taking each stage's message. Remove once every caller passes a Progress."""
-    if progress is None or hasattr(progress, "stage"):
-        return or_silent(progress)  # type: ignore[arg-type]
-    report = progress
-
-    class _Stages(Silent):
-        def stage(self, message: str) -> None:
-            report(message)
-
-    return _Stages()
 
 
 def load_directory(path: Path, progress: Progress, *, source: str) -> LoadedModel:
