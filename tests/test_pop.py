@@ -54,7 +54,7 @@ def pop_export(request, family_exports):
 
 def assert_same_partition(mine: np.ndarray, theirs: np.ndarray, scores: np.ndarray, retain: int) -> None:
     """Equal regions (R, C) per sequence. Order inside a region does not change the math;
-    a channel may only cross a region boundary where fp32 scores tie (DESIGN.md, "fp32 and top-k")."""
+    a channel may only cross a region boundary where fp32 scores tie (docs/design.md, "fp32 and top-k")."""
     for row in range(mine.shape[0]):
         for region in (slice(0, retain), slice(retain, None)):
             ours, reference = set(mine[row, region]), set(theirs[row, region])
