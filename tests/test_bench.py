@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model_dir
 from typer.testing import CliRunner
 
+from conftest import make_tiny_model_dir
 from popc.bench import BenchPlan, BenchResult, report, run_bench
 from popc.bench import run as bench_run
 from popc.bench.exports import resolve_exports
