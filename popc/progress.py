@@ -67,6 +67,7 @@ class Lines:
 
     def start(self, total: int | None) -> None:
         self.total, self.done = total, 0
+        self.last_report = time.perf_counter()  # the first heartbeat comes 30 s in, not at once
 
     def advance(self, count: int = 1) -> None:
         self.done += count
