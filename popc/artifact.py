@@ -15,6 +15,10 @@ from typing import Any
 from popc.errors import PopcError
 
 CONFIG_NAME = "popc.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# The key by which a tokenizer or model config names Python classes shipped beside it, for
+# transformers to import: popc never runs code from a model or an export.
+CUSTOM_CODE_KEY = "auto_map"
 DEFAULT_MODEL_FILE = "model.onnx"
 FORMAT_NAME = "popc-export"
 FORMAT_VERSION = 1
@@ -77,3 +81,44 @@ def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
     if not location.model_path.is_file():
         raise PopcError(f"{location.model_path} is missing; the export is incomplete, re-run `popc export`")
     return location, config
+
+
+def refuse_custom_code(directory: Path) -> None:
+    """Raise if ``directory`` asks transformers to import Python code it ships.
+
+    Checked before transformers sees the directory: ``trust_remote_code=False`` refuses too,
+    but only in the code paths that reach the check, and an ``auto_map`` in an export is
+    never popc's."""
+    for name in (TOKENIZER_CONFIG_NAME, "config.json"):
+        path = directory / name
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # absent or unreadable: the loader that needs it says so
+        if isinstance(config, dict) and CUSTOM_CODE_KEY in config:
+            raise PopcError(
+                f"{path} names custom code to import ({CUSTOM_CODE_KEY!r}); popc never runs code from a "
+                f"model or an export: re-export it with this popc, or remove {CUSTOM_CODE_KEY!r} if you trust it"
+            )
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved in an export: local files only, no custom code, never a prompt."""
+    refuse_custom_code(directory)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+    except Exception as error:
+        raise PopcError(f"cannot load the tokenizer in {directory}: {error}") from None
+
+
+def drop_custom_code(directory: Path) -> None:
+    """Remove ``auto_map`` from a tokenizer config just saved: transformers copies it from the
+    source model, and popc's exports name no code."""
+    path = directory / TOKENIZER_CONFIG_NAME
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if isinstance(config, dict) and config.pop(CUSTOM_CODE_KEY, None) is not None:
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -25,7 +25,14 @@ import onnx_ir as ir
 import torch
 
 from popc import __version__, families
-from popc.artifact import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, ExportLocation, location_for_output
+from popc.artifact import (
+    CONFIG_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ExportLocation,
+    drop_custom_code,
+    location_for_output,
+)
 from popc.atomic import staging_directory as new_staging_directory
 from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
@@ -399,6 +406,7 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
 
         progress.stage("writing the tokenizer and popc.json")
         loaded.tokenizer.save_pretrained(content)
+        drop_custom_code(content)
         config = export_config(loaded, location, plan)
         config["export_seconds"] = round(time.perf_counter() - started, 1)
         (content / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from popc.artifact import ExportLocation, read_export
+from popc.artifact import ExportLocation, load_tokenizer, read_export
 from popc.errors import PopcError
 from popc.pop import PopSettings
 
@@ -136,8 +136,6 @@ class PopcModel:
         use_oplib: bool = True,
         threads: int | None = None,
     ):
-        from transformers import AutoTokenizer
-
         self.location = location
         self.config = config
         self.device = device
@@ -146,10 +144,7 @@ class PopcModel:
         # Dense exports have no ai.popc ops: no need to load (or first build) the op library.
         has_popc_ops = config.get("pop") is not None
         self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib and has_popc_ops, threads)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(location.directory))
-        except Exception as error:
-            raise PopcError(f"cannot load the tokenizer in {location.directory}: {error}") from None
+        self.tokenizer = load_tokenizer(location.directory)
         self.num_layers = int(config["num_layers"])
         self.num_kv_heads = int(config["num_kv_heads"])
         self.head_dim = int(config["head_dim"])

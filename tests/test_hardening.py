@@ -1,0 +1,115 @@
+"""Hostile and careless inputs (issue "Hardening"): no code from a model or an export runs,
+nothing popc did not write is touched, and a bad input is an error, never a wrong result.
+
+Each test here failed before its fix; the security ones are written as regressions would
+show: a marker file that must not appear, a user file that must survive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_tiny_model_dir
+from popc.cli import app
+from popc.errors import PopcError
+
+runner = CliRunner()
+
+
+def invoke(*args: object, stdin: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=stdin, catch_exceptions=False)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its content."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_clean_failure(result, *, contains: str) -> None:
+    """One ``error:`` line naming the problem, a non-zero exit, no traceback."""
+    output = result.output.strip()
+    assert result.exit_code != 0, output
+    assert "Traceback" not in output
+    assert contains in output, output
+    assert len([line for line in output.splitlines() if line.startswith("error:")]) == 1, output
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny llama source directory, a dense export of it); tests copy, never modify, them."""
+    root = tmp_path_factory.mktemp("hardening")
+    source = make_tiny_model_dir(root, "llama")
+    result = invoke("export", source, "--out", root / "export")
+    assert result.exit_code == 0, result.output
+    return source, root / "export"
+
+
+def copy_of(directory: Path, tmp_path: Path, name: str = "copy") -> Path:
+    target = tmp_path / name
+    shutil.copytree(directory, target)
+    return target
+
+
+# ---- 1. no code from an export or a model runs ---------------------------------------------
+
+
+def plant_custom_tokenizer(directory: Path, marker: Path, *, keep_class: bool = False) -> None:
+    """An ``auto_map`` naming a tokenizer class in a ``.py`` beside it that creates ``marker``.
+
+    Without ``tokenizer_class`` transformers has no class of its own to fall back on, and
+    without ``trust_remote_code=False`` it prompts "run the custom code? [y/N]" and, given
+    "y", imports the file."""
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if not keep_class:
+        config.pop("tokenizer_class", None)
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    config_path.write_text(json.dumps(config))
+    (directory / "evil.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('code from the model ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "load"])
+def test_code_beside_an_export_never_runs(tiny, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    export = copy_of(tiny[1], tmp_path)
+    marker = tmp_path / "MARKER"
+    plant_custom_tokenizer(export, marker)
+    if command == "load":
+        import popc
+
+        with pytest.raises(PopcError, match="auto_map"):
+            popc.load(export)
+    else:
+        args = ["--prompt", "hi", "--max-new-tokens", 2] if command == "run" else ["--methods", "dense", "--tasks", "none", "--windows", 0]
+        assert_clean_failure(invoke(command, export, *args, stdin="y\ny\n"), contains="auto_map")
+    assert not marker.exists()
+
+
+def test_export_does_not_copy_auto_map(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    source = copy_of(tiny[0], tmp_path, "source")
+    marker = tmp_path / "MARKER"
+    # With its own tokenizer class named, transformers ignores auto_map (trust_remote_code=False).
+    plant_custom_tokenizer(source, marker, keep_class=True)
+    result = invoke("export", source, "--out", tmp_path / "export", stdin="y\ny\n")
+    assert result.exit_code == 0, result.output
+    assert "auto_map" not in json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    assert not list((tmp_path / "export").glob("*.py"))
+    assert not marker.exists()
+    assert invoke("run", tmp_path / "export", "--prompt", "hi", "--max-new-tokens", 2).exit_code == 0
