@@ -20,6 +20,15 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # transformers to import: popc never runs code from a model or an export.
 CUSTOM_CODE_KEY = "auto_map"
 DEFAULT_MODEL_FILE = "model.onnx"
+GENAI_CONFIG_NAME = "genai_config.json"
+# The files a transformers tokenizer may save (``save_pretrained``): with the model file, its
+# data file, popc.json and genai_config.json, everything an export holds.
+TOKENIZER_FILES = frozenset({
+    TOKENIZER_CONFIG_NAME, "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "tokenizer.model", "spiece.model", "spm.model",
+    "sentencepiece.model", "sentencepiece.bpe.model", "tiktoken.model", "vocab.json", "merges.txt", "vocab.txt",
+})  # fmt: skip
+CHAT_TEMPLATES_DIRECTORY = "additional_chat_templates"  # one .jinja file per named template
 FORMAT_NAME = "popc-export"
 FORMAT_VERSION = 1
 
@@ -49,6 +58,27 @@ def location_for_output(out: str | Path) -> ExportLocation:
     if out.suffix == ".onnx":
         return ExportLocation(out.parent, out.name, owns_directory=not out.parent.exists())
     return ExportLocation(out, DEFAULT_MODEL_FILE, owns_directory=True)
+
+
+def export_file_names(model_file: str, *, with_genai: bool = True) -> frozenset[str]:
+    """Every name an export with ``model_file`` may hold (the chat-templates folder aside)."""
+    names = {model_file, model_file + ".data", CONFIG_NAME, *TOKENIZER_FILES}
+    return frozenset(names | {GENAI_CONFIG_NAME} if with_genai else names)
+
+
+def foreign_entries(directory: Path, model_file: str) -> list[str]:
+    """Names in ``directory`` that an export with ``model_file`` does not hold: what
+    replacing the directory would delete although popc did not write it."""
+    known = export_file_names(model_file)
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name == CHAT_TEMPLATES_DIRECTORY and entry.is_dir() and not entry.is_symlink():
+            if all(p.is_file() and p.suffix == ".jinja" for p in entry.iterdir()):
+                continue
+        elif entry.name in known and (entry.is_symlink() or not entry.is_dir()):
+            continue
+        foreign.append(entry.name)
+    return foreign
 
 
 def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
@@ -122,3 +152,18 @@ def drop_custom_code(directory: Path) -> None:
     config = json.loads(path.read_text())
     if isinstance(config, dict) and config.pop(CUSTOM_CODE_KEY, None) is not None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_replaceable(directory: Path) -> None:
+    """Raise unless ``directory`` is a popc export holding only what an export holds: replacing
+    it must delete nothing popc did not write."""
+    try:
+        previous, _ = read_export(directory)
+    except PopcError:
+        raise PopcError(f"{directory} exists and is not a popc export; refusing to replace it, choose another --out") from None
+    foreign = foreign_entries(directory, previous.model_file)
+    if foreign:
+        raise PopcError(
+            f"{directory} holds files a popc export does not ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); refusing to replace it: move them, or choose another --out"
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -26,11 +25,14 @@ import torch
 
 from popc import __version__, families
 from popc.artifact import (
+    CHAT_TEMPLATES_DIRECTORY,
     CONFIG_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     ExportLocation,
+    check_replaceable,
     drop_custom_code,
+    export_file_names,
     location_for_output,
 )
 from popc.atomic import staging_directory as new_staging_directory
@@ -310,14 +312,19 @@ def check_destination(location: ExportLocation, force: bool) -> None:
     if location.owns_directory:
         if not directory.exists() or not any(directory.iterdir()):
             return
-        if not (directory / CONFIG_NAME).exists():
-            raise PopcError(f"{directory} exists and is not a popc export; refusing to replace it, choose another --out")
+        check_replaceable(directory)
         if not force:
             raise PopcError(f"{directory} already holds an export; pass --force to replace it")
-    elif not force:
-        for name in (location.model_file, CONFIG_NAME):
-            if (directory / name).exists():
-                raise PopcError(f"{directory / name} already exists; pass --force to replace it")
+        return
+    # `--out dir/name.onnx`: every file an export may write there is checked, tokenizer files
+    # included, before minutes of loading and tracing.
+    names = export_file_names(location.model_file, with_genai=False) | {CHAT_TEMPLATES_DIRECTORY}
+    for name in sorted(names):
+        target = directory / name
+        if target.is_dir() and not target.is_symlink() and name != CHAT_TEMPLATES_DIRECTORY:
+            raise PopcError(f"{target} is a directory where the export writes a file; choose another --out")
+        if not force and (target.exists() or target.is_symlink()):
+            raise PopcError(f"{target} already exists; pass --force to replace it")
 
 
 @contextlib.contextmanager
@@ -343,6 +350,9 @@ def _move_into_place(staging: Path, location: ExportLocation) -> None:
     directory = location.directory
     if location.owns_directory:
         if directory.exists():
+            # Checked again: a file put there while the export ran must survive it too.
+            if any(directory.iterdir()):
+                check_replaceable(directory)
             os.replace(directory, staging / "previous")  # removed with the staging directory
         os.replace(content, directory)
         return
@@ -351,8 +361,8 @@ def _move_into_place(staging: Path, location: ExportLocation) -> None:
     names = sorted(p.name for p in content.iterdir() if p.name != CONFIG_NAME) + [CONFIG_NAME]
     for name in names:
         target = directory / name
-        if target.is_dir():
-            shutil.rmtree(target)
+        if target.is_dir() and not target.is_symlink():  # the chat-templates folder (checked)
+            os.replace(target, staging / f"previous-{name}")
         os.replace(content / name, target)
 
 

@@ -113,3 +113,68 @@ def test_export_does_not_copy_auto_map(tiny, tmp_path, monkeypatch):
     assert not list((tmp_path / "export").glob("*.py"))
     assert not marker.exists()
     assert invoke("run", tmp_path / "export", "--prompt", "hi", "--max-new-tokens", 2).exit_code == 0
+
+
+# ---- 2. --force replaces a popc export, and nothing else -----------------------------------
+
+
+def test_force_does_not_delete_a_directory_with_any_popc_json(tiny, tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "popc.json").write_text("{}")
+    (target / "keep").write_text("x")
+    before = snapshot(target)
+    assert_clean_failure(invoke("export", tiny[0], "--out", target, "--force"), contains="not a popc export")
+    assert snapshot(target) == before
+
+
+def test_force_does_not_delete_files_added_to_an_export(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    (export / "notes.txt").write_text("mine")
+    before = snapshot(export)
+    assert_clean_failure(invoke("export", tiny[0], "--out", export, "--force"), contains="notes.txt")
+    assert snapshot(export) == before
+
+
+def test_force_replaces_a_popc_export(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    (export / "model.onnx.data").write_bytes(b"stale")
+    assert invoke("export", tiny[0], "--out", export, "--force").exit_code == 0
+    assert (export / "model.onnx.data").read_bytes() != b"stale"
+
+
+def test_a_file_added_during_the_export_survives(tiny, tmp_path, monkeypatch):
+    from popc import export as export_module
+
+    export = copy_of(tiny[1], tmp_path)
+    real_trace = export_module.trace_to_onnx
+
+    def trace_then_add_a_file(*args, **kwargs):
+        (export / "added-meanwhile.txt").write_text("mine")
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "trace_to_onnx", trace_then_add_a_file)
+    assert_clean_failure(invoke("export", tiny[0], "--out", export, "--force"), contains="added-meanwhile.txt")
+    assert (export / "added-meanwhile.txt").read_text() == "mine"
+    assert (export / "popc.json").is_file()
+
+
+# ---- 3. --out DIR/name.onnx replaces nothing without --force --------------------------------
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tiny.onnx.data"])
+def test_out_onnx_path_keeps_the_files_beside_it(tiny, tmp_path, name):
+    (tmp_path / name).write_text("the user's own")
+    before = snapshot(tmp_path)
+    assert_clean_failure(invoke("export", tiny[0], "--out", tmp_path / "tiny.onnx"), contains=name)
+    assert snapshot(tmp_path) == before
+    assert invoke("export", tiny[0], "--out", tmp_path / "tiny.onnx", "--force").exit_code == 0
+    assert (tmp_path / name).read_bytes() != b"the user's own"
+
+
+def test_out_onnx_path_never_removes_a_directory(tiny, tmp_path):
+    (tmp_path / "tokenizer.json").mkdir()
+    (tmp_path / "tokenizer.json" / "inside").write_text("mine")
+    result = invoke("export", tiny[0], "--out", tmp_path / "tiny.onnx", "--force")
+    assert_clean_failure(result, contains="is a directory")
+    assert (tmp_path / "tokenizer.json" / "inside").read_text() == "mine"
