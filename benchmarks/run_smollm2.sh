@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's `popc bench` table: SmolLM2-135M fp32, popc dense and POP at 25/50/75 %
+# Reproduce docs/results.md's `popc bench` table: SmolLM2-135M fp32, popc dense and POP at 25/50/75 %
 # against onnxruntime-genai's build of the same model and transformers eager (2 threads).
 #
 #   benchmarks/run_smollm2.sh [OUT_DIR] [extra popc bench options...]

@@ -2,7 +2,7 @@
 
 Sparsity is the fraction of FFN channels a decode step skips in up/down:
 ``1 - retain - keep``. The ratios below were chosen from `popc eval` measurements
-(see README, "Choosing the defaults").
+(see docs/results.md, "Choosing the defaults").
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from popc.errors import PopcError
 from popc.pop import PopSettings
 
 # Measured with benchmarks/choose_defaults.py on smollm2-135m (16 splits per sparsity,
-# continuation perplexity on lee_background.cor; table in the README). With budget
+# continuation perplexity on lee_background.cor; table in docs/results.md). With budget
 # b = 1 - s: a quarter of it retained (r = b/4), the candidate pool r + c covering b
 # plus three quarters of the rest (so a quarter of the non-budget channels is pruned
 # outright, saving their gate rows), and k = 3b/4 kept per token. Perplexity barely

@@ -1,7 +1,7 @@
 """The popc op library, ``libpopc_ops.so``: find it, build it, register it with ONNX Runtime.
 
 The library holds fused CPU (and, when built with nvcc, CUDA) kernels for the
-``ai.popc`` ops defined in ``popc/templates/ops.py``. Exported models run without
+``ai.popc`` ops defined in ``templates/ops.py`` (installed as ``popc.templates``). Exported models run without
 it (each popc op carries a function body of standard ONNX ops); with it, the
 pruned FFNs read only the selected weight rows.
 

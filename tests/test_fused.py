@@ -66,7 +66,7 @@ def test_fused_graph_holds_the_ort_fused_operators(fused):
 
 
 def test_onnxscript_ort_fusions_match_nothing_on_the_plain_trace(tmp_path):
-    """Why popc traces the ORT ops itself (README): onnxscript's ORT fusions, run on popc's
+    """Why popc traces the ORT ops itself (docs/design.md): onnxscript's ORT fusions, run on popc's
     plain (--no-fuse) trace, fuse none of attention, rotary or the norms. If a future
     onnxscript does, this fails and the choice is worth revisiting."""
     import onnx_ir as ir

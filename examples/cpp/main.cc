@@ -6,7 +6,7 @@
 // DIR is an export directory (DIR/model.onnx) or the .onnx file itself. --ids are the
 // prompt's token ids (get them with `popc run DIR --prompt "..." --json`, field
 // prompt_ids). Prints the generated ids on one line of stdout, space-separated; turn
-// them into text with the export's tokenizer (see README.md). Generation stops after N
+// them into text with the export's tokenizer (see docs/op-library.md). Generation stops after N
 // tokens or at an end-of-sequence id (from --eos, else popc.json's "eos_token_ids").
 //
 // Graph contract (what popc exports): inputs input_ids int64 [B, S], attention_mask

@@ -2,7 +2,7 @@
 
 The default plan finishes in a few minutes on a 2-core CPU (three prompt lengths, two
 batch sizes, one POP sparsity, three repeats); :meth:`BenchPlan.full` is the whole
-matrix the README's table comes from.
+matrix docs/results.md's tables come from.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def _markdown_table(grid: Grid) -> list[str]:
 
 
 def markdown(result: BenchResult) -> str:
-    """The decode and TTFT tables as Markdown (for the README)."""
+    """The decode and TTFT tables as Markdown (for docs/results.md and benchmarks/results/)."""
     lines = [machine_line(result), "", *_markdown_table(decode_grid(result)), ""]
     lines += _markdown_table(ttft_grid(result))
     if result.has_peers:
