@@ -1,6 +1,6 @@
 """``popc analyze``: which layers the prompt can skip (POP-prefill), measured.
 
-With the PyTorch reference (:class:`popc.prefill.SkipReference`) over the model:
+With the PyTorch reference (:class:`popc.reference.SkipReference`) over the model:
 
 * **sweep**: continuation loss (mean NLL per token, scored in decode mode on the
   prefilled cache, as ``popc eval`` scores) when the deepest ``N`` layers are
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,7 @@ from typing import Any
 import torch
 
 from popc.errors import PopcError
-
-Tick = Callable[[str], None]
+from popc.progress import Progress, or_silent
 
 
 @dataclass
@@ -57,15 +55,19 @@ def _windows(tokenizer, plan: AnalyzePlan, max_positions: int):
     return torch.from_numpy(make_windows(ids, special_prefix(tokenizer), window, plan.windows)), str(path)
 
 
-def analyze(plan: AnalyzePlan, tick: Tick | None = None, model=None, tokenizer=None) -> dict[str, Any]:
-    """Run the analysis; returns a JSON-able dict (see module docstring)."""
+def analyze(
+    plan: AnalyzePlan, progress: Progress | None = None, model: Any = None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """Run the analysis; returns a JSON-able dict (see module docstring). ``progress`` gets a
+    stage per loss measured, and one step of a bar over all of them."""
     from popc.loading import load_model
-    from popc.prefill import SkipReference, continuation_nll
+    from popc.reference import SkipReference, continuation_nll
 
-    report = tick or (lambda message: None)
+    progress = or_silent(progress)
     started = time.perf_counter()
     if model is None:
-        loaded = load_model(plan.model, progress=report)
+        progress.stage(f"loading {plan.model}")
+        loaded = load_model(plan.model, progress=progress)
         model, tokenizer = loaded.model, loaded.tokenizer
     if next(model.parameters()).dtype != torch.float32:
         model = model.float()
@@ -77,28 +79,36 @@ def analyze(plan: AnalyzePlan, tick: Tick | None = None, model=None, tokenizer=N
     if not 2 <= prompt < width:
         raise PopcError(f"--prompt must be in [2, {width}), got {prompt}")
 
-    def loss(**skip) -> float:
-        return continuation_nll(SkipReference(model, **skip), windows, prompt, plan.batch)
-
-    report("dense")
-    dense = loss()
-    sweep = []
     counts = sorted(set(plan.counts)) if plan.counts else list(range(1, layers))
     if any(not 1 <= c < layers for c in counts):
         raise PopcError(f"--counts must be in [1, {layers - 1}]")
+
+    def loss(label: str, **skip) -> float:
+        progress.stage(label)
+        value = continuation_nll(SkipReference(model, **skip), windows, prompt, plan.batch)
+        progress.advance()
+        return value
+
+    progress.start(1 + 2 * len(counts) + (2 * layers if plan.per_layer else 0))
+    dense = loss("dense")
+    sweep = []
     for count in counts:
         deepest = range(layers - count, layers)
-        report(f"skipping the deepest {count} of {layers} layers")
-        sweep.append(
-            {"skip": count, "prefill_only": loss(prefill_skip=deepest), "every_token": loss(always_skip=deepest)}
-        )
+        label = f"skipping the deepest {count} of {layers} layers"
+        sweep.append({
+            "skip": count,
+            "prefill_only": loss(f"{label} at prefill", prefill_skip=deepest),
+            "every_token": loss(f"{label} for every token", always_skip=deepest),
+        })  # fmt: skip
     per_layer = []
     if plan.per_layer:
         for index in range(layers):
-            report(f"skipping layer {index}")
-            per_layer.append(
-                {"layer": index, "prefill_only": loss(prefill_skip=[index]), "every_token": loss(always_skip=[index])}
-            )
+            label = f"skipping layer {index}"
+            per_layer.append({
+                "layer": index,
+                "prefill_only": loss(f"{label} at prefill", prefill_skip=[index]),
+                "every_token": loss(f"{label} for every token", always_skip=[index]),
+            })  # fmt: skip
     recommended = 0
     for row in sweep:
         if row["prefill_only"] - dense > plan.budget:

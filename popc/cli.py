@@ -218,63 +218,43 @@ def eval_(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
     text: Annotated[Optional[Path], typer.Option(help="Perplexity text (default: lee_background.cor, fetched once).")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
-    sparsities: Annotated[str, typer.Option(help="Comma-separated decode sparsities.")] = "0.25,0.5,0.75",
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BIG-bench JSON tasks; 'none' to skip.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Examples per task (default 50).")] = None,
-    windows: Annotated[int, typer.Option(help="Perplexity windows, spread over the text; 0 skips perplexity.")] = 24,
+    full: Annotated[bool, typer.Option("--full", help="The whole matrix: sparsities 0.25,0.5,0.75, 24 windows, 5 tasks x 50 questions (tens of minutes on a CPU).")] = False,
+    sparsities: Annotated[Optional[str], typer.Option(help="Comma-separated decode sparsities. [default: 0.5]")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated BIG-bench JSON tasks; 'none' to skip. [default: emoji_movie; --full: 5 tasks]")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Questions per task. [default: 10; --full 50]")] = None,
+    windows: Annotated[Optional[int], typer.Option(help="Perplexity windows, spread over the text; 0 skips perplexity. [default: 8; --full 24]")] = None,
     window: Annotated[int, typer.Option(help="Tokens per perplexity window (capped at the model's context).")] = 256,
     prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens per window (default: half the window).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated rows: dense,pop,griffin,dynamic,static.")] = "dense,pop,griffin,dynamic,static",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated rows: dense,pop,griffin,dynamic,static. [default: all]")] = None,
     batch: Annotated[int, typer.Option(help="Windows / questions per graph call.")] = 8,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of accuracy/perplexity vs FFN weight bytes.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+    """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost.
 
+    The defaults take a few minutes on a CPU; --full runs the whole matrix. Options given override either."""
     from popc.eval import EvalPlan, result_table, run_eval
     from popc.eval import plot as write_plot
+    from popc.progress import console_progress
 
     try:
-        try:
-            levels = [float(s) for s in sparsities.split(",") if s.strip()]
-        except ValueError:
-            raise PopcError(f"--sparsities takes comma-separated fractions, got {sparsities!r}") from None
-        task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
         if limit is not None and limit < 1:
             raise PopcError("--limit must be at least 1")
-        if windows < 0:
+        if windows is not None and windows < 0:
             raise PopcError("--windows must be >= 0")
-        plan = EvalPlan(
-            directory=directory,
-            text="" if windows == 0 else text,
-            tasks=task_list,
-            sparsities=levels,
-            limit=limit,
-            windows=windows,
-            window=window,
-            prompt=prompt,
-            batch=batch,
-            methods=[m.strip() for m in methods.split(",") if m.strip()],
-            device=device,
-        )
-        with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-        ) as bar:
-            task = bar.add_task("loading", total=None)
-
-            class Reporter:
-                def start(self, total: int) -> None:
-                    bar.update(task, total=total, completed=0)
-
-                def describe(self, label: str) -> None:
-                    bar.update(task, description=label)
-
-                def advance(self, count: int) -> None:
-                    bar.advance(task, count)
-
-            result = run_eval(plan, Reporter())
+        # Only the options given override the plan's matrix (the quick default, or --full's).
+        matrix = {
+            "sparsities": _float_list(sparsities, "--sparsities") if sparsities is not None else None,
+            "tasks": None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"],
+            "limit": limit,
+            "windows": windows,
+            "methods": None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
+        }
+        options = {key: value for key, value in matrix.items() if value is not None}
+        options.update(text="" if windows == 0 else text, window=window, prompt=prompt, batch=batch, device=device)
+        plan = EvalPlan.full(directory, **options) if full else EvalPlan(directory, **options)
+        with console_progress(console) as progress:
+            result = run_eval(plan, progress)
         if as_json is not None:
             try:
                 as_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -331,14 +311,15 @@ def analyze(
     from popc.analyze import analyze as run_analyze
     from popc.analyze import plot as write_plot
     from popc.analyze import result_tables
+    from popc.progress import console_progress
 
     try:
         if budget < 0 or windows < 1:
             raise PopcError("--budget must be >= 0 and --windows >= 1")
         plan = AnalyzePlan(model=model, budget=budget, text=text, windows=windows, window=window, prompt=prompt,
                            per_layer=per_layer, counts=_int_list(counts, "--counts"))
-        with console.status("analyzing") as status:
-            result = run_analyze(plan, tick=lambda m: status.update(m))
+        with console_progress(console) as progress:
+            result = run_analyze(plan, progress)
         if as_json is not None:
             as_json.write_text(json.dumps(result, indent=2) + "\n")
         if plot is not None:

@@ -14,18 +14,18 @@ Everything lands under ``$POPC_CACHE_DIR/data`` (default ``~/.cache/popc/data``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from popc.atomic import atomic_write, staging_directory
 from popc.cache import cache_root
 from popc.errors import PopcError
 from popc.pip_fetch import pip_download
@@ -63,7 +63,7 @@ EXTRA_TASKS = (
     "entailed_polarity",
     "fantasy_reasoning",
 )
-DEFAULT_LIMIT = 50  # examples per task (a full 13-row eval on 2 CPU cores: ~15 min)
+DEFAULT_LIMIT = 50  # examples per task (popc eval --full)
 
 
 def data_dir() -> Path:
@@ -94,16 +94,16 @@ def _pip_tail() -> str:
     return result.last_line if result is not None else "no output"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@contextlib.contextmanager
+def _work_directory(prefix: str, hint: str = "") -> Iterator[Path]:
+    """A staging directory under the data dir, removed afterwards; an unwritable cache is a
+    one-line error rather than a traceback."""
+    with contextlib.ExitStack() as stack:
+        try:
+            work = stack.enter_context(staging_directory(data_dir(), prefix))
+        except OSError as error:
+            raise PopcError(f"cannot write popc's cache under {data_dir()}: {error}{hint}") from None
+        yield work
 
 
 # --------------------------------------------------------------------------- perplexity text
@@ -115,12 +115,7 @@ def default_text_path() -> Path:
     if target.is_file():
         return target
     hint = "pass a text file with --text FILE instead"
-    try:
-        data_dir().mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".gensim-", dir=data_dir()))
-    except OSError as error:
-        raise PopcError(f"cannot write popc's cache under {data_dir()}: {error}; {hint}") from None
-    try:
+    with _work_directory("gensim", f"; {hint}") as work:
         status = _pip_download(["--only-binary=:all:", "gensim"], work, "gensim wheel (for its test text)")
         if status != 0:  # no wheel for this interpreter: any platform's wheel has the same text
             status = _pip_download(
@@ -136,9 +131,7 @@ def default_text_path() -> Path:
                 data = wheel.read(LEE_MEMBER)
         except (KeyError, zipfile.BadZipFile) as error:
             raise PopcError(f"{wheels[0].name} has no readable {LEE_MEMBER} ({error}); {hint}") from None
-        _atomic_write(target, data)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        atomic_write(target, data)
     return target
 
 
@@ -183,14 +176,8 @@ def _extract_bigbench(wanted: list[str], required: list[str]) -> None:
     .tar.gz into ``-d``; then they are read from the archive.
     """
     hint = "check your network / pip configuration, or pass task names that are cached"
-    out = data_dir() / "bigbench"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".bigbench-", dir=data_dir()))
-    except OSError as error:
-        raise PopcError(f"cannot write popc's cache under {data_dir()}: {error}") from None
     found: dict[str, bytes] = {}
-    try:
+    with _work_directory("bigbench") as work:
         (work / "tmp").mkdir()
         env = dict(os.environ, TMPDIR=str(work / "tmp"), TEMP=str(work / "tmp"), TMP=str(work / "tmp"))
         _pip_download(
@@ -221,9 +208,7 @@ def _extract_bigbench(wanted: list[str], required: list[str]) -> None:
                 json.loads(data)
             except ValueError:
                 continue
-            _atomic_write(_task_path(name), data)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            atomic_write(_task_path(name), data)
     absent = [name for name in required if name not in found]
     if absent:
         raise PopcError(f"no JSON task named {', '.join(absent)} in bigbench {BIGBENCH_VERSION}")

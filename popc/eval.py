@@ -1,27 +1,13 @@
 """``popc eval``: continuation perplexity and multiple-choice accuracy, dense vs POP vs baselines.
 
 Every row runs from one export: a POP export takes its region sizes (``pop_config``)
-as a graph input, so dense, POP and the baselines are just different settings.
+as a graph input, so dense, POP and the baselines are just different settings. Every
+scored token is scored in decode mode, so pruning acts as in generation (see
+:mod:`popc.scoring`).
 
-Decode-mode scoring. Every scored token's logits come from a *decode-mode* graph call
-(state non-empty: fixed per-sequence partition, each token its own top-k mask), so
-pruning acts as it does in generation:
-
-* perplexity: each window of ``window`` tokens is split at ``prompt``; tokens
-  ``[0, prompt-1)`` are prefilled (dense FFNs; builds the partitions), then tokens
-  ``[prompt-1, window-1)`` go through one decode-mode call and predict tokens
-  ``[prompt, window)``. One call over S tokens with non-empty state is exactly S
-  one-token decode steps (each token's mask depends only on its own activations and
-  the fixed partition); ``tests/test_eval.py`` checks this against a token-by-token
-  ONNX decode loop.
-* multiple choice: the question minus its last token is prefilled (dense), the
-  prefilled state is forked (rows repeated) once per answer, and ``[last question
-  token] + answer[:-1]`` is scored in decode mode: the answer's log-likelihood is the
-  sum of its tokens' log-probabilities (BIG-bench's ``multiple_choice_grade``).
-
-Feeding the prompt's last token in decode mode (instead of reading the first scored
-token off the prefill's logits, which are always dense) makes every scored token,
-including one-token answers, feel the pruning.
+The defaults finish in minutes on a laptop CPU: every method at one sparsity, a few
+windows and questions. :meth:`EvalPlan.full` (``popc eval --full``) is the whole
+matrix the README reports.
 """
 
 from __future__ import annotations
@@ -29,20 +15,29 @@ from __future__ import annotations
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from popc.datasets import ChoiceItem
+from popc import datasets
 from popc.errors import PopcError
 from popc.pop import PopSettings
+from popc.progress import Progress, or_silent
 
-DEFAULT_SPARSITIES = (0.25, 0.5, 0.75)
-DEFAULT_WINDOW = 256
-DEFAULT_WINDOWS = 24
+# Re-exported: the scoring functions were defined here before popc.scoring existed.
+from popc.scoring import (  # noqa: F401
+    EncodedItem,
+    choice_loglikelihoods,
+    continuation_logprobs,
+    encode_item,
+    make_windows,
+    special_prefix,
+    token_logprobs,
+)
+
 METHODS = ("dense", "pop", "griffin", "dynamic", "static")
 METHOD_TITLES = {
     "dense": "dense",
@@ -51,8 +46,22 @@ METHOD_TITLES = {
     "dynamic": "per-token dynamic (r=0, c=1)",
     "static": "static structured",
 }
-
-Tick = Callable[[int], None]
+# Defaults: every method at one sparsity, sized to take a few minutes on 2 CPU cores.
+DEFAULT_SPARSITIES = (0.5,)
+DEFAULT_WINDOW = 256
+DEFAULT_WINDOWS = 8
+# The task where SmolLM2-135M (dense) is furthest above chance (0.8 vs 0.2): questions cost
+# ~10x a perplexity window's tokens, so the quick default asks few of them.
+DEFAULT_TASKS = ("emoji_movie",)
+DEFAULT_LIMIT = 10  # questions per task
+# `--full`: the whole matrix (tens of minutes on 2 cores).
+FULL_MATRIX: dict[str, Any] = {
+    "sparsities": (0.25, 0.5, 0.75),
+    "windows": 24,
+    "tasks": datasets.DEFAULT_TASKS,
+    "limit": datasets.DEFAULT_LIMIT,
+    "methods": METHODS,
+}
 
 
 # --------------------------------------------------------------------------- rows
@@ -144,162 +153,29 @@ def plan_rows(sparsities: Sequence[float], has_pop: bool, gated: bool = True) ->
     return rows
 
 
-# --------------------------------------------------------------------------- math
-
-
-def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log softmax(logits)[target] in float64; logits [..., V], targets [...]."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    picked = np.take_along_axis(flat, targets.reshape(-1, 1), axis=1)[:, 0].astype(np.float64)
-    out = np.empty(flat.shape[0], np.float64)
-    for start in range(0, flat.shape[0], 256):  # chunks bound the float64 copy's memory
-        block = flat[start : start + 256].astype(np.float64)
-        top = block.max(axis=1)
-        out[start : start + 256] = top + np.log(np.exp(block - top[:, None]).sum(axis=1))
-    return (picked - out).reshape(targets.shape)
-
-
-def special_prefix(tokenizer: Any) -> list[int]:
-    """Tokens the tokenizer puts before any text (e.g. BOS), so windows start like prompts."""
-    try:
-        ids = tokenizer("", add_special_tokens=True)["input_ids"]
-    except Exception:  # noqa: BLE001 - any tokenizer without that behaviour: no prefix
-        return []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [int(i) for i in ids if i != eos]
-
-
-def make_windows(ids: Sequence[int], prefix: Sequence[int], window: int, count: int | None) -> np.ndarray:
-    """Non-overlapping windows of ``window`` tokens (``prefix`` + text), evenly spread over the text."""
-    body = window - len(prefix)
-    if body < 2:
-        raise PopcError(f"window of {window} tokens is too short")
-    available = len(ids) // body
-    if available == 0:
-        raise PopcError(f"the text is {len(ids)} tokens, shorter than one window of {body}; give a longer --text")
-    starts = [i * body for i in range(available)]
-    if count is not None and count < available:
-        step = available / count
-        starts = [starts[int(i * step)] for i in range(count)]
-    return np.array([list(prefix) + list(ids[s : s + body]) for s in starts], np.int64)
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def continuation_logprobs(
-    model: Any, windows: np.ndarray, prompt: int, pop: PopSettings | None, batch: int = 8,
-    tick: Tick | None = None,
-) -> np.ndarray:
-    """Log-probabilities [N, W - prompt] of tokens ``[prompt, W)`` of each window, decode mode.
-
-    Prefill ``[0, prompt-1)``; one decode-mode call over ``[prompt-1, W-1)``.
-    """
-    count, width = windows.shape
-    if not 2 <= prompt < width:
-        raise PopcError(f"prompt length {prompt} must be in [2, {width})")
-    out = np.empty((count, width - prompt), np.float64)
-    for start in range(0, count, batch):
-        ids = windows[start : start + batch]
-        rows = ids.shape[0]
-        _, state = model.step(ids[:, : prompt - 1], np.ones((rows, prompt - 1), np.int64), model.initial_state(rows), pop)
-        logits, _ = model.step(ids[:, prompt - 1 : -1], np.ones((rows, width - 1), np.int64), state, pop)
-        out[start : start + rows] = token_logprobs(logits, ids[:, prompt:])
-        if tick:
-            tick(rows)
-    return out
-
-
-@dataclass
-class EncodedItem:
-    context: list[int]
-    answers: list[list[int]]
-    answer: int
-
-
-def encode_item(tokenizer: Any, item: ChoiceItem, max_positions: int) -> EncodedItem:
-    """Token ids of the question and of each answer (lm-eval style: trailing spaces of the
-    prompt move to the answer, and answers are tokenized in context)."""
-    stripped = item.prompt.rstrip(" ")
-    spaces = item.prompt[len(stripped) :]
-    context = [int(i) for i in tokenizer(stripped)["input_ids"]]
-    answers = []
-    for choice in item.choices:
-        whole = [int(i) for i in tokenizer(stripped + spaces + choice)["input_ids"]]
-        if whole[: len(context)] == context and len(whole) > len(context):
-            answer = whole[len(context) :]
-        else:
-            answer = [int(i) for i in tokenizer(spaces + choice, add_special_tokens=False)["input_ids"]]
-        if not answer:
-            raise PopcError(f"answer {choice!r} tokenizes to nothing")
-        answers.append(answer)
-    longest = max(len(a) for a in answers)
-    room = max_positions - longest
-    if room < 2:
-        raise PopcError(f"an answer of {longest} tokens does not fit the model's context of {max_positions}")
-    if len(context) > room:
-        context = context[-room:]
-    if len(context) < 2:
-        context = [int(getattr(tokenizer, "eos_token_id", 0) or 0)] * (2 - len(context)) + context
-    return EncodedItem(context, answers, item.answer)
-
-
-def choice_loglikelihoods(
-    model: Any, items: Sequence[EncodedItem], pop: PopSettings | None, batch: int = 8, tick: Tick | None = None
-) -> list[np.ndarray]:
-    """Per item, the summed log-likelihood of each answer, scored in decode mode."""
-    results: list[np.ndarray] = []
-    pad = int(model.pad_token_id)
-    for start in range(0, len(items), batch):
-        group = items[start : start + batch]
-        prefixes = [it.context[:-1] for it in group]
-        longest = max(len(p) for p in prefixes)
-        ids = np.full((len(group), longest), pad, np.int64)
-        mask = np.zeros((len(group), longest), np.int64)
-        for row, prefix in enumerate(prefixes):
-            ids[row, longest - len(prefix) :] = prefix
-            mask[row, longest - len(prefix) :] = 1
-        _, state = model.step(ids, mask, model.initial_state(len(group)), pop)
-        owner = np.array([i for i, it in enumerate(group) for _ in it.answers], np.int64)
-        answers = [a for it in group for a in it.answers]
-        width = max(len(a) for a in answers)
-        chunk = np.full((len(answers), width), pad, np.int64)
-        for row, (item_index, answer) in enumerate(zip(owner, answers)):
-            tokens = [group[item_index].context[-1], *answer[:-1]]
-            chunk[row, : len(tokens)] = tokens
-        forked = [np.take(s, owner, axis=0) for s in state]
-        # Right padding of the answer chunk is harmless: causal attention keeps real
-        # tokens from seeing the pads after them, and the pads' outputs are ignored.
-        full_mask = np.concatenate([mask[owner], np.ones((len(answers), width), np.int64)], axis=1)
-        logits, _ = model.step(chunk, full_mask, forked, pop)
-        scores = np.empty(len(answers), np.float64)
-        for row, answer in enumerate(answers):
-            scores[row] = token_logprobs(logits[row, : len(answer)], np.array(answer, np.int64)).sum()
-        offset = 0
-        for it in group:
-            results.append(scores[offset : offset + len(it.answers)])
-            offset += len(it.answers)
-        if tick:
-            tick(len(group))
-    return results
-
-
 # --------------------------------------------------------------------------- driver
 
 
 @dataclass
 class EvalPlan:
+    """What one ``popc eval`` run measures; the defaults take minutes, :meth:`full` the whole matrix."""
+
     directory: str | Path
     text: str | Path | None = None  # None: lee_background.cor (fetched); "" : skip perplexity
-    tasks: Sequence[str] | None = None  # None: datasets.DEFAULT_TASKS; []: skip
+    tasks: Sequence[str] | None = None  # None: DEFAULT_TASKS; []: skip
     sparsities: Sequence[float] = DEFAULT_SPARSITIES
-    limit: int | None = None  # examples per task (None: datasets.DEFAULT_LIMIT)
-    windows: int | None = DEFAULT_WINDOWS
+    limit: int | None = DEFAULT_LIMIT  # questions per task (None: every one)
+    windows: int | None = DEFAULT_WINDOWS  # None: every window the text holds
     window: int = DEFAULT_WINDOW
     prompt: int | None = None  # default: window // 2
     batch: int = 8
     methods: Sequence[str] = METHODS
     device: str = "cpu"
+
+    @classmethod
+    def full(cls, directory: str | Path, **overrides: Any) -> EvalPlan:
+        """The whole matrix (:data:`FULL_MATRIX`); ``overrides`` still win."""
+        return cls(directory, **{**FULL_MATRIX, **overrides})
 
 
 @dataclass
@@ -321,62 +197,58 @@ def _read_text(path: Path) -> str:
     return text
 
 
-class EvalProgress(Protocol):
-    """What ``run_eval`` reports to: the total work (windows + questions, per row) and steps of it."""
+def _perplexity_windows(plan: EvalPlan, model: Any, width: int, progress: Progress) -> tuple[np.ndarray, Path]:
+    progress.stage("reading the perplexity text")
+    text_path = Path(plan.text) if plan.text is not None else datasets.default_text_path()
+    ids = [int(i) for i in model.tokenizer(_read_text(text_path), add_special_tokens=False)["input_ids"]]
+    return make_windows(ids, special_prefix(model.tokenizer), width, plan.windows), text_path
 
-    def start(self, total: int) -> None: ...
-    def describe(self, label: str) -> None: ...
-    def advance(self, count: int) -> None: ...
+
+def _choice_tasks(plan: EvalPlan, model: Any, progress: Progress) -> dict[str, list[EncodedItem]]:
+    names = list(DEFAULT_TASKS if plan.tasks is None else plan.tasks)
+    if not names:
+        return {}
+    progress.stage(f"reading {len(names)} BIG-bench tasks")
+    datasets.fetch_bigbench(names)
+    return {
+        name: [encode_item(model.tokenizer, item, model.max_positions) for item in datasets.load_task(name, plan.limit)]
+        for name in names
+    }
 
 
-def run_eval(plan: EvalPlan, progress: EvalProgress | None = None) -> EvalResult:
-    """Evaluate every row of ``plan``."""
-    from popc import datasets
+def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
+    """Evaluate every row of ``plan``; ``progress`` gets a stage per row, advanced per window / question."""
     from popc.runtime import load
 
+    progress = or_silent(progress)
     started = time.perf_counter()
+    if plan.batch < 1:
+        raise PopcError("--batch must be at least 1")
+    progress.stage(f"loading {plan.directory}")
     model = load(plan.directory, device=plan.device)
     gated = bool((model.config.get("pop") or {}).get("gated", True))
     rows = [r for r in plan_rows(plan.sparsities, model.has_pop_config, gated) if r.method in plan.methods]
-    if plan.batch < 1:
-        raise PopcError("--batch must be at least 1")
 
-    # Perplexity windows.
-    windows = None
-    text_path = None
+    windows, text_path = None, None
     width = min(plan.window, model.max_positions)
     prompt = plan.prompt if plan.prompt is not None else width // 2
     if plan.text != "":
-        text_path = Path(plan.text) if plan.text is not None else datasets.default_text_path()
-        ids = [int(i) for i in model.tokenizer(_read_text(text_path), add_special_tokens=False)["input_ids"]]
-        windows = make_windows(ids, special_prefix(model.tokenizer), width, plan.windows)
+        windows, text_path = _perplexity_windows(plan, model, width, progress)
         if not 2 <= prompt < width:
             raise PopcError(f"--prompt must be in [2, {width}), got {prompt}")
-
-    # Multiple-choice tasks.
-    task_names = list(datasets.DEFAULT_TASKS if plan.tasks is None else plan.tasks)
-    limit = datasets.DEFAULT_LIMIT if plan.limit is None else plan.limit
-    tasks: dict[str, list[EncodedItem]] = {}
-    if task_names:
-        datasets.fetch_bigbench(task_names)
-        for name in task_names:
-            items = datasets.load_task(name, limit)
-            tasks[name] = [encode_item(model.tokenizer, item, model.max_positions) for item in items]
+    tasks = _choice_tasks(plan, model, progress)
 
     units = (len(windows) if windows is not None else 0) + sum(len(v) for v in tasks.values())
-    tick = progress.advance if progress else None
-    if progress:
-        progress.start(units * len(rows))
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         row_started = time.perf_counter()
-        if progress:
-            progress.describe(f"{METHOD_TITLES[row.method]} @ {row.sparsity:.0%}")
+        progress.stage(f"row {number}/{len(rows)}: {METHOD_TITLES[row.method]} @ {row.sparsity:.0%}")
+        progress.start(units)
         if windows is not None:
-            logprobs = continuation_logprobs(model, windows, prompt, row.settings, plan.batch, tick)
+            logprobs = continuation_logprobs(model, windows, prompt, row.settings, plan.batch, progress)
             row.ppl = float(math.exp(-logprobs.mean()))
             row.scored_tokens = int(logprobs.size)
         for name, items in tasks.items():
-            scores = choice_loglikelihoods(model, items, row.settings, plan.batch, tick)
+            scores = choice_loglikelihoods(model, items, row.settings, plan.batch, progress)
             correct = [int(np.argmax(s)) == it.answer for s, it in zip(scores, items)]
             row.accuracy[name] = float(np.mean(correct))
         row.seconds = time.perf_counter() - row_started
@@ -390,7 +262,7 @@ def run_eval(plan: EvalPlan, progress: EvalProgress | None = None) -> EvalResult
         "device": plan.device,
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()}",
         "text": str(text_path) if text_path else None,
-        "windows": 0 if windows is None else int(len(windows)),
+        "windows": 0 if windows is None else len(windows),
         "window": width,
         "prompt": prompt,
         "tasks": {name: len(items) for name, items in tasks.items()},

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model_dir
 from typer.testing import CliRunner
 
+from conftest import StageRecorder, make_tiny_model_dir
 from popc import datasets
 from popc.cli import app
 from popc.errors import PopcError
 from popc.eval import (
+    FULL_MATRIX,
+    METHODS,
     EvalPlan,
     choice_loglikelihoods,
     continuation_logprobs,
@@ -154,11 +157,16 @@ def test_pop_rows_run_from_one_export(exports, text_file) -> None:
     if "pop" not in exports:
         pytest.skip("this tree's export has no POP support yet")
     plan = EvalPlan(exports["pop"], text=text_file, tasks=[], windows=2, window=40, sparsities=[0.5])
-    result = run_eval(plan)
+    recorder = StageRecorder()
+    result = run_eval(plan, recorder)
     assert [(r.method, r.sparsity) for r in result.rows] == [
         ("dense", 0.0), ("pop", 0.5), ("griffin", 0.5), ("dynamic", 0.5), ("static", 0.5)
     ]
     assert all(math.isfinite(r.ppl) for r in result.rows)
+    assert [stage for stage in recorder.stages if stage.startswith("row ")] == [
+        "row 1/5: dense @ 0%", "row 2/5: POP @ 50%", "row 3/5: GRIFFIN-style (c=0) @ 50%",
+        "row 4/5: per-token dynamic (r=0, c=1) @ 50%", "row 5/5: static structured @ 50%",
+    ]
     dense_model_ppl = run_eval(EvalPlan(exports["dense"], text=text_file, tasks=[], windows=2, window=40)).rows[0].ppl
     assert result.rows[0].ppl == pytest.approx(dense_model_ppl, rel=1e-4)
 
@@ -294,6 +302,37 @@ def test_cli_eval_json(exports, text_file, tmp_path: Path) -> None:
     assert data["rows"][0]["method"] == "dense" and math.isfinite(data["rows"][0]["ppl"])
     assert data["windows"] == 2 and data["window"] == 40
     assert "dense" in result.output
+
+
+def test_quick_defaults_and_full_matrix() -> None:
+    quick = EvalPlan("x")
+    assert list(quick.methods) == list(METHODS) and list(quick.sparsities) == [0.5]
+    full = EvalPlan.full("x", windows=3)
+    assert list(full.sparsities) == [0.25, 0.5, 0.75] and full.limit == 50 and full.windows == 3
+    assert list(full.tasks) == list(datasets.DEFAULT_TASKS) and FULL_MATRIX["windows"] == 24
+
+
+def test_cli_eval_prints_stage_lines_when_not_a_terminal(exports, text_file) -> None:
+    result = CliRunner().invoke(
+        app, ["eval", str(exports["dense"]), "--text", str(text_file), "--tasks", "none", "--windows", "2",
+              "--window", "40"],
+    )
+    assert result.exit_code == 0, result.output
+    stages = [line for line in result.stderr.splitlines() if re.match(r"\[\s*\d+ s\] ", line)]
+    assert any("loading" in line for line in stages)
+    assert any(line.endswith("row 1/1: dense @ 0%") for line in stages)
+
+
+def test_analyze_reports_stages(tmp_path: Path, text_file) -> None:
+    from popc.analyze import AnalyzePlan, analyze
+
+    source = make_tiny_model_dir(tmp_path, "llama")
+    recorder = StageRecorder()
+    report = analyze(AnalyzePlan(model=str(source), text=text_file, windows=2, window=32), recorder)
+    layers = report["num_layers"]
+    assert recorder.stages[0].startswith("loading") and "dense" in recorder.stages
+    # One stage per loss measured: dense, two per swept N, two per layer.
+    assert len([s for s in recorder.stages if not s.startswith("loading")]) >= 1 + 2 * (layers - 1) + 2 * layers
 
 
 def test_cli_eval_bad_input(exports, tmp_path: Path) -> None:
