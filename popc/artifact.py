@@ -105,12 +105,25 @@ def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
             f"{FORMAT_VERSION}; re-export with this version of popc"
         )
     model_file = config.get("model_file", DEFAULT_MODEL_FILE)
+    if not is_plain_file_name(model_file):
+        raise PopcError(f"{config_path}: 'model_file' must be a file name inside the export, got {model_file!r}")
     if path.is_file() and path.name != model_file:
         raise PopcError(f"{path} is not the model {config_path} describes ({model_file})")
     location = ExportLocation(directory, model_file)
     if not location.model_path.is_file():
         raise PopcError(f"{location.model_path} is missing; the export is incomplete, re-run `popc export`")
+    for name in (model_file, model_file + ".data"):
+        # A link is fine as long as it stays inside: the config describes this directory's model.
+        if (directory / name).exists() and (directory / name).resolve().parent != directory.resolve():
+            raise PopcError(f"{directory / name} leads outside the export; every file an export names is inside it")
     return location, config
+
+
+def is_plain_file_name(name: object) -> bool:
+    """A name of a file directly inside a directory: no separators, not '.' or '..'."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        return False
+    return not any(separator in name for separator in ("/", "\\", "\0"))
 
 
 def refuse_custom_code(directory: Path) -> None:

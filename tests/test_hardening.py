@@ -178,3 +178,39 @@ def test_out_onnx_path_never_removes_a_directory(tiny, tmp_path):
     result = invoke("export", tiny[0], "--out", tmp_path / "tiny.onnx", "--force")
     assert_clean_failure(result, contains="is a directory")
     assert (tmp_path / "tokenizer.json" / "inside").read_text() == "mine"
+
+
+# ---- 4. every path an export names is inside it --------------------------------------------
+
+
+def point_model_file(export: Path, model_file: str) -> None:
+    config = json.loads((export / "popc.json").read_text())
+    config["model_file"] = model_file
+    (export / "popc.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("how", ["absolute", "parent", "nested", "dot"])
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_model_file_outside_the_export_is_refused(tiny, tmp_path, how, command):
+    other = copy_of(tiny[1], tmp_path, "other")
+    export = copy_of(tiny[1], tmp_path)
+    model_file = {
+        "absolute": str(other / "model.onnx"),
+        "parent": "../other/model.onnx",
+        "nested": "sub/model.onnx",
+        "dot": ".",
+    }[how]
+    (export / "sub").mkdir()
+    shutil.copy(other / "model.onnx", export / "sub")
+    point_model_file(export, model_file)
+    args = ["--prompt", "hi", "--max-new-tokens", 2] if command == "run" else []
+    assert_clean_failure(invoke(command, export, *args), contains="model_file")
+
+
+def test_a_link_out_of_the_export_is_refused(tiny, tmp_path):
+    other = copy_of(tiny[1], tmp_path, "other")
+    export = copy_of(tiny[1], tmp_path)
+    (export / "model.onnx").unlink()
+    (export / "model.onnx").symlink_to(other / "model.onnx")
+    result = invoke("run", export, "--prompt", "hi", "--max-new-tokens", 2)
+    assert_clean_failure(result, contains="leads outside the export")
