@@ -214,3 +214,29 @@ def test_a_link_out_of_the_export_is_refused(tiny, tmp_path):
     (export / "model.onnx").symlink_to(other / "model.onnx")
     result = invoke("run", export, "--prompt", "hi", "--max-new-tokens", 2)
     assert_clean_failure(result, contains="leads outside the export")
+
+
+# ---- 5. weights that do not match the config are an error, not random values ---------------
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("none of the model's", "missing"),
+    ("one tensor dropped", "1 missing tensor(s) (model.norm.weight)"),
+    ("one tensor added", "1 unexpected tensor(s) (model.extra.weight)"),
+])  # fmt: skip
+def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path, change, expected):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = copy_of(tiny[0], tmp_path, "source")
+    tensors = load_file(source / "model.safetensors")
+    if change == "none of the model's":
+        tensors = {"something.else": torch.zeros(3)}
+    elif change == "one tensor dropped":
+        del tensors["model.norm.weight"]
+    else:
+        tensors["model.extra.weight"] = torch.zeros(3)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    result = invoke("export", source, "--out", tmp_path / "export")
+    assert_clean_failure(result, contains=expected)
+    assert not (tmp_path / "export").exists()

@@ -36,16 +36,27 @@ def load_hf_dir(path: Path, *, source: str, family: str | None = None) -> Loaded
                 f"tokenizer.model with tokenizer_config.json): {short_error(e)}"
             ) from e
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 path,
                 config=config,
                 dtype=torch.float32,
                 use_safetensors=True,
                 local_files_only=True,
                 trust_remote_code=False,
+                output_loading_info=True,
             )
         except Exception as e:
             raise PopcError(f"cannot load the weights in {path}: {short_error(e)}") from e
+    # transformers fills missing weights with random values and drops unknown ones, with a
+    # warning only: either way the export would not be this checkpoint's model.
+    for kind in ("missing", "unexpected", "mismatched"):
+        names = sorted(str(name) for name in info.get(f"{kind}_keys") or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise PopcError(
+                f"the weights in {path} do not match its config.json: {len(names)} {kind} tensor(s) ({shown}); "
+                "check that the safetensors files belong to this model"
+            )
     model.to("cpu").eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, family=family)
 
