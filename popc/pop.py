@@ -33,6 +33,9 @@ class PopSettings:
             raise PopcError(f"retain + candidate must be <= 1, got {self.retain} + {self.candidate}")
         if self.keep > self.candidate + 1e-9:
             raise PopcError(f"keep must be <= candidate, got keep {self.keep} > candidate {self.candidate}")
+        if self.retain + self.keep <= 0.0:
+            # No channel left for decode; the graph would read the empty partition as a prefill's.
+            raise PopcError("retain + keep is 0: decode would use no FFN channels; keep some (sparsity must be < 1)")
 
     @property
     def sparsity(self) -> float:
@@ -43,4 +46,12 @@ class PopSettings:
         retain = round(self.retain * channels)
         candidate = min(round(self.candidate * channels), channels - retain)
         keep = min(round(self.keep * channels), candidate)
+        if retain + keep == 0:
+            # An empty split is not 100 % sparse: the graph reads an empty partition as "prefill"
+            # and runs the FFN dense, so such a row would be dense under a POP label.
+            raise PopcError(
+                f"retain {self.retain:g} / candidate {self.candidate:g} / keep {self.keep:g} rounds to no channels "
+                f"of the {channels}-channel FFN; raise --retain or --keep (or lower the sparsity) to at least "
+                f"{1 / max(channels, 1):.4g}"
+            )
         return np.array([retain, candidate, keep, int(self.static)], np.int64)

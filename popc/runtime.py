@@ -175,6 +175,8 @@ class PopcModel:
         self.pop_defaults = PopSettings(
             retain=pop.get("retain", 1.0), candidate=pop.get("candidate", 0.0), keep=pop.get("keep", 0.0)
         )
+        if self.has_pop_config:
+            self.pop_defaults.counts(self.pop_channels)  # refuse a split that rounds to nothing now
 
     # ---- tokens -------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:

@@ -240,3 +240,47 @@ def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path, change
     result = invoke("export", source, "--out", tmp_path / "export")
     assert_clean_failure(result, contains=expected)
     assert not (tmp_path / "export").exists()
+
+
+# ---- 6. a split that rounds to no channels is refused, never run dense under a POP label ----
+
+
+def test_a_split_of_no_channels_is_refused():
+    from popc.pop import PopSettings
+
+    with pytest.raises(PopcError, match="no FFN channels"):
+        PopSettings(retain=0.0, candidate=0.0, keep=0.0)
+    with pytest.raises(PopcError, match="rounds to no channels of the 128-channel FFN"):
+        PopSettings(retain=0.003, candidate=0.0, keep=0.0).counts(128)  # prompt-fixed at 99.7 %
+    with pytest.raises(PopcError, match="rounds to no channels"):
+        PopSettings(retain=0.0, candidate=1.0, keep=0.003).counts(128)  # per-token at 99.7 %
+    assert PopSettings(retain=0.0, candidate=1.0, keep=0.01).counts(128).tolist() == [0, 128, 1, 0]
+
+
+def test_export_refuses_retain_candidate_keep_all_zero(tiny, tmp_path):
+    result = invoke("export", tiny[0], "--out", tmp_path / "pop", "--retain", 0, "--candidate", 0, "--keep", 0)
+    assert_clean_failure(result, contains="no FFN channels")
+    assert not (tmp_path / "pop").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_pop_export(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pop") / "export"
+    assert invoke("export", tiny[0], "--out", out, "--sparsity", 0.5).exit_code == 0
+    return out
+
+
+def test_an_export_whose_split_rounds_to_nothing_does_not_run_dense(tiny, tmp_path):
+    out = tmp_path / "pop"
+    result = invoke("export", tiny[0], "--out", out, "--retain", 0.001, "--candidate", 0.002, "--keep", 0.001)
+    assert result.exit_code == 0, result.output  # fractions are valid; the FFN's width decides
+    result = invoke("run", out, "--prompt", "hi", "--max-new-tokens", 2)
+    assert_clean_failure(result, contains="rounds to no channels of the 128-channel FFN")
+
+
+@pytest.mark.parametrize("method", ["pop", "griffin", "dynamic", "static"])
+def test_eval_gives_no_row_for_a_sparsity_of_no_channels(tiny_pop_export, tmp_path, method):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["--sparsities", 0.997, "--methods", method, "--tasks", "none", "--text", text, "--windows", 1]
+    assert_clean_failure(invoke("eval", tiny_pop_export, *args), contains="rounds to no channels")
