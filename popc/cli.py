@@ -1,7 +1,12 @@
-"""The ``popc`` command line: export, run, eval, info."""
+"""The ``popc`` command line: export, run, info, eval, analyze, bench, doctor.
+
+Every command is registered with :func:`command`, which turns any error into one line on
+stderr and a non-zero exit (the traceback only with ``--debug``), and Ctrl-C into exit 130.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -11,10 +16,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from popc.errors import PopcError
+from popc.progress import console_progress
 
 app = typer.Typer(
     help="popc: compile Hugging Face causal LMs into ONNX models that prune their own FFNs online.",
@@ -47,6 +52,39 @@ def fail(error: BaseException) -> None:
     raise typer.Exit(1)
 
 
+def command(name: str | None = None, interrupted: str = "stopped"):  # noqa: ANN201 - a decorator
+    """Register a CLI command whose errors end as :func:`fail` says and whose Ctrl-C (or
+    SIGTERM, where the command turns it into KeyboardInterrupt) exits 130 with ``interrupted``."""
+
+    def register(function):  # noqa: ANN001, ANN202
+        @functools.wraps(function)
+        def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            try:
+                return function(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except KeyboardInterrupt:
+                console.print(f"[bold red]interrupted:[/] {interrupted}")
+                raise typer.Exit(130) from None
+            except Exception as error:  # noqa: BLE001 - every error ends as one line
+                fail(error)
+
+        return app.command(name)(guarded)
+
+    return register
+
+
+def parse_list(value: str | None, option: str, kind: type = str) -> list | None:
+    """``"a,b,c"`` -> a list of ``kind`` (None stays None), or a one-line error naming the option."""
+    if value is None:
+        return None
+    try:
+        return [kind(item.strip()) for item in value.split(",") if item.strip()]
+    except ValueError:
+        what = {int: "integers", float: "numbers"}.get(kind, "values")
+        raise PopcError(f"{option} takes comma-separated {what}, got {value!r}") from None
+
+
 def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
     raise KeyboardInterrupt
 
@@ -68,7 +106,7 @@ def pop_settings(sparsity, retain, candidate, keep):
     return PopSettings(retain=retain, candidate=candidate, keep=keep)
 
 
-@app.command()
+@command(interrupted="nothing was written")
 def export(
     model: Annotated[str, typer.Argument(help="HF id (local cache), local HF dir, .gguf file, or built-in name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, or a path ending in .onnx.")],
@@ -99,35 +137,21 @@ def export(
     from popc.export import export as run_export
 
     signal.signal(signal.SIGTERM, _terminate)  # so staging files are cleaned up on kill
-    try:
-        pop = pop_settings(sparsity, retain, candidate, keep)
-        if prefill_skip is not None and prefill_skip < 0:
-            raise PopcError(f"--prefill-skip must be >= 0, got {prefill_skip}")
-        if drop_layers is not None and drop_layers < 0:
-            raise PopcError(f"--drop-layers must be >= 0, got {drop_layers}")
-        with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
-        ) as progress:
-            task = progress.add_task(f"exporting {model}", total=None)
-
-            def report(message: str) -> None:
-                progress.update(task, description=message)
-                progress.console.print(f"  {message}", style="dim", highlight=False)
-
-            plan = ExportPlan(
-                model=model, out=out, force=force, pop=pop, prefill_skip=prefill_skip, drop_layers=drop_layers,
-                fuse=fuse,
-            )  # fmt: skip
-            location = run_export(plan, progress=report)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] nothing was written")
-        raise typer.Exit(130) from None
-    except Exception as error:
-        fail(error)
+    pop = pop_settings(sparsity, retain, candidate, keep)
+    if prefill_skip is not None and prefill_skip < 0:
+        raise PopcError(f"--prefill-skip must be >= 0, got {prefill_skip}")
+    if drop_layers is not None and drop_layers < 0:
+        raise PopcError(f"--drop-layers must be >= 0, got {drop_layers}")
+    plan = ExportPlan(
+        model=model, out=out, force=force, pop=pop, prefill_skip=prefill_skip, drop_layers=drop_layers, fuse=fuse
+    )
+    with console_progress(console, echo=True) as progress:
+        progress.stage(f"exporting {model}")
+        location = run_export(plan, progress=progress)
     console.print(f"[green]exported[/] {model} -> {location.model_path}")
 
 
-@app.command()
+@command()
 def run(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
     prompt: Annotated[Optional[str], typer.Option(help="Prompt text.")] = None,
@@ -141,36 +165,31 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Generate text with an exported model, streaming tokens as they come."""
-    try:
-        if (prompt is None) == (prompt_file is None):
-            raise PopcError("give exactly one of --prompt or --prompt-file")
-        if prompt_file is not None:
-            try:
-                prompt = prompt_file.read_text()
-            except (OSError, UnicodeDecodeError) as error:
-                raise PopcError(f"cannot read --prompt-file {prompt_file}: {error}") from None
-        from popc.runtime import load
+    if (prompt is None) == (prompt_file is None):
+        raise PopcError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise PopcError(f"cannot read --prompt-file {prompt_file}: {error}") from None
+    from popc.runtime import load
 
-        model = load(directory, device=device)
-        out = sys.stdout
+    model = load(directory, device=device)
+    out = sys.stdout
 
-        def show(text: str) -> None:
-            out.write(text)
-            out.flush()
+    def show(text: str) -> None:
+        out.write(text)
+        out.flush()
 
-        result = model.generate(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            chat=chat,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            on_text=None if as_json else show,
-        )
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except Exception as error:
-        fail(error)
+    result = model.generate(
+        prompt,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        on_text=None if as_json else show,
+    )
     if as_json:
         print(json.dumps(result.to_json()))
         return
@@ -184,17 +203,14 @@ def run(
     )
 
 
-@app.command()
+@command()
 def info(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
 ) -> None:
     """Show what an export contains."""
     from popc.artifact import read_export
 
-    try:
-        location, config = read_export(directory)
-    except Exception as error:
-        fail(error)
+    location, config = read_export(directory)
     table = Table(title=str(location.model_path), show_header=False)
     for key in ("source", "family", "model_type", "dtype", "num_layers", "num_kv_heads", "head_dim",
                 "vocab_size", "max_positions", "eos_token_ids", "opset", "export_seconds"):
@@ -213,7 +229,7 @@ def info(
     Console().print(table)
 
 
-@app.command("eval")
+@command("eval")
 def eval_(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
     text: Annotated[Optional[Path], typer.Option(help="Perplexity text (default: lee_background.cor, fetched once).")] = None,
@@ -235,37 +251,31 @@ def eval_(
     The defaults take a few minutes on a CPU; --full runs the whole matrix. Options given override either."""
     from popc.eval import EvalPlan, result_table, run_eval
     from popc.eval import plot as write_plot
-    from popc.progress import console_progress
 
-    try:
-        if limit is not None and limit < 1:
-            raise PopcError("--limit must be at least 1")
-        if windows is not None and windows < 0:
-            raise PopcError("--windows must be >= 0")
-        # Only the options given override the plan's matrix (the quick default, or --full's).
-        matrix = {
-            "sparsities": _float_list(sparsities, "--sparsities") if sparsities is not None else None,
-            "tasks": None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"],
-            "limit": limit,
-            "windows": windows,
-            "methods": None if methods is None else [m.strip() for m in methods.split(",") if m.strip()],
-        }
-        options = {key: value for key, value in matrix.items() if value is not None}
-        options.update(text="" if windows == 0 else text, window=window, prompt=prompt, batch=batch, device=device)
-        plan = EvalPlan.full(directory, **options) if full else EvalPlan(directory, **options)
-        with console_progress(console) as progress:
-            result = run_eval(plan, progress)
-        if as_json is not None:
-            try:
-                as_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-            except OSError as error:
-                raise PopcError(f"cannot write --json {as_json}: {error}") from None
-        if plot is not None:
-            write_plot(result, plot)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except Exception as error:
-        fail(error)
+    if limit is not None and limit < 1:
+        raise PopcError("--limit must be at least 1")
+    if windows is not None and windows < 0:
+        raise PopcError("--windows must be >= 0")
+    # Only the options given override the plan's matrix (the quick default, or --full's).
+    matrix = {
+        "sparsities": parse_list(sparsities, "--sparsities", float),
+        "tasks": None if tasks is None else [t for t in parse_list(tasks, "--tasks") if t != "none"],
+        "limit": limit,
+        "windows": windows,
+        "methods": parse_list(methods, "--methods"),
+    }
+    options = {key: value for key, value in matrix.items() if value is not None}
+    options.update(text="" if windows == 0 else text, window=window, prompt=prompt, batch=batch, device=device)
+    plan = EvalPlan.full(directory, **options) if full else EvalPlan(directory, **options)
+    with console_progress(console) as progress:
+        result = run_eval(plan, progress)
+    if as_json is not None:
+        try:
+            as_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        except OSError as error:
+            raise PopcError(f"cannot write --json {as_json}: {error}") from None
+    if plot is not None:
+        write_plot(result, plot)
     out = Console()
     if not out.is_terminal:  # a pipe or file: don't squeeze the table into 80 columns
         out = Console(width=200)
@@ -281,19 +291,7 @@ def eval_(
         console.print(f"[yellow]note:[/] {info['note']}")
 
 
-def _number_list(value: str, option: str, kind: type, what: str) -> list:
-    """``"1,2,3"`` -> numbers of ``kind``, or a one-line error naming the option."""
-    try:
-        return [kind(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise PopcError(f"{option} takes comma-separated {what}, got {value!r}") from None
-
-
-def _int_list(value: str | None, option: str) -> list[int] | None:
-    return None if value is None else _number_list(value, option, int, "integers")
-
-
-@app.command()
+@command()
 def analyze(
     model: Annotated[str, typer.Argument(help="HF id (local cache), local HF dir, .gguf file, or built-in name.")],
     budget: Annotated[float, typer.Option(help="Allowed continuation-loss increase (nats/token) for the recommended N.")] = 0.05,
@@ -307,27 +305,20 @@ def analyze(
     counts: Annotated[Optional[str], typer.Option(help="Comma-separated N to sweep (default: every N).")] = None,
 ) -> None:
     """POP-prefill: per-layer importance for the prompt vs every token, and the N to skip for a loss budget."""
-    from popc.analyze import AnalyzePlan
+    from popc.analyze import AnalyzePlan, result_tables
     from popc.analyze import analyze as run_analyze
     from popc.analyze import plot as write_plot
-    from popc.analyze import result_tables
-    from popc.progress import console_progress
 
-    try:
-        if budget < 0 or windows < 1:
-            raise PopcError("--budget must be >= 0 and --windows >= 1")
-        plan = AnalyzePlan(model=model, budget=budget, text=text, windows=windows, window=window, prompt=prompt,
-                           per_layer=per_layer, counts=_int_list(counts, "--counts"))
-        with console_progress(console) as progress:
-            result = run_analyze(plan, progress)
-        if as_json is not None:
-            as_json.write_text(json.dumps(result, indent=2) + "\n")
-        if plot is not None:
-            write_plot(result, plot)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except Exception as error:
-        fail(error)
+    if budget < 0 or windows < 1:
+        raise PopcError("--budget must be >= 0 and --windows >= 1")
+    plan = AnalyzePlan(model=model, budget=budget, text=text, windows=windows, window=window, prompt=prompt,
+                       per_layer=per_layer, counts=parse_list(counts, "--counts", int))
+    with console_progress(console) as progress:
+        result = run_analyze(plan, progress)
+    if as_json is not None:
+        as_json.write_text(json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        write_plot(result, plot)
     out = Console() if Console().is_terminal else Console(width=160)
     for table in result_tables(result):
         out.print(table)
@@ -338,11 +329,7 @@ def analyze(
     )
 
 
-def _float_list(value: str, option: str) -> list[float]:
-    return _number_list(value, option, float, "numbers")
-
-
-@app.command()
+@command()
 def bench(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="A POP export (or a dense one).")],
     dense: Annotated[Optional[Path], typer.Option(help="The dense export of the same model (else exported once).")] = None,
@@ -369,36 +356,30 @@ def bench(
 ) -> None:
     """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai), against the memory roofline."""
     from popc.bench import BenchPlan, report, run_bench
-    from popc.progress import console_progress
 
-    try:
-        # Only the options given override the plan's matrix (the quick default, or --full's).
-        matrix = {
-            "prompt_lengths": [int(v) for v in _float_list(prompt_lengths, "--prompt-lengths")] if prompt_lengths else None,
-            "batches": [int(v) for v in _float_list(batches, "--batches")] if batches else None,
-            "sparsities": _float_list(sparsities, "--sparsities") if sparsities else None,
-            "repeats": repeats,
-        }
-        options = {key: value for key, value in matrix.items() if value is not None}
-        options.update(
-            dense=dense, pop=pop, model=model,
-            variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
-            warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
-            threads=threads, device=device, torch_max_prompt=torch_max_prompt,
-        )  # fmt: skip
-        plan = BenchPlan.full(directory, **options) if full else BenchPlan(directory=directory, **options)
-        with console_progress(console) as progress:
-            result = run_bench(plan, progress=progress)
-        if as_json is not None:
-            report.write_json(result, as_json)
-        if plot is not None:
-            report.write_plot(result, plot)
-        if markdown is not None:
-            report.write_markdown(result, markdown)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except Exception as error:
-        fail(error)
+    # Only the options given override the plan's matrix (the quick default, or --full's).
+    matrix = {
+        "prompt_lengths": parse_list(prompt_lengths, "--prompt-lengths", int),
+        "batches": parse_list(batches, "--batches", int),
+        "sparsities": parse_list(sparsities, "--sparsities", float),
+        "repeats": repeats,
+    }
+    options = {key: value for key, value in matrix.items() if value is not None}
+    options.update(
+        dense=dense, pop=pop, model=model,
+        variants=parse_list(variants, "--variants") or None,
+        warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
+        threads=threads, device=device, torch_max_prompt=torch_max_prompt,
+    )  # fmt: skip
+    plan = BenchPlan.full(directory, **options) if full else BenchPlan(directory=directory, **options)
+    with console_progress(console) as progress:
+        result = run_bench(plan, progress=progress)
+    if as_json is not None:
+        report.write_json(result, as_json)
+    if plot is not None:
+        report.write_plot(result, plot)
+    if markdown is not None:
+        report.write_markdown(result, markdown)
     out = Console()
     if not out.is_terminal:
         out = Console(width=220)
@@ -406,7 +387,7 @@ def bench(
         out.print(table)
 
 
-@app.command()
+@command()
 def doctor(
     build: Annotated[bool, typer.Option("--build", help="Build the popc op library if it is missing.")] = False,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build the op library again even if present.")] = False,
@@ -415,11 +396,9 @@ def doctor(
     """Check the popc op library (libpopc_ops.so): present, built for which EPs, loads into ONNX Runtime."""
     from popc import oplib
 
-    try:
-        with console.status("checking the popc op library") as status:
-            report = oplib.doctor_report(build_now=build, force=rebuild, log=lambda m: status.update(m))
-    except Exception as error:
-        fail(error)
+    with console_progress(console) as progress:
+        progress.stage("checking the popc op library")
+        report = oplib.doctor_report(build_now=build, force=rebuild, progress=progress)
     if as_json:
         print(json.dumps(report, default=str))
     else:

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ import numpy as np
 from popc.atomic import atomic_directory, atomic_file
 from popc.cache import cache_root
 from popc.errors import PopcError
+from popc.progress import Progress, console_progress, or_silent
 
 LIBRARY_NAME = "libpopc_ops.so"
 SOURCES = ("CMakeLists.txt", "popc_ops.cc", "popc_ops.map", "popc_kernels.h", "popc_kernels_cpu.cc", "popc_kernels.cu")
@@ -60,7 +60,6 @@ NOTICE = (
 )
 _notice_shown = False
 
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -162,7 +161,7 @@ def find_headers() -> Path | None:
     return None
 
 
-def fetch_headers(log: Log = lambda message: None) -> Path:
+def fetch_headers(progress: Progress | None = None) -> Path:
     """Download Debian's ``libonnxruntime-dev`` with a private apt configuration and unpack it."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise PopcError(
@@ -171,7 +170,7 @@ def fetch_headers(log: Log = lambda message: None) -> Path:
         )
     errors = []
     for suite in HEADER_SUITES:
-        log(f"fetching ONNX Runtime headers (Debian {suite} libonnxruntime-dev)")
+        or_silent(progress).stage(f"fetching ONNX Runtime headers (Debian {suite} libonnxruntime-dev)")
         target = cache_root() / "ort-headers" / suite
         with tempfile.TemporaryDirectory(prefix="popc-apt-") as tmp:
             apt = Path(tmp)
@@ -238,13 +237,14 @@ def _cmake_build(build: Path, include: Path, cuda: str | None, log_file: Path) -
     _run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)], log_file)
 
 
-def build(force: bool = False, cuda: bool | None = None, log: Log = lambda message: None) -> LibraryInfo:
+def build(force: bool = False, cuda: bool | None = None, progress: Progress | None = None) -> LibraryInfo:
     """Build ``libpopc_ops.so`` for the current sources into the cache; returns where it is.
 
     ``cuda``: None builds the CUDA kernels when nvcc is found (and ``POPC_OPLIB_CUDA`` is not 0);
     True requires nvcc; False builds the CPU kernels only. A CUDA build that fails falls back to
     CPU only (recorded in ``build-info.json``) unless ``cuda`` is True.
     """
+    progress = or_silent(progress)
     problem = toolchain_problem()
     if problem:
         raise PopcError(f"cannot build the popc op library: {problem}")
@@ -259,7 +259,7 @@ def build(force: bool = False, cuda: bool | None = None, log: Log = lambda messa
         failed = target / "FAILED"
         failed.unlink(missing_ok=True)
         try:
-            include = find_headers() or fetch_headers(log)
+            include = find_headers() or fetch_headers(progress)
             nvcc = find_nvcc()
             want_cuda = cuda if cuda is not None else (nvcc is not None and os.environ.get("POPC_OPLIB_CUDA", "1") != "0")
             if want_cuda and not nvcc:
@@ -268,17 +268,17 @@ def build(force: bool = False, cuda: bool | None = None, log: Log = lambda messa
             cuda_error = None
             build_tree = target / "build"
             if want_cuda:
-                log(f"building libpopc_ops.so (CPU + CUDA, nvcc {nvcc})")
+                progress.stage(f"building libpopc_ops.so (CPU + CUDA, nvcc {nvcc})")
                 try:
                     _cmake_build(build_tree, include, nvcc, log_file)
                 except PopcError as error:
                     if cuda:
                         raise
                     cuda_error = str(error).splitlines()[0]
-                    log("CUDA build failed; building the CPU kernels only")
+                    progress.stage("CUDA build failed; building the CPU kernels only")
                     want_cuda = False
             if not want_cuda:
-                log("building libpopc_ops.so (CPU)")
+                progress.stage("building libpopc_ops.so (CPU)")
                 _cmake_build(build_tree, include, None, log_file)
             seconds = time.perf_counter() - started
             built = build_tree / LIBRARY_NAME
@@ -317,8 +317,9 @@ def ensure_library(autobuild: bool | None = None) -> LibraryInfo | None:
 
     console = Console(stderr=True)
     try:
-        with console.status("building the popc op library (once)") as status:
-            info = build(log=lambda message: status.update(message))
+        with console_progress(console) as progress:
+            progress.stage("building the popc op library (once)")
+            info = build(progress=progress)
     except PopcError as error:
         console.print(f"[yellow]popc op library build failed:[/] {str(error).splitlines()[0]}", highlight=False)
         return None
@@ -406,7 +407,7 @@ def self_test(info: LibraryInfo) -> dict[str, Any]:
     return {"ort_version": ort.__version__, "ops_ok": results}
 
 
-def doctor_report(build_now: bool = False, force: bool = False, log: Log = lambda message: None) -> dict[str, Any]:
+def doctor_report(build_now: bool = False, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """What ``popc doctor`` prints, as data."""
     import onnxruntime as ort
 
@@ -421,7 +422,7 @@ def doctor_report(build_now: bool = False, force: bool = False, log: Log = lambd
     error = None
     try:
         if build_now or force:
-            info = build(force=force, log=log) if not (find_library() and not force) else find_library()
+            info = build(force=force, progress=progress) if not (find_library() and not force) else find_library()
         else:
             info = ensure_library()
     except PopcError as exc:
