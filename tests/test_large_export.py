@@ -26,7 +26,7 @@ def write_large_llama(directory: Path) -> Path:
 
     tokenizer = make_tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=8192, num_hidden_layers=19,
+        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=8192, num_hidden_layers=20,
         num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
@@ -53,7 +53,7 @@ def test_export_over_two_gigabytes_loads_and_runs(tmp_path: Path, popc_cache: Pa
     assert data.stat().st_size > TWO_GB
     # Nothing but the export's own files: no per-tensor files left by the tracer.
     assert [name for name in files if not name.endswith((".json", ".jinja"))] == ["model.onnx", "model.onnx.data"]
-    assert json.loads((location.directory / "popc.json").read_text())["num_layers"] == 19
+    assert json.loads((location.directory / "popc.json").read_text())["num_layers"] == 20
 
     session = ort.InferenceSession(str(location.model_path), providers=["CPUExecutionProvider"])
     ids = np.array([[5, 17, 42, 99, 7]], np.int64)
