@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 from onnxscript import rewriter
+
 from popc.passes.pop_rules import dense_ffn_rules, expert_index, layer_index, routed_expert_rules
 from popc.templates.ops import DOMAIN, VERSION
 from popc.templates.pop_ffn import POP_FUNCTIONS

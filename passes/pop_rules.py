@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
+
 from popc.templates.ops import DOMAIN, VERSION
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ command accepts either form.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,92 @@ def foreign_entries(directory: Path, model_file: str) -> list[str]:
     return foreign
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def is_plain_file_name(name: object) -> bool:
+    """A name of a file directly inside a directory: no separators, not '.' or '..'."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        return False
+    return not any(separator in name for separator in ("/", "\\", "\0"))
+
+
+def _integer(minimum: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _is(kind: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, kind)
+
+
+# popc.json's schema: key -> (check, what the value must be, required). Readers may then
+# index these keys without further checks. Keys not listed are descriptive only.
+CONFIG_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "format_version": (_integer(1), "an integer", True),
+    "model_file": (is_plain_file_name, "a file name inside the export", False),
+    "num_layers": (_integer(1), "an integer >= 1", True),
+    "num_kv_heads": (_integer(1), "an integer >= 1", True),
+    "head_dim": (_integer(1), "an integer >= 1", True),
+    "vocab_size": (_integer(1), "an integer >= 1", True),
+    "max_positions": (_integer(2), "an integer >= 2", True),
+    "eos_token_ids": (_list_of(_integer(0)), "a list of token ids", False),
+    "pad_token_id": (_optional(_integer(0)), "a token id or null", False),
+    "source": (_is(str), "a string", False),
+    "family": (_optional(_is(str)), "a string", False),
+    "model_type": (_optional(_is(str)), "a string", False),
+    "input_names": (_list_of(_is(str)), "a list of strings", False),
+    "output_names": (_list_of(_is(str)), "a list of strings", False),
+    "versions": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings", False),
+    "pop": (_optional(_is(dict)), "an object or null", False),
+    "prefill_skip": (_optional(_is(dict)), "an object or null", False),
+    "ort_fusions": (_optional(_is(dict)), "an object or null", False),
+    "drop_layers": (_optional(_integer(1)), "an integer >= 1 or null", False),
+}  # fmt: skip
+POP_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "retain": (_fraction, "a fraction in [0, 1]", True),
+    "candidate": (_fraction, "a fraction in [0, 1]", True),
+    "keep": (_fraction, "a fraction in [0, 1]", True),
+    "intermediate_size": (_integer(1), "an integer >= 1", True),
+}
+
+
+def check_config(config: Any, config_path: Path) -> None:
+    """Validate a parsed popc.json against ``CONFIG_SCHEMA``, naming the first key that is wrong."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise PopcError(f"{config_path} was not written by popc; re-run `popc export`")
+    version = config.get("format_version")
+    if _integer(1)(version) and version != FORMAT_VERSION:
+        raise PopcError(
+            f"{config_path} has format version {version}, this popc reads {FORMAT_VERSION}; "
+            "re-export with this version of popc"
+        )
+    sections = [("", config, CONFIG_SCHEMA)]
+    if isinstance(config.get("pop"), dict):
+        sections.append(("pop.", config["pop"], POP_SCHEMA))
+    for prefix, section, schema in sections:
+        for key, (check, meaning, required) in schema.items():
+            if key not in section:
+                if required:
+                    raise PopcError(f"{config_path} lacks {prefix}{key} ({meaning}); re-run `popc export`")
+                continue
+            if not check(section[key]):
+                raise PopcError(
+                    f"{config_path}: {prefix}{key} must be {meaning}, got {section[key]!r:.60}; re-run `popc export`"
+                )
+
+
 def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
     """Find and validate an export given its directory or its ``.onnx`` file."""
     path = Path(path)
@@ -93,20 +180,14 @@ def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
             f"{path} is not a popc export (no {CONFIG_NAME} beside the model); "
             f"create one with `popc export MODEL --out {path}`"
         )
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise PopcError(f"{config_path} is larger than any popc.json ({MAX_CONFIG_BYTES} bytes); re-run `popc export`")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PopcError(f"{config_path} is unreadable or not JSON ({error}); re-run `popc export`") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        raise PopcError(f"{config_path} was not written by popc; re-run `popc export`")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise PopcError(
-            f"{config_path} has format version {config.get('format_version')}, this popc reads "
-            f"{FORMAT_VERSION}; re-export with this version of popc"
-        )
+    check_config(config, config_path)
     model_file = config.get("model_file", DEFAULT_MODEL_FILE)
-    if not is_plain_file_name(model_file):
-        raise PopcError(f"{config_path}: 'model_file' must be a file name inside the export, got {model_file!r}")
     if path.is_file() and path.name != model_file:
         raise PopcError(f"{path} is not the model {config_path} describes ({model_file})")
     location = ExportLocation(directory, model_file)
@@ -117,13 +198,6 @@ def read_export(path: str | Path) -> tuple[ExportLocation, dict[str, Any]]:
         if (directory / name).exists() and (directory / name).resolve().parent != directory.resolve():
             raise PopcError(f"{directory / name} leads outside the export; every file an export names is inside it")
     return location, config
-
-
-def is_plain_file_name(name: object) -> bool:
-    """A name of a file directly inside a directory: no separators, not '.' or '..'."""
-    if not isinstance(name, str) or name in ("", ".", ".."):
-        return False
-    return not any(separator in name for separator in ("/", "\\", "\0"))
 
 
 def refuse_custom_code(directory: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from popc.errors import PopcError
 from popc.pop import PopSettings
 
+
 # Measured with benchmarks/choose_defaults.py on smollm2-135m (16 splits per sparsity,
 # continuation perplexity on lee_background.cor; table in docs/results.md). With budget
 # b = 1 - s: a quarter of it retained (r = b/4), the candidate pool r + c covering b

@@ -12,8 +12,8 @@ Import it directly (``from conftest import make_tiny_model_dir``) or use the
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
+from conftest import make_tiny_model_dir
 from popc.cli import app
 
 runner = CliRunner()

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model_dir
 
+from conftest import make_tiny_model_dir
 from popc import oplib
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cpp"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FAMILIES, make_tiny_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import popc
+from conftest import TINY_FAMILIES, make_tiny_model_dir
 from popc.export import ExportPlan, export
 
 TOLERANCE = 1e-4

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_model_dir, padded
 from transformers import AutoModelForCausalLM
 
 import popc
+from conftest import make_tiny_model_dir, padded
 from popc.defaults import settings_for_sparsity
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings

@@ -7,13 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model_dir
 
 import popc
+from conftest import make_tiny_model_dir
 from popc import families
 from popc.defaults import settings_for_sparsity
 from popc.export import GENAI_CONFIG_NAME, ExportPlan, export
-
 
 GENAI_FAMILIES = [spec.name for spec in families.FAMILIES if spec.genai_type is not None]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, StageRecorder, make_tiny_model_dir
 
+from conftest import TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS, StageRecorder, make_tiny_model_dir
 from popc import families
 from popc.errors import PopcError
 from popc.loading import (

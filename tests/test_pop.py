@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import TINY_FAMILIES, make_tiny_model_dir, padded
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import popc
+from conftest import TINY_FAMILIES, make_tiny_model_dir, padded
 from popc.cli import app
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings

@@ -79,7 +79,7 @@ def test_plain_mlp_pop_equals_reference(tmp_path, activation, bias):
     np.testing.assert_array_equal(partition, state.partition.numpy())
 
     owner.prefill = False
-    for step in range(4):
+    for _step in range(4):
         x = rng.standard_normal((2, 1, HIDDEN)).astype(np.float32)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         feed |= {"input_ids": np.zeros((2, 1), np.int64), "attention_mask": mask, "x": x, "past_partition.0": partition}

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model_dir, padded
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import popc
+from conftest import make_tiny_model_dir, padded
+from popc import families
 from popc.cli import app
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
-from popc import families
 from popc.reference import PopReference, SkipReference
 
 TOLERANCE = 1e-4

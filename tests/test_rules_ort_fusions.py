@@ -12,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
+
 from popc.passes.ort_fusions import (
     MICROSOFT,
     OrtFusionPass,

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnxscript import rewriter
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, pattern
+
 from popc.passes.pop_online import PopOnlinePass, PopRewriteState
 from popc.passes.pop_rules import GatedFFNRule, PlainMLPRule, check_gated_weights, dense_ffn_rules
 
