@@ -284,3 +284,50 @@ def test_eval_gives_no_row_for_a_sparsity_of_no_channels(tiny_pop_export, tmp_pa
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     args = ["--sparsities", 0.997, "--methods", method, "--tasks", "none", "--text", text, "--windows", 1]
     assert_clean_failure(invoke("eval", tiny_pop_export, *args), contains="rounds to no channels")
+
+
+# ---- 9. popc.json is validated against one schema on read -----------------------------------
+
+
+def edit_config(export: Path, key: str, value: object) -> None:
+    """Set (or with ``...`` delete) ``key`` of popc.json; ``pop.x`` reaches into the POP section."""
+    config = json.loads((export / "popc.json").read_text())
+    section, name = (config["pop"], key[4:]) if key.startswith("pop.") else (config, key)
+    if value is ...:
+        del section[name]
+    else:
+        section[name] = value
+    (export / "popc.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("num_layers", ..., "lacks num_layers"),
+    ("num_layers", "2", "num_layers must be an integer"),
+    ("head_dim", 0, "head_dim must be an integer >= 1"),
+    ("format_version", "1", "format_version must be an integer, got '1'"),
+    ("format_version", 2, "format version 2, this popc reads 1"),
+    ("model_file", "/dev/zero", "model_file must be a file name inside the export"),
+    ("model_file", ".", "model_file must be a file name inside the export"),
+    ("model_file", 7, "model_file must be a file name inside the export"),
+    ("eos_token_ids", "2", "eos_token_ids must be a list of token ids"),
+    ("versions", ["torch"], "versions must be an object of strings"),
+    ("pop", "yes", "pop must be an object or null"),
+    ("pop.retain", "0.25", "pop.retain must be a fraction in [0, 1]"),
+    ("pop.keep", ..., "lacks pop.keep"),
+    ("pop.intermediate_size", True, "pop.intermediate_size must be an integer >= 1"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", ["info", "run"])
+def test_a_malformed_popc_json_is_named_not_a_traceback(tiny_pop_export, tmp_path, key, value, expected, command):
+    export = copy_of(tiny_pop_export, tmp_path)
+    edit_config(export, key, value)
+    before = snapshot(export)
+    args = ["--prompt", "hi", "--max-new-tokens", 2] if command == "run" else []
+    assert_clean_failure(invoke(command, export, *args), contains=expected)
+    assert snapshot(export) == before
+
+
+def test_an_oversized_popc_json_is_not_read(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    with open(export / "popc.json", "a") as config:
+        config.write(" " * (1 << 20))
+    assert_clean_failure(invoke("info", export), contains="larger than any popc.json")
