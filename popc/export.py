@@ -29,6 +29,7 @@ from popc.artifact import (
     CONFIG_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
+    GENAI_CONFIG_NAME,
     ExportLocation,
     check_replaceable,
     drop_custom_code,
@@ -243,7 +244,6 @@ def prefill_config(skip: int, num_layers: int) -> dict[str, Any]:
     }
 
 
-GENAI_CONFIG_NAME = "genai_config.json"
 
 
 def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict[str, Any] | None:
@@ -393,6 +393,8 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     started = time.perf_counter()
 
     loaded = load_model(plan.model, progress=progress)
+    if plan.pop is not None:
+        plan.pop.counts(pop_channels(loaded.model.config))  # refuses a split that rounds to no channels
 
     with staging_directory(location) as staging:
         content = staging / "content"

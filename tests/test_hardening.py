@@ -270,10 +270,19 @@ def tiny_pop_export(tiny, tmp_path_factory) -> Path:
     return out
 
 
-def test_an_export_whose_split_rounds_to_nothing_does_not_run_dense(tiny, tmp_path):
+def test_a_split_that_rounds_to_nothing_is_refused_at_export(tiny, tmp_path):
     out = tmp_path / "pop"
     result = invoke("export", tiny[0], "--out", out, "--retain", 0.001, "--candidate", 0.002, "--keep", 0.001)
-    assert result.exit_code == 0, result.output  # fractions are valid; the FFN's width decides
+    assert_clean_failure(result, contains="rounds to no channels of the 128-channel FFN")  # the FFN's width decides
+    assert not out.exists()
+
+
+def test_an_export_whose_split_rounds_to_nothing_does_not_run_dense(tiny, tmp_path):
+    out = tmp_path / "pop"
+    assert invoke("export", tiny[0], "--out", out, "--sparsity", 0.5).exit_code == 0
+    config = json.loads((out / "popc.json").read_text())
+    config["pop"].update(retain=0.001, candidate=0.002, keep=0.001)  # an export written by hand, or by an older popc
+    (out / "popc.json").write_text(json.dumps(config))
     result = invoke("run", out, "--prompt", "hi", "--max-new-tokens", 2)
     assert_clean_failure(result, contains="rounds to no channels of the 128-channel FFN")
 

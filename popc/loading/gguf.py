@@ -142,7 +142,9 @@ def load_gguf(path: Path, progress: Progress, *, source: str, key: str | None = 
             raise PopcError(f"{path} is not a readable GGUF file: {short_error(e)}") from e
         family = check_supported(config)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                path.parent, gguf_file=path.name, local_files_only=True, trust_remote_code=False
+            )
         except Exception as e:
             raise PopcError(f"cannot read the tokenizer in {path}: {short_error(e)}") from e
         progress.stage("dequantising GGUF to float32 (first time only; ~20-60 s)")
