@@ -161,3 +161,24 @@ class StageRecorder:
 
     def advance(self, count: int = 1) -> None:
         pass
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (hidden staging directories included) with a hash of its content."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_clean_failure(result, *, contains: str) -> None:  # noqa: ANN001 - a typer CliRunner Result
+    """A CLI failure as users must see it: a non-zero exit, one ``error:`` line naming the
+    problem, no traceback."""
+    output = result.output.strip()
+    assert result.exit_code != 0, output
+    assert "Traceback" not in output
+    assert contains in output, output
+    assert len([line for line in output.splitlines() if line.startswith("error:")]) == 1, output

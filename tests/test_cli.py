@@ -6,7 +6,6 @@ Bad input must give a one-line error, a non-zero exit, no traceback (unless
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model_dir
+from conftest import assert_clean_failure, make_tiny_model_dir, snapshot
 from popc.cli import app
 
 runner = CliRunner()
@@ -30,22 +29,6 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root with a hash of its content (hidden staging dirs included)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_clean_failure(result, *, contains: str) -> None:
-    assert result.exit_code != 0
-    output = result.output.strip()
-    assert "Traceback" not in output
-    assert contains in output, output
-    error_lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, output
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ show: a marker file that must not appear, a user file that must survive.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model_dir
+from conftest import assert_clean_failure, make_tiny_model_dir, snapshot
 from popc.cli import app
 from popc.errors import PopcError
 
@@ -26,22 +25,6 @@ def invoke(*args: object, stdin: str | None = None):
     return runner.invoke(app, [str(a) for a in args], input=stdin, catch_exceptions=False)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its content."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_clean_failure(result, *, contains: str) -> None:
-    """One ``error:`` line naming the problem, a non-zero exit, no traceback."""
-    output = result.output.strip()
-    assert result.exit_code != 0, output
-    assert "Traceback" not in output
-    assert contains in output, output
-    assert len([line for line in output.splitlines() if line.startswith("error:")]) == 1, output
 
 
 @pytest.fixture(scope="module")
