@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model_dir
+from conftest import StageRecorder, make_tiny_model_dir
 from popc.bench import BenchPlan, BenchResult, report, run_bench
 from popc.bench import run as bench_run
 from popc.bench.exports import resolve_exports
@@ -28,22 +28,6 @@ from popc.cli import app
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
-
-
-class Stages:
-    """A Progress that records each stage's message."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def stage(self, message: str) -> None:
-        self.messages.append(message)
-
-    def start(self, total: int | None) -> None:
-        pass
-
-    def advance(self, count: int = 1) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +227,14 @@ def test_genai_peer_runs_the_same_model(genai_tiny):
 def test_bench_with_peers(genai_tiny, monkeypatch, tmp_path):
     source, dense, _ = genai_tiny
     monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
-    stages = Stages()
+    stages = StageRecorder()
     plan = BenchPlan(
         directory=dense, model=str(source), variants=["ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime"],
         prompt_lengths=[8],
         batches=[1, 2], repeats=1, warmup=0, decode_tokens=2, decode_prompt=8, threads=1,
     )  # fmt: skip
     result = run_bench(plan, progress=stages)
-    assert not any("building" in m for m in stages.messages)  # the fixture's build was reused
+    assert not any("building" in m for m in stages.stages)  # the fixture's build was reused
     every = ("ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime")
     assert sorted(result.settings.variants) == sorted(every)
     assert result.machine.onnxruntime_genai and result.machine.threads == 1
