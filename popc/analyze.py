@@ -25,6 +25,7 @@ import torch
 
 from popc.errors import PopcError
 from popc.progress import Progress, or_silent
+from popc.textfile import read_text_file
 
 
 @dataclass
@@ -46,10 +47,7 @@ def _windows(tokenizer, plan: AnalyzePlan, max_positions: int):
     from popc.eval import make_windows, special_prefix
 
     path = Path(plan.text) if plan.text else default_text_path()
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PopcError(f"cannot read --text {path}: {error}") from None
+    text = read_text_file(path, "--text")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     window = min(plan.window, max_positions)
     return torch.from_numpy(make_windows(ids, special_prefix(tokenizer), window, plan.windows)), str(path)

@@ -168,10 +168,9 @@ def run(
     if (prompt is None) == (prompt_file is None):
         raise PopcError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise PopcError(f"cannot read --prompt-file {prompt_file}: {error}") from None
+        from popc.textfile import read_text_file
+
+        prompt = read_text_file(prompt_file, "--prompt-file")
     from popc.runtime import load
 
     model = load(directory, device=device)

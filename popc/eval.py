@@ -37,6 +37,7 @@ from popc.scoring import (  # noqa: F401
     special_prefix,
     token_logprobs,
 )
+from popc.textfile import read_text_file
 
 METHODS = ("dense", "pop", "griffin", "dynamic", "static")
 METHOD_TITLES = {
@@ -188,10 +189,7 @@ class EvalResult:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as error:
-        raise PopcError(f"cannot read --text {path}: {error}") from None
+    text = read_text_file(path, "--text", errors="replace")
     if not text.strip():
         raise PopcError(f"--text {path} is empty")
     return text

@@ -8,6 +8,7 @@ show: a marker file that must not appear, a user file that must survive.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -323,3 +324,47 @@ def test_an_oversized_popc_json_is_not_read(tiny, tmp_path):
     with open(export / "popc.json", "a") as config:
         config.write(" " * (1 << 20))
     assert_clean_failure(invoke("info", export), contains="larger than any popc.json")
+
+
+# ---- 7. text inputs are regular files of bounded size ---------------------------------------
+
+
+def text_commands(export: Path, path: Path) -> dict[str, list[object]]:
+    return {
+        "run": ["run", export, "--prompt-file", path, "--max-new-tokens", 2],
+        "eval": ["eval", export, "--text", path, "--tasks", "none", "--windows", 1],
+        "analyze": ["analyze", export, "--text", path, "--windows", 1],
+    }
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "analyze"])
+def test_a_device_is_not_read_as_text(tiny, command):
+    option = "--prompt-file" if command == "run" else "--text"
+    source_or_export = tiny[0] if command == "analyze" else tiny[1]
+    result = invoke(*text_commands(source_or_export, Path("/dev/zero"))[command])
+    assert_clean_failure(result, contains=f"{option}: /dev/zero is not a regular file")
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "analyze"])
+def test_an_oversized_text_file_is_not_read(tiny, tmp_path, command):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as handle:
+        handle.truncate(3 << 30)  # sparse: 3 GB on paper, nothing on disk
+    source_or_export = tiny[0] if command == "analyze" else tiny[1]
+    result = invoke(*text_commands(source_or_export, big)[command])
+    assert_clean_failure(result, contains="is 3.0 GB; popc reads at most 64.0 MB of text")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tiny, tmp_path):
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    result = invoke("run", tiny[1], "--prompt-file", fifo)
+    assert_clean_failure(result, contains="is not a regular file")
+
+
+def test_a_prompt_file_is_still_read(tiny, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello there")
+    result = invoke("run", tiny[1], "--prompt-file", prompt, "--max-new-tokens", 2, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["prompt_ids"]
