@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from popc.atomic import atomic_directory, atomic_file
+from popc.atomic import atomic_directory, atomic_file, atomic_write
 from popc.cache import cache_root
 from popc.errors import PopcError
 from popc.progress import Progress, console_progress, or_silent
@@ -68,6 +68,8 @@ class LibraryInfo:
     origin: str  # "env", "package" or "cache"
     cuda: bool | None = None  # None: unknown (no build-info.json beside it)
     build: dict[str, Any] = field(default_factory=dict)
+    # Why the file must not be loaded (truncated, altered, not a library), or None.
+    problem: str | None = None
 
     @property
     def providers(self) -> list[str]:
@@ -113,7 +115,74 @@ def _read_build_info(path: Path) -> dict[str, Any]:
 
 def _info(path: Path, origin: str, build_info: Path) -> LibraryInfo:
     data = _read_build_info(build_info)
-    return LibraryInfo(path=path, origin=origin, cuda=data.get("cuda"), build=data)
+    info = LibraryInfo(path=path, origin=origin, cuda=data.get("cuda"), build=data)
+    info.problem = library_problem(info)
+    return info
+
+
+# ---- verification -----------------------------------------------------------------------
+# Loading a truncated shared library maps pages past its end: the process dies of SIGBUS
+# with nothing printed. So every library is checked before ONNX Runtime loads it.
+def file_record(path: Path) -> dict[str, Any]:
+    """The size and sha256 that ``build-info.json`` records for the library."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _elf_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole 64-bit ELF file: every segment and the section table lie inside it."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+            return "is not a 64-bit little-endian shared library"
+        phoff, shoff = int.from_bytes(header[0x20:0x28], "little"), int.from_bytes(header[0x28:0x30], "little")
+        phentsize, phnum = int.from_bytes(header[0x36:0x38], "little"), int.from_bytes(header[0x38:0x3A], "little")
+        shentsize, shnum = int.from_bytes(header[0x3A:0x3C], "little"), int.from_bytes(header[0x3C:0x3E], "little")
+        end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+        handle.seek(phoff)
+        table = handle.read(phentsize * phnum)
+        for start in range(0, len(table) - phentsize + 1, phentsize):
+            offset = int.from_bytes(table[start + 0x08 : start + 0x10], "little")
+            file_size = int.from_bytes(table[start + 0x20 : start + 0x28], "little")
+            end = max(end, offset + file_size)
+    return f"is truncated ({size} bytes, its ELF headers need {end})" if end > size else None
+
+
+_verified: dict[tuple[str, int, int, int], str | None] = {}  # (path, inode, size, mtime) -> problem
+
+
+def library_problem(info: LibraryInfo) -> str | None:
+    """Why ``info.path`` must not be loaded, or None. A cached build must match the size and
+    sha256 recorded when it was built; any library must be a whole ELF file."""
+    try:
+        stat = info.path.stat()
+        key = (str(info.path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key in _verified:
+            return _verified[key]
+        problem = _elf_problem(info.path)
+        recorded = {name: info.build.get(name) for name in ("size", "sha256")}
+        if problem is None and all(recorded.values()):
+            actual = file_record(info.path)
+            if actual["size"] != recorded["size"]:
+                problem = f"is {actual['size']} bytes, but {recorded['size']} were built"
+            elif actual["sha256"] != recorded["sha256"]:
+                problem = "differs from what was built (sha256 mismatch)"
+        elif problem is None and info.origin == "cache":
+            problem = "has no size and sha256 recorded in build-info.json (built by an older popc)"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    _verified[key] = problem
+    return problem
+
+
+def check_library(info: LibraryInfo) -> None:
+    """Raise (one line) unless ``info`` may be loaded."""
+    if info.problem is not None:
+        raise PopcError(f"{info.path} {info.problem}; rebuild it with `popc doctor --build`")
 
 
 def find_library() -> LibraryInfo | None:
@@ -253,7 +322,10 @@ def build(force: bool = False, cuda: bool | None = None, progress: Progress | No
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time, across processes
         if not force and (target / LIBRARY_NAME).is_file():
-            return _info(target / LIBRARY_NAME, "cache", target / "build-info.json")
+            existing = _info(target / LIBRARY_NAME, "cache", target / "build-info.json")
+            if existing.problem is None:
+                return existing
+            progress.stage(f"rebuilding the popc op library: {existing.path} {existing.problem}")
         log_file = target / "build.log"
         log_file.write_text("")
         failed = target / "FAILED"
@@ -284,8 +356,6 @@ def build(force: bool = False, cuda: bool | None = None, progress: Progress | No
             built = build_tree / LIBRARY_NAME
             if not built.is_file():
                 raise PopcError(f"the build produced no {LIBRARY_NAME} (log: {log_file})")
-            with atomic_file(target / LIBRARY_NAME) as staged:  # a loaded old copy stays valid
-                shutil.copy2(built, staged)
             info = {
                 "cuda": bool(want_cuda),
                 "cuda_error": cuda_error,
@@ -295,8 +365,13 @@ def build(force: bool = False, cuda: bool | None = None, progress: Progress | No
                 "sources": sources_digest(),
                 "build_seconds": round(seconds, 1),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **file_record(built),
             }
-            (target / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+            # The record first, then the library: both under the lock, so no reader that
+            # takes it sees one without the other. A loaded old copy stays valid.
+            atomic_write(target / "build-info.json", (json.dumps(info, indent=2) + "\n").encode())
+            with atomic_file(target / LIBRARY_NAME) as staged:
+                shutil.copy2(built, staged)
             shutil.rmtree(build_tree, ignore_errors=True)
             return _info(target / LIBRARY_NAME, "cache", target / "build-info.json")
         except Exception as error:
@@ -307,11 +382,20 @@ def build(force: bool = False, cuda: bool | None = None, progress: Progress | No
 def ensure_library(autobuild: bool | None = None) -> LibraryInfo | None:
     """The library, building it first if it is missing and an automatic build is allowed."""
     info = find_library()
-    if info is not None or disabled():
+    if disabled() or (info is not None and info.problem is None):
         return info
+    if info is not None and info.origin == "cache":
+        with open(build_dir().parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # a build in progress finishes first
+            info = find_library()
+        if info is not None and info.problem is None:
+            return info
     if autobuild is None:
         autobuild = os.environ.get("POPC_OPLIB_AUTOBUILD", "1") != "0"
-    if not autobuild or toolchain_problem() or (build_dir() / "FAILED").exists():
+    can_build = autobuild and not toolchain_problem() and not (build_dir() / "FAILED").exists()
+    if info is not None and (info.origin != "cache" or not can_build):
+        check_library(info)  # raises: a library that is there but broken is named, not skipped
+    if not can_build:
         return None
     from rich.console import Console
 
@@ -340,8 +424,11 @@ def register_library(options) -> bool:  # noqa: ANN001 - onnxruntime.SessionOpti
         info, reason = None, str(error)
     if info is not None:
         try:
+            check_library(info)
             options.register_custom_ops_library(str(info.path))
             return True
+        except PopcError as error:
+            reason = str(error)
         except Exception as error:  # ORT raises its own types
             reason = f"cannot load {info.path}: {str(error).splitlines()[0]}"
     if not _notice_shown:
@@ -390,6 +477,8 @@ def self_test(info: LibraryInfo) -> dict[str, Any]:
     """Load the library into a CPU session and run both ops against numpy."""
     import onnxruntime as ort
 
+    check_library(info)
+
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((24, 40)).astype(np.float32)
     idx = rng.integers(0, 24, (2, 1, 7))
@@ -422,7 +511,9 @@ def doctor_report(build_now: bool = False, force: bool = False, progress: Progre
     error = None
     try:
         if build_now or force:
-            info = build(force=force, progress=progress) if not (find_library() and not force) else find_library()
+            present = find_library()
+            usable = present is not None and present.problem is None
+            info = present if usable and not force else build(force=force, progress=progress)
         else:
             info = ensure_library()
     except PopcError as exc:

@@ -368,3 +368,67 @@ def test_a_prompt_file_is_still_read(tiny, tmp_path):
     result = invoke("run", tiny[1], "--prompt-file", prompt, "--max-new-tokens", 2, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["prompt_ids"]
+
+
+# ---- 8. a cached op library is verified before it is loaded --------------------------------
+
+
+@pytest.fixture
+def cached_library_copy(tmp_path, monkeypatch) -> Path:
+    """The real op library, copied (with a build-info.json recording it) into a fresh POPC_CACHE_DIR."""
+    from popc import oplib
+
+    real = oplib.find_library()
+    if real is None or oplib._elf_problem(real.path) is not None:
+        pytest.skip("no built op library to copy (popc doctor --build)")
+    headers = oplib.find_headers()  # the real cache's: a rebuild in the fresh cache needs no download
+    if headers is not None:
+        monkeypatch.setenv("POPC_ORT_INCLUDE_DIR", str(headers))
+    monkeypatch.setenv("POPC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("POPC_OPLIB", raising=False)
+    monkeypatch.setenv("POPC_OPLIB_AUTOBUILD", "0")
+    monkeypatch.setattr(oplib, "_notice_shown", False)
+    target = oplib.build_dir()
+    target.mkdir(parents=True)
+    shutil.copyfile(real.path, target / oplib.LIBRARY_NAME)
+    record = {"cuda": False, **oplib.file_record(target / oplib.LIBRARY_NAME)}
+    (target / "build-info.json").write_text(json.dumps(record))
+    return target / oplib.LIBRARY_NAME
+
+
+def test_a_truncated_cached_library_is_refused_not_a_sigbus(cached_library_copy):
+    import subprocess
+    import sys
+
+    os.truncate(cached_library_copy, cached_library_copy.stat().st_size // 2)
+    done = subprocess.run([sys.executable, "-m", "popc", "doctor", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])  # was -7 (SIGBUS), nothing printed
+    report = json.loads(done.stdout)
+    assert report["loaded"] is False and "is truncated" in report["load_error"], report
+    assert "popc doctor --build" in report["load_error"]
+
+
+def test_an_altered_cached_library_is_not_registered(cached_library_copy, capsys):
+    import onnxruntime as ort
+
+    from popc import oplib
+
+    data = bytearray(cached_library_copy.read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte changed
+    cached_library_copy.write_bytes(bytes(data))
+    assert oplib.register_library(ort.SessionOptions()) is False
+    err = capsys.readouterr().err
+    assert "sha256 mismatch" in " ".join(err.split()), err
+
+
+def test_a_truncated_cached_library_is_rebuilt_when_building_is_allowed(cached_library_copy, monkeypatch):
+    from popc import oplib
+
+    if oplib.toolchain_problem() or oplib.find_headers() is None:
+        pytest.skip("cannot build the op library here without a download")
+    os.truncate(cached_library_copy, 4096)
+    monkeypatch.setenv("POPC_OPLIB_AUTOBUILD", "1")
+    monkeypatch.setenv("POPC_OPLIB_CUDA", "0")  # the CPU kernels are enough, and quicker
+    info = oplib.ensure_library()
+    assert info is not None and info.problem is None, info
+    assert info.build["size"] == cached_library_copy.stat().st_size > 4096
