@@ -8,7 +8,7 @@ command accepts either form.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,3 +254,99 @@ def check_replaceable(directory: Path) -> None:
             f"{directory} holds files a popc export does not ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); refusing to replace it: move them, or choose another --out"
         )
+
+
+# ---- the graph an export holds ------------------------------------------------------------
+# The inputs a popc graph takes besides its state (``past_*``) and what each must be.
+TOKEN_INPUTS = ("input_ids", "attention_mask")
+OPTIONAL_INPUTS = ("pop_config", "logits_to_keep")
+STATE_TYPES = ("tensor(float)", "tensor(float16)", "tensor(int64)")
+
+
+def present_name(past_name: str) -> str:
+    """The output that carries a ``past_*`` state input forward."""
+    if past_name.startswith("past_key_values."):
+        return "present." + past_name[len("past_key_values.") :]
+    return "present_" + past_name[len("past_") :]
+
+
+def interface_problem(inputs: dict[str, str], outputs: Collection[str], num_layers: int) -> str | None:
+    """What makes a graph with ``inputs`` (name -> ORT type, e.g. ``tensor(int64)``) and
+    ``outputs`` other than the graph popc exports for ``num_layers`` layers, or None."""
+    for name in TOKEN_INPUTS:
+        if inputs.get(name) != "tensor(int64)":
+            return f"no int64 input {name!r}" if name not in inputs else f"input {name!r} is {inputs[name]}, not int64"
+    if "logits" not in outputs:
+        return "no output 'logits'"
+    for layer in range(num_layers):
+        for kind in ("key", "value"):
+            if f"past_key_values.{layer}.{kind}" not in inputs:
+                return f"no input 'past_key_values.{layer}.{kind}' for layer {layer} of {num_layers}"
+    for name, kind in inputs.items():
+        if name in TOKEN_INPUTS or name in OPTIONAL_INPUTS:
+            continue
+        if not name.startswith("past_"):
+            return f"an input {name!r} that popc does not feed"
+        if kind not in STATE_TYPES:
+            return f"state input {name!r} is {kind}"
+        if present_name(name) not in outputs:
+            return f"no output {present_name(name)!r} to carry {name!r} forward"
+    return None
+
+
+def check_interface(inputs: dict[str, str], outputs: Collection[str], config: dict[str, Any], model_path: Path) -> None:
+    """Raise unless the graph is the one popc exports for what ``config`` describes."""
+    problem = interface_problem(inputs, outputs, int(config["num_layers"]))
+    if problem is not None:
+        raise PopcError(
+            f"{model_path} is not a graph popc exported ({problem}); its {CONFIG_NAME} does not describe it: "
+            "re-run `popc export`"
+        )
+
+
+_ELEMENT_TYPES = {1: "tensor(float)", 10: "tensor(float16)", 16: "tensor(bfloat16)", 7: "tensor(int64)", 6: "tensor(int32)"}
+
+
+def check_model_files(location: ExportLocation, config: dict[str, Any]) -> None:
+    """Raise unless the export's model file parses, is popc's graph, and every initializer it
+    keeps in external data lies inside the data file (``popc info``'s health check)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(location.model_path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, or truncated-file errors
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise PopcError(
+            f"{location.model_path} does not parse as ONNX ({first_line:.80}); the export is broken, re-run `popc export`"
+        ) from None
+    inputs = {v.name: _ELEMENT_TYPES.get(v.type.tensor_type.elem_type, "other") for v in model.graph.input}
+    check_interface(inputs, {v.name for v in model.graph.output}, config, location.model_path)
+    needed: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {item.key: item.value for item in tensor.external_data}
+        size = int(entry["length"]) if "length" in entry else _tensor_bytes(tensor)
+        name = entry.get("location", "")
+        needed[name] = max(needed.get(name, 0), int(entry.get("offset", 0)) + size)
+    for name, end in needed.items():
+        path = location.directory / name
+        if not is_plain_file_name(name) or not path.is_file():
+            raise PopcError(
+                f"{location.model_path} keeps its weights in {name!r}, which is missing; the export is broken, "
+                "re-run `popc export`"
+            )
+        if path.stat().st_size < end:
+            raise PopcError(
+                f"{path} is {path.stat().st_size} bytes, but the model's weights need {end}; the export is broken "
+                "(truncated), re-run `popc export`"
+            )
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * tensor_dtype_to_np_dtype(tensor.data_type).itemsize

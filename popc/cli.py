@@ -171,8 +171,9 @@ def run(
         from popc.textfile import read_text_file
 
         prompt = read_text_file(prompt_file, "--prompt-file")
-    from popc.runtime import load
+    from popc.runtime import check_sampling, load
 
+    check_sampling(temperature, top_p, seed)  # before minutes of loading, not after
     model = load(directory, device=device)
     out = sys.stdout
 
@@ -207,9 +208,10 @@ def info(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
 ) -> None:
     """Show what an export contains."""
-    from popc.artifact import read_export
+    from popc.artifact import check_model_files, read_export
 
     location, config = read_export(directory)
+    check_model_files(location, config)  # a truncated model or a missing data file is not shown as healthy
     table = Table(title=str(location.model_path), show_header=False)
     for key in ("source", "family", "model_type", "dtype", "num_layers", "num_kv_heads", "head_dim",
                 "vocab_size", "max_positions", "eos_token_ids", "opset", "export_seconds"):

@@ -7,6 +7,7 @@ is given.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,19 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from popc.artifact import ExportLocation, load_tokenizer, read_export
+from popc.artifact import ExportLocation, check_interface, load_tokenizer, present_name, read_export
 from popc.errors import PopcError
 from popc.pop import PopSettings
 
 DEVICES = ("cpu", "cuda")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-
-def present_name(past_name: str) -> str:
-    """The output that carries a ``past_*`` state input forward."""
-    if past_name.startswith("past_key_values."):
-        return "present." + past_name[len("past_key_values.") :]
-    return "present_" + past_name[len("past_") :]
 
 
 @dataclass
@@ -42,6 +36,17 @@ class GenerationResult:
         return asdict(self)
 
 
+def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
+    """Refuse sampling values numpy would reject with a traceback (a negative seed) or turn
+    into nonsense without a word (a NaN or infinite temperature)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise PopcError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise PopcError(f"--top-p must be in (0, 1], got {top_p}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise PopcError(f"--seed must be an integer >= 0, got {seed}")
+
+
 @dataclass
 class SamplingOptions:
     """Greedy when ``temperature`` is 0; otherwise temperature + nucleus (top-p) sampling."""
@@ -52,10 +57,7 @@ class SamplingOptions:
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise PopcError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PopcError(f"--top-p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p, self.seed)
         self.rng = np.random.default_rng(self.seed)
 
     def pick(self, logits: np.ndarray) -> np.ndarray:
@@ -144,6 +146,8 @@ class PopcModel:
         # Dense exports have no ai.popc ops: no need to load (or first build) the op library.
         has_popc_ops = config.get("pop") is not None
         self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib and has_popc_ops, threads)
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        check_interface({i.name: i.type for i in self.session.get_inputs()}, graph_outputs, config, location.model_path)
         self.tokenizer = load_tokenizer(location.directory)
         self.num_layers = int(config["num_layers"])
         self.num_kv_heads = int(config["num_kv_heads"])

@@ -432,3 +432,98 @@ def test_a_truncated_cached_library_is_rebuilt_when_building_is_allowed(cached_l
     info = oplib.ensure_library()
     assert info is not None and info.problem is None, info
     assert info.build["size"] == cached_library_copy.stat().st_size > 4096
+
+
+# ---- 10. smaller: foreign graphs, sampling values, unwritable --out, broken exports, stale staging
+
+
+def forge_foreign_export(tiny, tmp_path) -> Path:
+    """A valid one-node ONNX graph (Add) under a copied, valid popc.json."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    export = copy_of(tiny[1], tmp_path, "foreign")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["A", "B"], ["C"])],
+        "foreign",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("A", "B")],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [1])],
+    )
+    (export / "model.onnx.data").unlink()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), export / "model.onnx")
+    return export
+
+
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_a_foreign_onnx_graph_is_named_as_foreign(tiny, tmp_path, command):
+    export = forge_foreign_export(tiny, tmp_path)
+    args = ["--prompt", "hi", "--max-new-tokens", 2] if command == "run" else []
+    result = invoke(command, export, *args)
+    assert_clean_failure(result, contains="is not a graph popc exported (no int64 input 'input_ids')")
+
+
+def test_the_runtime_names_a_foreign_graph(tiny, tmp_path):
+    from popc.runtime import load
+
+    with pytest.raises(PopcError, match="is not a graph popc exported"):
+        load(forge_foreign_export(tiny, tmp_path))
+
+
+def test_a_graph_with_fewer_layers_than_its_config_is_foreign(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    edit_config(export, "num_layers", json.loads((export / "popc.json").read_text())["num_layers"] + 1)
+    assert_clean_failure(invoke("run", export, "--prompt", "hi"), contains="for layer")
+
+
+def test_info_reports_a_truncated_model_file(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    os.truncate(export / "model.onnx", (export / "model.onnx").stat().st_size // 2)
+    assert_clean_failure(invoke("info", export), contains="does not parse as ONNX")
+
+
+def test_info_reports_a_missing_data_file(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    (export / "model.onnx.data").unlink()
+    assert_clean_failure(invoke("info", export), contains="'model.onnx.data', which is missing")
+
+
+def test_info_reports_a_truncated_data_file(tiny, tmp_path):
+    export = copy_of(tiny[1], tmp_path)
+    os.truncate(export / "model.onnx.data", (export / "model.onnx.data").stat().st_size - 1)
+    assert_clean_failure(invoke("info", export), contains="the export is broken (truncated)")
+
+
+def test_info_shows_a_healthy_export(tiny):
+    result = invoke("info", tiny[1])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--seed", -5, "--seed must be an integer >= 0, got -5"),
+    ("--temperature", "nan", "--temperature must be a finite number >= 0"),
+    ("--temperature", "inf", "--temperature must be a finite number >= 0"),
+    ("--temperature", -1, "--temperature must be a finite number >= 0"),
+    ("--top-p", 0, "--top-p must be in (0, 1]"),
+    ("--top-p", 1.5, "--top-p must be in (0, 1]"),
+    ("--top-p", "nan", "--top-p must be in (0, 1]"),
+])  # fmt: skip
+def test_bad_sampling_values_are_refused_before_the_model_loads(tiny, tmp_path, monkeypatch, option, value, expected):
+    import popc.runtime
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the option was checked")
+
+    monkeypatch.setattr(popc.runtime, "load", no_load)
+    args = ["--temperature", 1.0] if option != "--temperature" else []
+    result = invoke("run", tiny[1], "--prompt", "hi", *args, option, value)
+    assert_clean_failure(result, contains=expected)
+
+
+@pytest.mark.parametrize("values", [
+    dict(temperature=float("nan")), dict(temperature=float("inf")), dict(seed=-5), dict(top_p=float("inf")),
+])  # fmt: skip
+def test_the_runtime_refuses_bad_sampling_values(values):
+    from popc.runtime import SamplingOptions
+
+    with pytest.raises(PopcError, match="must be"):
+        SamplingOptions(**{"temperature": 1.0, **values})
