@@ -10,17 +10,29 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+OWNER_FILE = ".owner"  # "pid host" of the process that made a staging directory
+STALE_AFTER_SECONDS = 60.0
+
 
 @contextlib.contextmanager
-def staging_directory(parent: Path, prefix: str) -> Iterator[Path]:
-    """A new hidden directory ``parent/.{prefix}-XXXX``, removed when the block ends."""
+def staging_directory(parent: Path, prefix: str, *, mark_owner: bool = False) -> Iterator[Path]:
+    """A new hidden directory ``parent/.{prefix}-XXXX``, removed when the block ends.
+
+    ``mark_owner`` writes the process id into it (``.owner``), so that a later writer can
+    tell a directory left by a killed process (SIGKILL skips every ``finally``) from one in
+    use: see :func:`remove_stale_staging`. Not for a staging directory that becomes the
+    target itself (the marker would be published with it)."""
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=parent))
     try:
+        if mark_owner:
+            (staging / OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -72,3 +84,39 @@ def atomic_write(target: Path, data: bytes) -> None:
     """``target`` holds ``data``, or what it held before."""
     with atomic_file(target) as staged:
         staged.write_bytes(data)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def is_stale(staging: Path, min_age: float = STALE_AFTER_SECONDS) -> bool:
+    """Whether ``staging`` was marked by a process of this host that is gone, over ``min_age`` s ago.
+    Unmarked directories (an older popc, another tool) are never stale: popc cannot tell."""
+    owner = staging / OWNER_FILE
+    try:
+        pid_text, host = owner.read_text().split()
+        pid, age = int(pid_text), time.time() - owner.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    return host == socket.gethostname() and age > min_age and not _process_alive(pid)
+
+
+def remove_stale_staging(parent: Path, prefix: str, min_age: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Remove the ``parent/.{prefix}-*`` directories their owners left behind; returns them."""
+    removed = []
+    try:
+        entries = list(parent.glob(f".{prefix}-*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink() and is_stale(entry, min_age):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

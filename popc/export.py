@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,7 @@ from popc.artifact import (
     export_file_names,
     location_for_output,
 )
+from popc.atomic import remove_stale_staging
 from popc.atomic import staging_directory as new_staging_directory
 from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
@@ -297,11 +299,35 @@ def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict
     }
 
 
+STAGING_PREFIX = "popc-export"
+
+
+def staging_parent(location: ExportLocation) -> Path:
+    """Where the staging directory goes: beside the destination (same filesystem, so renames are atomic)."""
+    return location.directory.resolve().parent if location.owns_directory else location.directory
+
+
 def staging_directory(location: ExportLocation) -> contextlib.AbstractContextManager[Path]:
-    """A hidden directory beside the destination (same filesystem, so renames are atomic),
-    removed however the export ends."""
-    parent = location.directory.resolve().parent if location.owns_directory else location.directory
-    return new_staging_directory(parent, "popc-export")
+    """A hidden directory beside the destination, removed however the export ends (and, after
+    a SIGKILL, by a later export: it is marked with this process's id)."""
+    return new_staging_directory(staging_parent(location), STAGING_PREFIX, mark_owner=True)
+
+
+def check_writable(location: ExportLocation) -> None:
+    """Raise unless the staging directory and the final renames can be made where the export
+    goes: found now, not after minutes of loading and tracing."""
+    parent = staging_parent(location)
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PopcError(f"cannot write the export to {location.directory}: {existing} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".popc-write-check-", dir=existing))
+    except OSError as error:
+        raise PopcError(
+            f"cannot write the export to {location.directory}: {existing} is not writable ({error.strerror or error})"
+        ) from None
 
 
 def check_destination(location: ExportLocation, force: bool) -> None:
@@ -310,11 +336,11 @@ def check_destination(location: ExportLocation, force: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise PopcError(f"{directory} exists and is not a directory")
     if location.owns_directory:
-        if not directory.exists() or not any(directory.iterdir()):
-            return
-        check_replaceable(directory)
-        if not force:
-            raise PopcError(f"{directory} already holds an export; pass --force to replace it")
+        if directory.exists() and any(directory.iterdir()):
+            check_replaceable(directory)
+            if not force:
+                raise PopcError(f"{directory} already holds an export; pass --force to replace it")
+        check_writable(location)
         return
     # `--out dir/name.onnx`: every file an export may write there is checked, tokenizer files
     # included, before minutes of loading and tracing.
@@ -325,6 +351,7 @@ def check_destination(location: ExportLocation, force: bool) -> None:
             raise PopcError(f"{target} is a directory where the export writes a file; choose another --out")
         if not force and (target.exists() or target.is_symlink()):
             raise PopcError(f"{target} already exists; pass --force to replace it")
+    check_writable(location)
 
 
 @contextlib.contextmanager
@@ -390,6 +417,7 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     progress = or_silent(progress)
     location = location_for_output(plan.out)
     check_destination(location, plan.force)
+    remove_stale_staging(staging_parent(location), STAGING_PREFIX)  # left by exports that were SIGKILLed
     started = time.perf_counter()
 
     loaded = load_model(plan.model, progress=progress)

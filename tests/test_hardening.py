@@ -527,3 +527,71 @@ def test_the_runtime_refuses_bad_sampling_values(values):
 
     with pytest.raises(PopcError, match="must be"):
         SamplingOptions(**{"temperature": 1.0, **values})
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:
+        return Path("/proc")  # root writes through any mode bits, but not into a pseudo-filesystem
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    return directory
+
+
+@pytest.mark.parametrize("name", ["export", "model.onnx", "deeper/export"])
+def test_an_unwritable_out_is_found_before_the_model_loads(tiny, tmp_path, monkeypatch, name):
+    import popc.export
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(popc.export, "load_model", no_load)
+    out = unwritable_directory(tmp_path) / name
+    assert_clean_failure(invoke("export", tiny[0], "--out", out), contains="is not writable")
+
+
+def make_staging(parent: Path, name: str, pid: int | None, age: float) -> Path:
+    import socket
+    import time
+
+    staging = parent / f".popc-export-{name}"
+    (staging / "content").mkdir(parents=True)
+    (staging / "traced.onnx").write_bytes(b"\0" * 1024)
+    if pid is not None:
+        (staging / ".owner").write_text(f"{pid} {socket.gethostname()}\n")
+        then = time.time() - age
+        os.utime(staging / ".owner", (then, then))
+    return staging
+
+
+def test_an_export_removes_staging_directories_left_by_killed_exports(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited: its pid names no process (unless reused within this test)
+    stale = make_staging(tmp_path, "stale", dead_pid, age=3600)
+    live = make_staging(tmp_path, "live", os.getpid(), age=3600)  # an export still running
+    fresh = make_staging(tmp_path, "fresh", dead_pid, age=0)  # too young to judge
+    unmarked = make_staging(tmp_path, "unmarked", None, age=3600)  # not provably popc's
+    assert invoke("export", tiny[0], "--out", tmp_path / "export").exit_code == 0
+    assert not stale.exists()
+    assert live.exists() and fresh.exists() and unmarked.exists()
+    left = sorted(p.name for p in tmp_path.glob(".popc-export-*"))
+    assert left == [".popc-export-fresh", ".popc-export-live", ".popc-export-unmarked"]  # and no new one
+
+
+def test_an_export_marks_its_staging_directory_with_its_pid(tiny, tmp_path, monkeypatch):
+    import popc.export
+
+    seen = []
+    trace = popc.export.trace_to_onnx
+
+    def watching_trace(loaded, path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append((path.parent / ".owner").read_text().split()[0])
+        return trace(loaded, path, *args, **kwargs)
+
+    monkeypatch.setattr(popc.export, "trace_to_onnx", watching_trace)
+    assert invoke("export", tiny[0], "--out", tmp_path / "export").exit_code == 0
+    assert seen == [str(os.getpid())]
+    assert not (tmp_path / "export" / ".owner").exists()
