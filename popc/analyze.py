@@ -42,12 +42,12 @@ class AnalyzePlan:
     counts: list[int] | None = None
 
 
-def _windows(tokenizer, plan: AnalyzePlan, max_positions: int):
+def _windows(tokenizer, plan: AnalyzePlan, max_positions: int, text: str | None = None):
     from popc.datasets import default_text_path
     from popc.eval import make_windows, special_prefix
 
     path = Path(plan.text) if plan.text else default_text_path()
-    text = read_text_file(path, "--text")
+    text = text if text is not None else read_text_file(path, "--text")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     window = min(plan.window, max_positions)
     return torch.from_numpy(make_windows(ids, special_prefix(tokenizer), window, plan.windows)), str(path)
@@ -63,6 +63,7 @@ def analyze(
 
     progress = or_silent(progress)
     started = time.perf_counter()
+    given_text = read_text_file(Path(plan.text), "--text") if plan.text else None  # fails before the load
     if model is None:
         progress.stage(f"loading {plan.model}")
         loaded = load_model(plan.model, progress=progress)
@@ -71,7 +72,7 @@ def analyze(
         model = model.float()
     model = model.eval()
     layers = model.config.num_hidden_layers
-    windows, text = _windows(tokenizer, plan, model.config.max_position_embeddings)
+    windows, text = _windows(tokenizer, plan, model.config.max_position_embeddings, given_text)
     width = windows.shape[1]
     prompt = plan.prompt or width // 2
     if not 2 <= prompt < width:

@@ -195,10 +195,13 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _perplexity_windows(plan: EvalPlan, model: Any, width: int, progress: Progress) -> tuple[np.ndarray, Path]:
+def _perplexity_windows(
+    plan: EvalPlan, model: Any, width: int, progress: Progress, text: str | None = None
+) -> tuple[np.ndarray, Path]:
     progress.stage("reading the perplexity text")
     text_path = Path(plan.text) if plan.text is not None else datasets.default_text_path()
-    ids = [int(i) for i in model.tokenizer(_read_text(text_path), add_special_tokens=False)["input_ids"]]
+    text = text if text is not None else _read_text(text_path)
+    ids = [int(i) for i in model.tokenizer(text, add_special_tokens=False)["input_ids"]]
     return make_windows(ids, special_prefix(model.tokenizer), width, plan.windows), text_path
 
 
@@ -222,6 +225,7 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     started = time.perf_counter()
     if plan.batch < 1:
         raise PopcError("--batch must be at least 1")
+    given_text = _read_text(Path(plan.text)) if plan.text else None  # a wrong --text fails before the load
     progress.stage(f"loading {plan.directory}")
     model = load(plan.directory, device=plan.device)
     gated = bool((model.config.get("pop") or {}).get("gated", True))
@@ -231,7 +235,7 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     width = min(plan.window, model.max_positions)
     prompt = plan.prompt if plan.prompt is not None else width // 2
     if plan.text != "":
-        windows, text_path = _perplexity_windows(plan, model, width, progress)
+        windows, text_path = _perplexity_windows(plan, model, width, progress, given_text)
         if not 2 <= prompt < width:
             raise PopcError(f"--prompt must be in [2, {width}), got {prompt}")
     tasks = _choice_tasks(plan, model, progress)

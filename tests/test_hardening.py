@@ -595,3 +595,18 @@ def test_an_export_marks_its_staging_directory_with_its_pid(tiny, tmp_path, monk
     assert invoke("export", tiny[0], "--out", tmp_path / "export").exit_code == 0
     assert seen == [str(os.getpid())]
     assert not (tmp_path / "export" / ".owner").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "analyze"])
+def test_a_bad_text_file_fails_before_the_model_loads(tiny, monkeypatch, command):
+    import popc.loading
+    import popc.runtime
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before the text file was checked")
+
+    monkeypatch.setattr(popc.runtime, "load", no_load)
+    monkeypatch.setattr(popc.loading, "load_model", no_load)
+    source_or_export = tiny[0] if command == "analyze" else tiny[1]
+    result = invoke(*text_commands(source_or_export, Path("/dev/zero"))[command])
+    assert_clean_failure(result, contains="/dev/zero is not a regular file")
