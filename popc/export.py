@@ -326,7 +326,8 @@ def check_writable(location: ExportLocation) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".popc-write-check-", dir=existing))
     except OSError as error:
         raise PopcError(
-            f"cannot write the export to {location.directory}: {existing} is not writable ({error.strerror or error})"
+            f"cannot write the export to {location.directory}: {existing} is not writable "
+            f"(creating a directory there fails: {error.strerror or error})"
         ) from None
 
 
