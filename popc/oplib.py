@@ -182,7 +182,7 @@ def library_problem(info: LibraryInfo) -> str | None:
 def check_library(info: LibraryInfo) -> None:
     """Raise (one line) unless ``info`` may be loaded."""
     if info.problem is not None:
-        raise PopcError(f"{info.path} {info.problem}; rebuild it with `popc doctor --build`")
+        raise PopcError(f"{info.path} {info.problem}: refusing to load it")
 
 
 def find_library() -> LibraryInfo | None:
