@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -29,8 +29,9 @@ fuzz = settings(max_examples=40, deadline=None, database=None, suppress_health_c
 
 DELETE = object()  # a mutation that removes the key instead of setting it
 
+# Small integers often: a count or a size popc.json names that is plausible but wrong.
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.integers(-1, 1024) | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=8,
 )
@@ -78,13 +79,31 @@ def config_keys(config: dict[str, Any]) -> list[str]:
     return [*config, *(f"pop.{key}" for key in config["pop"]), "not_a_popc_key"]
 
 
+def lookup(config: dict[str, Any], key: str) -> Any:
+    return config["pop"].get(key[4:]) if key.startswith("pop.") else config.get(key)
+
+
+def like(value: Any) -> st.SearchStrategy:
+    """Values of the same kind as ``value``: plausible, so the checks past the type checks run too."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.integers(-1, 2048)
+    if isinstance(value, float):
+        return st.floats(-0.1, 1.1)
+    if isinstance(value, list) and all(isinstance(item, int) for item in value):
+        return st.lists(st.integers(-1, 2048), max_size=3)
+    return json_values
+
+
 @st.composite
 def mutated_configs(draw: st.DrawFn, original: dict[str, Any]) -> dict[str, Any]:
-    """``original`` with one to four keys (top-level or ``pop.``) replaced by any JSON value, or deleted."""
+    """``original`` with one to four keys (top-level or ``pop.``) deleted, or replaced by any JSON
+    value or by one of the same kind."""
     config = json.loads(json.dumps(original))
-    changes = draw(st.lists(st.tuples(st.sampled_from(config_keys(original)), st.just(DELETE) | json_values),
-                            min_size=1, max_size=4))
-    for key, value in changes:
+    for _ in range(draw(st.integers(1, 4))):
+        key = draw(st.sampled_from(config_keys(original)))
+        value = draw(st.just(DELETE) | json_values | like(lookup(original, key)))
         section, name = (config.get("pop"), key[4:]) if key.startswith("pop.") else (config, key)
         if not isinstance(section, dict):
             continue  # the pop section itself was replaced by an earlier change
@@ -111,6 +130,21 @@ def test_a_mutated_popc_json_is_read_or_refused_cleanly(scratch_export, data):
     config = data.draw(mutated_configs(original))
     (directory / "popc.json").write_text(json.dumps(config))
     check_config_file(directory)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="popc.json values the graph contradicts reach ONNX Runtime: e.g. num_kv_heads 4, head_dim 32, "
+    "vocab_size 10 or pop.intermediate_size 1000 end in 'error: RuntimeError: Error in execution: ...' (unexpected)",
+)
+@settings(fuzz, phases=[Phase.explicit, Phase.generate])  # no shrinking: a known bug, found, needs no minimising
+@given(data=st.data())
+def test_run_of_a_mutated_popc_json_works_or_fails_cleanly(scratch_export, data):
+    directory, original = scratch_export
+    config = data.draw(mutated_configs(original))
+    (directory / "popc.json").write_text(json.dumps(config))
+    argv = ["run", str(directory), "--prompt", "hi", "--max-new-tokens", "2", "--json"]
+    assert_ok_or_one_clean_error(runner.invoke(app, argv))
 
 
 @fuzz
