@@ -173,7 +173,7 @@ def option_text(value: float | int) -> str:
 
 
 @pytest.fixture(scope="module")
-def export_stops_before_tracing(tiny: dict[str, Path]):
+def export_stops_before_tracing(tiny: dict[str, Path]) -> Iterator[dict[str, Path]]:
     """``popc export`` with every check of its options and the model done, but no trace: a
     valid split ends in this one error line instead of a whole export per example."""
     from popc import export as export_module
