@@ -8,7 +8,7 @@ command accepts either form.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,9 +294,45 @@ def interface_problem(inputs: dict[str, str], outputs: Collection[str], num_laye
     return None
 
 
-def check_interface(inputs: dict[str, str], outputs: Collection[str], config: dict[str, Any], model_path: Path) -> None:
+def shape_problem(shapes: dict[str, Sequence[Any]], config: dict[str, Any]) -> str | None:
+    """Where the graph's fixed dimensions (``shapes``: input/output name -> dims, ints or
+    symbolic names) contradict ``config``: KV heads, head size, vocabulary."""
+    expected = {1: ("num_kv_heads", config.get("num_kv_heads")), 3: ("head_dim", config.get("head_dim"))}
+    for name, dims in shapes.items():
+        checks = expected if name.startswith("past_key_values.") else {}
+        if name == "logits":
+            checks = {2: ("vocab_size", config.get("vocab_size"))}
+        for axis, (key, value) in checks.items():
+            if len(dims) > axis and isinstance(dims[axis], int) and dims[axis] != value:
+                return f"{name} has {dims[axis]} at axis {axis}, but {CONFIG_NAME} says {key} {value}"
+    return None
+
+
+def ffn_width_problem(model_path: Path, config: dict[str, Any]) -> str | None:
+    """Where a POP export's FFN weights (one row per channel) contradict ``pop.intermediate_size``."""
+    import onnx
+
+    pop = config.get("pop")
+    if not pop:
+        return None
+    model = onnx.load(str(model_path), load_external_data=False)
+    widths = {int(t.dims[0]) for t in model.graph.initializer if t.name.endswith(("gate_rows", "fc1_rows")) and t.dims}
+    if widths and widths != {int(pop["intermediate_size"])}:
+        return f"its pruned FFNs have {sorted(widths)} channels, but {CONFIG_NAME} says pop.intermediate_size {pop['intermediate_size']}"
+    return None
+
+
+def check_interface(
+    inputs: dict[str, str],
+    outputs: Collection[str],
+    config: dict[str, Any],
+    model_path: Path,
+    shapes: dict[str, Sequence[Any]] | None = None,
+) -> None:
     """Raise unless the graph is the one popc exports for what ``config`` describes."""
     problem = interface_problem(inputs, outputs, int(config["num_layers"]))
+    if problem is None and shapes is not None:
+        problem = shape_problem(shapes, config) or ffn_width_problem(model_path, config)
     if problem is not None:
         raise PopcError(
             f"{model_path} is not a graph popc exported ({problem}); its {CONFIG_NAME} does not describe it: "
@@ -320,7 +356,11 @@ def check_model_files(location: ExportLocation, config: dict[str, Any]) -> None:
             f"{location.model_path} does not parse as ONNX ({first_line:.80}); the export is broken, re-run `popc export`"
         ) from None
     inputs = {v.name: _ELEMENT_TYPES.get(v.type.tensor_type.elem_type, "other") for v in model.graph.input}
-    check_interface(inputs, {v.name for v in model.graph.output}, config, location.model_path)
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in (*model.graph.input, *model.graph.output)
+    }
+    check_interface(inputs, {v.name for v in model.graph.output}, config, location.model_path, shapes)
     needed: dict[str, int] = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import traceback
@@ -16,18 +17,50 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from popc.errors import PopcError
 from popc.progress import console_progress
+
+console = Console(stderr=True)
+
+# Click's exception types as typer raises them (typer >= 0.29 vendors its own click).
+ClickException = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "ClickException")
+NoArgsIsHelpError = getattr(sys.modules[ClickException.__module__], "NoArgsIsHelpError", ())
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Click's own usage errors (a bad option value, an unknown option) end as popc's do: one
+    ``error:`` line on stderr and exit 2, instead of a boxed multi-line panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as error:
+            error.show()  # `popc` alone, or a command without its arguments: the help
+            sys.exit(error.exit_code)
+        except ClickException as error:
+            command = f"{error.ctx.command_path} " if getattr(error, "ctx", None) else "popc "
+            message = f"{error.format_message()} (see `{command.strip()} --help`)"
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            console.print("[bold red]error:[/] aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     help="popc: compile Hugging Face causal LMs into ONNX models that prune their own FFNs online.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineUsageErrors,
 )
-console = Console(stderr=True)
 state = {"debug": False}
 
 
@@ -83,6 +116,22 @@ def parse_list(value: str | None, option: str, kind: type = str) -> list | None:
     except ValueError:
         what = {int: "integers", float: "numbers"}.get(kind, "values")
         raise PopcError(f"{option} takes comma-separated {what}, got {value!r}") from None
+
+
+def check_outputs(**paths: Path | None) -> None:
+    """Output files named by options (``as_json=...`` -> ``--json``) must be writable where they
+    are, checked before minutes of work rather than after."""
+    for name, path in paths.items():
+        if path is None:
+            continue
+        option = "--json" if name == "as_json" else f"--{name.replace('_', '-')}"
+        parent = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise PopcError(f"{option} {path} is a directory; name a file")
+        if not parent.is_dir():
+            raise PopcError(f"{option} {path}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise PopcError(f"{option} {path}: the directory {parent} is not writable")
 
 
 def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
@@ -253,6 +302,7 @@ def eval_(
     from popc.eval import EvalPlan, result_table, run_eval
     from popc.eval import plot as write_plot
 
+    check_outputs(as_json=as_json, plot=plot)
     if limit is not None and limit < 1:
         raise PopcError("--limit must be at least 1")
     if windows is not None and windows < 0:
@@ -310,6 +360,7 @@ def analyze(
     from popc.analyze import analyze as run_analyze
     from popc.analyze import plot as write_plot
 
+    check_outputs(as_json=as_json, plot=plot)
     if budget < 0 or windows < 1:
         raise PopcError("--budget must be >= 0 and --windows >= 1")
     plan = AnalyzePlan(model=model, budget=budget, text=text, windows=windows, window=window, prompt=prompt,
@@ -358,6 +409,7 @@ def bench(
     """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai), against the memory roofline."""
     from popc.bench import BenchPlan, report, run_bench
 
+    check_outputs(as_json=as_json, plot=plot, markdown=markdown)
     # Only the options given override the plan's matrix (the quick default, or --full's).
     matrix = {
         "prompt_lengths": parse_list(prompt_lengths, "--prompt-lengths", int),

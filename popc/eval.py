@@ -142,13 +142,14 @@ class EvalRow:
 
 def plan_rows(sparsities: Sequence[float], has_pop: bool, gated: bool = True) -> list[EvalRow]:
     """Dense first, then each method at each sparsity (POP exports only)."""
+    for sparsity in sparsities:  # checked on a dense export too: a wrong option is never ignored
+        if not 0.0 < sparsity < 1.0:
+            raise PopcError(f"--sparsities must be in (0, 1), got {sparsity}")
     rows = [EvalRow("dense", 0.0, PopSettings(retain=1.0), 1.0)]
     if not has_pop:
         return rows
     for method in METHODS[1:]:
         for sparsity in sparsities:
-            if not 0.0 < sparsity < 1.0:
-                raise PopcError(f"--sparsities must be in (0, 1), got {sparsity}")
             settings = method_settings(method, sparsity)
             rows.append(EvalRow(method, sparsity, settings, weight_fraction(settings, gated)))
     return rows
@@ -225,6 +226,10 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     started = time.perf_counter()
     if plan.batch < 1:
         raise PopcError("--batch must be at least 1")
+    unknown = [m for m in plan.methods if m not in METHODS]
+    if unknown or not plan.methods:
+        raise PopcError(f"--methods takes names from {', '.join(METHODS)}; got {', '.join(plan.methods) or 'none'}")
+    plan_rows(plan.sparsities, has_pop=False)  # the sparsities are checked before the model loads
     given_text = _read_text(Path(plan.text)) if plan.text else None  # a wrong --text fails before the load
     progress.stage(f"loading {plan.directory}")
     model = load(plan.directory, device=plan.device)

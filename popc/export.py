@@ -337,6 +337,12 @@ def check_destination(location: ExportLocation, force: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise PopcError(f"{directory} exists and is not a directory")
     if location.owns_directory:
+        if str(directory) in ("", ".") or Path.cwd().resolve().is_relative_to(directory.resolve()):
+            # The export replaces its directory with one rename, which cannot move the working directory.
+            raise PopcError(
+                f"--out {str(directory) or repr('')} is the working directory (or holds it); "
+                "name a directory below it, e.g. --out my-export"
+            )
         if directory.exists() and any(directory.iterdir()):
             check_replaceable(directory)
             if not force:

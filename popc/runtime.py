@@ -147,7 +147,9 @@ class PopcModel:
         has_popc_ops = config.get("pop") is not None
         self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib and has_popc_ops, threads)
         graph_outputs = [o.name for o in self.session.get_outputs()]
-        check_interface({i.name: i.type for i in self.session.get_inputs()}, graph_outputs, config, location.model_path)
+        shapes = {v.name: v.shape for v in (*self.session.get_inputs(), *self.session.get_outputs())}
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        check_interface(inputs, graph_outputs, config, location.model_path, shapes)
         self.tokenizer = load_tokenizer(location.directory)
         self.num_layers = int(config["num_layers"])
         self.num_kv_heads = int(config["num_kv_heads"])
