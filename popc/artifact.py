@@ -308,14 +308,16 @@ def shape_problem(shapes: dict[str, Sequence[Any]], config: dict[str, Any]) -> s
     return None
 
 
-def ffn_width_problem(model_path: Path, config: dict[str, Any]) -> str | None:
-    """Where a POP export's FFN weights (one row per channel) contradict ``pop.intermediate_size``."""
-    import onnx
-
+def ffn_width_problem(model_path: Path, config: dict[str, Any], model: Any = None) -> str | None:
+    """Where a POP export's FFN weights (one row per channel) contradict ``pop.intermediate_size``.
+    ``model``: the graph's ModelProto when the caller has parsed it already."""
     pop = config.get("pop")
     if not pop:
         return None
-    model = onnx.load(str(model_path), load_external_data=False)
+    if model is None:
+        import onnx
+
+        model = onnx.load(str(model_path), load_external_data=False)
     widths = {int(t.dims[0]) for t in model.graph.initializer if t.name.endswith(("gate_rows", "fc1_rows")) and t.dims}
     if widths and widths != {int(pop["intermediate_size"])}:
         return f"its pruned FFNs have {sorted(widths)} channels, but {CONFIG_NAME} says pop.intermediate_size {pop['intermediate_size']}"
@@ -328,11 +330,13 @@ def check_interface(
     config: dict[str, Any],
     model_path: Path,
     shapes: dict[str, Sequence[Any]] | None = None,
+    model: Any = None,
 ) -> None:
-    """Raise unless the graph is the one popc exports for what ``config`` describes."""
+    """Raise unless the graph is the one popc exports for what ``config`` describes (with
+    ``shapes``, also its fixed dimensions and FFN width; ``model``: its parsed ModelProto, if any)."""
     problem = interface_problem(inputs, outputs, int(config["num_layers"]))
     if problem is None and shapes is not None:
-        problem = shape_problem(shapes, config) or ffn_width_problem(model_path, config)
+        problem = shape_problem(shapes, config) or ffn_width_problem(model_path, config, model)
     if problem is not None:
         raise PopcError(
             f"{model_path} is not a graph popc exported ({problem}); its {CONFIG_NAME} does not describe it: "
@@ -360,7 +364,7 @@ def check_model_files(location: ExportLocation, config: dict[str, Any]) -> None:
         v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
         for v in (*model.graph.input, *model.graph.output)
     }
-    check_interface(inputs, {v.name for v in model.graph.output}, config, location.model_path, shapes)
+    check_interface(inputs, {v.name for v in model.graph.output}, config, location.model_path, shapes, model)
     needed: dict[str, int] = {}
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from popc import __version__, families
+from popc import __version__, atomic, families
 from popc.artifact import (
     CHAT_TEMPLATES_DIRECTORY,
     CONFIG_NAME,
@@ -37,8 +37,6 @@ from popc.artifact import (
     export_file_names,
     location_for_output,
 )
-from popc.atomic import remove_stale_staging
-from popc.atomic import staging_directory as new_staging_directory
 from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
 from popc.modeling import ExportableDecoder, decoder_shape
@@ -310,7 +308,7 @@ def staging_parent(location: ExportLocation) -> Path:
 def staging_directory(location: ExportLocation) -> contextlib.AbstractContextManager[Path]:
     """A hidden directory beside the destination, removed however the export ends (and, after
     a SIGKILL, by a later export: it is marked with this process's id)."""
-    return new_staging_directory(staging_parent(location), STAGING_PREFIX, mark_owner=True)
+    return atomic.staging_directory(staging_parent(location), STAGING_PREFIX, mark_owner=True)
 
 
 def check_writable(location: ExportLocation) -> None:
@@ -424,7 +422,7 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     progress = or_silent(progress)
     location = location_for_output(plan.out)
     check_destination(location, plan.force)
-    remove_stale_staging(staging_parent(location), STAGING_PREFIX)  # left by exports that were SIGKILLed
+    atomic.remove_stale_staging(staging_parent(location), STAGING_PREFIX)  # left by exports that were SIGKILLed
     started = time.perf_counter()
 
     loaded = load_model(plan.model, progress=progress)

@@ -26,8 +26,6 @@ def invoke(*args: object, stdin: str | None = None):
     return runner.invoke(app, [str(a) for a in args], input=stdin, catch_exceptions=False)
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(a tiny llama source directory, a dense export of it); tests copy, never modify, them."""

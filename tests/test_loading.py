@@ -360,6 +360,7 @@ def test_hub_id_from_local_cache(tmp_path: Path, hf_home: Path) -> None:
 
 def test_builtin_names() -> None:
     assert set(BUILTIN_MODELS) == {"smollm2-135m", "gemma3-270m"}
+    assert set(builtin.BUILTINS) == set(BUILTIN_MODELS)  # the fetch table covers every name users see
 
 
 def fake_wheel(dest: Path, distribution: str, files: dict[str, bytes], *, wrong_record: bool = False) -> Path:
