@@ -60,19 +60,29 @@ struct CpuGatherMatMul {
 //   the R retained first): g_j = act(X[r] . Wg[P[b, j]]) for every j; the top-K candidates
 //   (j >= R) by |g_j| (ties to the lower j) plus all retained are "kept";
 //   Y[r] = sum_{kept j} g_j * (X[r] . Wu[id_j]) * Wd[id_j].
-// Weights are walked in ascending channel id (sequential reads, whatever the partition's
-// order). Ids must be unique and in [0, D) (the caller validates). Work splits into tasks
-// over rows (many rows) or over channel chunks of one row (rows == 1).
+// The rows of one call share their reads: each weight row is read once, for the union of
+// the channels the rows need (gate: the union of their partitions; up/down: the union of
+// what they kept), and applied to every row that needs it, in ascending channel id. A task
+// walks its slice of that union as kStreams interleaved forward streams (one row from each
+// per step), which keeps several hardware prefetch streams busy. Ids must be unique per
+// sequence and in [0, D) (the caller validates them; prepare reports duplicates).
 enum PopActivation { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
 
-struct PopDecodeScratch {
-  const int64_t* ids = nullptr;  // this row's partition [RC]
-  std::vector<float> xf;         // [H] this row of X, in float
-  std::vector<float> gate;       // [RC] activations by partition position
-  std::vector<int64_t> order;    // [RC] partition positions by ascending channel id
-  std::vector<int64_t> kept;     // kept positions, ascending channel id
-  std::vector<int32_t> seen;     // [D] scratch for the id sort
-  std::vector<float> partial;    // [chunks, H] partial sums of Y (one-row split)
+// Rows one PopDecodePlan covers (one bit each in the channel masks); the op splits larger
+// calls into groups of this many rows.
+constexpr int64_t kPopRowsPerGroup = 64;
+
+struct PopDecodePlan {
+  int64_t row0 = 0, nrows = 0;         // the rows [row0, row0 + nrows) of X this plan covers
+  std::vector<float> xf;               // [nrows, H] those rows of X, in float
+  std::vector<uint64_t> gate_rows;     // [D] bit i: row row0 + i reads this channel's gate
+  std::vector<uint64_t> keep_rows;     // [D] bit i: row row0 + i kept this channel
+  std::vector<int32_t> gate_list;      // channels with gate_rows != 0, ascending
+  std::vector<int32_t> keep_list;      // channels with keep_rows != 0, ascending
+  std::vector<float> act;              // [nrows, D] gate activations (valid where gate_rows has the bit)
+  std::vector<std::vector<int32_t>> kept;  // [nrows] each row's kept channels (select's output)
+  std::vector<float> partial;          // [tasks, nrows, H] partial sums of Y
+  std::vector<int32_t> seen;           // [D] scratch
 };
 
 template <class T, class WT = T>
@@ -81,15 +91,16 @@ struct CpuPopDecode {
   int64_t rows, seq, H, D, RC, R, K;
   int activation;
   bool use_avx2;
-  // Phases of one row r (the one-row split runs gate/updown chunks in parallel):
-  // prepare -> gate(order[begin, end)) -> select -> updown(kept[begin, end), out += ...) -> finish.
-  // prepare returns false on a duplicate channel id in the partition.
-  bool prepare(int64_t r, PopDecodeScratch& s) const;
-  void gate(PopDecodeScratch& s, int64_t begin, int64_t end) const;
-  void select(PopDecodeScratch& s) const;
-  void updown(const PopDecodeScratch& s, int64_t begin, int64_t end, float* out) const;
-  void finish(int64_t r, const float* y) const;
-  bool run_row(int64_t r) const;  // all phases serially (rows > 1: one task per row)
+  // Phases of one group of rows (each phase's calls are independent and may run in parallel):
+  // prepare(row0, nrows) -> gate(gate_list slice) x tasks -> select(row) x nrows -> gather_kept
+  // -> updown(keep_list slice, partial of that task) x tasks -> finish(tasks).
+  // prepare returns false on a duplicate channel id in a partition.
+  bool prepare(PopDecodePlan& p, int64_t row0, int64_t nrows) const;
+  void gate(PopDecodePlan& p, int64_t begin, int64_t end) const;
+  void select(PopDecodePlan& p, int64_t i) const;
+  void gather_kept(PopDecodePlan& p) const;
+  void updown(const PopDecodePlan& p, int64_t begin, int64_t end, float* out) const;
+  void finish(PopDecodePlan& p, int64_t tasks) const;  // sums the tasks' partials into Y
 };
 
 // PopPartition: POP-online's prefill scoring and ranking, fused.

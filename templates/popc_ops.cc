@@ -216,6 +216,16 @@ struct CpuGatherKernel : GatherSignature<T, Transposed> {
 // (X [B, S, H], partition int64 [B, RC], config int64 [4], Wg, Wu, Wd [D, H]) -> Y [B, S, H]:
 // one POP-online FFN decode step (see popc_kernels.h). Partition ids must be unique and
 // in [0, D).
+// The weight rows a decode step reads are split into this many tasks for the thread pool.
+constexpr int64_t kTasks = 8;
+
+// [begin, end) of task c of `count` items.
+inline std::pair<int64_t, int64_t> task_slice(int64_t count, int64_t c) {
+  const int64_t step = (count + kTasks - 1) / kTasks;
+  const int64_t begin = std::min<int64_t>(count, c * step);
+  return {begin, std::min<int64_t>(count, begin + step)};
+}
+
 template <class T, bool GeGLU>
 struct CpuPopDecodeKernel {
   static constexpr const char* kName = GeGLU ? "PopGeGLUDecode" : "PopSwiGLUDecode";
@@ -271,39 +281,30 @@ struct CpuPopDecodeKernel {
       const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), static_cast<T*>(y.GetTensorMutableRawData()),
                                       rows, xs[1], H, D, RC, R, K, activation, use_avx2};
       const std::string duplicate = std::string(op) + ": a channel id appears twice in one partition";
-      if (rows > 1) {
-        std::atomic<bool> ok{true};
-        parallel_for(ctx, rows, [&](int64_t r) {
-          if (!job.run_row(r)) ok.store(false);
+      // Groups of up to 64 rows share their weight reads (one bit per row in the channel masks).
+      // Kept between calls (no allocation per step); the tasks below use this thread's plan
+      // through a reference (a lambda naming a thread_local would reach the worker's own).
+      thread_local popc::PopDecodePlan calling_thread_plan;
+      popc::PopDecodePlan& plan = calling_thread_plan;
+      for (int64_t row0 = 0; row0 < rows; row0 += popc::kPopRowsPerGroup) {
+        const int64_t nrows = std::min(popc::kPopRowsPerGroup, rows - row0);
+        if (!job.prepare(plan, row0, nrows)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
+        const int64_t gates = static_cast<int64_t>(plan.gate_list.size());
+        parallel_for(ctx, kTasks, [&](int64_t c) {
+          const auto [begin, end] = task_slice(gates, c);
+          job.gate(plan, begin, end);
         });
-        if (!ok.load()) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
-        return;
+        if (nrows > 1) parallel_for(ctx, nrows, [&](int64_t i) { job.select(plan, i); });
+        else job.select(plan, 0);
+        job.gather_kept(plan);
+        const int64_t kept = static_cast<int64_t>(plan.keep_list.size());
+        plan.partial.assign(static_cast<size_t>(kTasks * nrows * H), 0.0f);
+        parallel_for(ctx, kTasks, [&](int64_t c) {
+          const auto [begin, end] = task_slice(kept, c);
+          job.updown(plan, begin, end, plan.partial.data() + c * nrows * H);
+        });
+        job.finish(plan, kTasks);
       }
-      // One row: split the channels of the gate, then of up/down, over the thread pool.
-      popc::PopDecodeScratch scratch;
-      if (!job.prepare(0, scratch)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
-      constexpr int64_t kChunks = 8;
-      auto chunk = [](int64_t count, int64_t c) {  // [begin, end) of chunk c of `count` items
-        const int64_t step = (count + kChunks - 1) / kChunks;
-        const int64_t begin = std::min<int64_t>(count, c * step);
-        return std::make_pair(begin, std::min<int64_t>(count, begin + step));
-      };
-      const int64_t gates = static_cast<int64_t>(scratch.order.size());
-      parallel_for(ctx, kChunks, [&](int64_t c) {
-        const auto [begin, end] = chunk(gates, c);
-        job.gate(scratch, begin, end);
-      });
-      job.select(scratch);
-      const int64_t kept = static_cast<int64_t>(scratch.kept.size());
-      scratch.partial.assign(static_cast<size_t>(kChunks * H), 0.0f);
-      parallel_for(ctx, kChunks, [&](int64_t c) {
-        const auto [begin, end] = chunk(kept, c);
-        job.updown(scratch, begin, end, scratch.partial.data() + c * H);
-      });
-      float* total = scratch.partial.data();
-      for (int64_t c = 1; c < kChunks; ++c)
-        for (int64_t h = 0; h < H; ++h) total[h] += scratch.partial[c * H + h];
-      job.finish(0, total);
     });
   }
 };
