@@ -49,7 +49,18 @@ from popc.ort_headers import fetch_headers, find_headers, header_version
 from popc.progress import Progress, console_progress, or_silent
 
 LIBRARY_NAME = "libpopc_ops.so"
-SOURCES = ("CMakeLists.txt", "popc_ops.cc", "popc_ops.map", "popc_kernels.h", "cpu_simd.h", "popc_kernels_cpu.cc", "pop_decode_cpu.cc", "popc_kernels.cu")
+SOURCES = (
+    "CMakeLists.txt",
+    "popc_ops.cc",
+    "popc_ops.map",
+    "ort_kernel.h",
+    "pop_ops_cpu.cc",
+    "popc_kernels.h",
+    "cpu_simd.h",
+    "popc_kernels_cpu.cc",
+    "pop_decode_cpu.cc",
+    "popc_kernels.cu",
+)
 NOTICE = (
     "popc op library not found; running the ops' ONNX function bodies (slower). "
     "Build it with `popc doctor --build`"
