@@ -1,10 +1,19 @@
 // popc op library: the fused POP-online ops on the CPU (ONNX Runtime side; the compute is in
 // pop_decode_cpu.cc and popc_kernels_cpu.cc).
+//
+//   PopSwiGLUDecode / PopGeGLUDecode (X, partition, config, Wg, Wu, Wd) -> Y: one decode step.
+//   PopPartition (Z, token_mask, config, static_score) -> partition: prefill scoring.
+//   PopSwiGLU / PopGeGLU (X, token_mask, partition, config, Wg, Wu, Wd, static_score)
+//       -> (Y, partition_out): the whole POP FFN, both branches, so that a graph run with the
+//       library has no If per layer (its function body branches on an empty partition).
+//       Prefill runs ONNX Runtime's own Gemm/MatMul kernels (OrtApi::InvokeOp) and the
+//       partition kernel; decode runs the fused decode kernel.
 #include <algorithm>
-#include <atomic>
+#include <cmath>
 #include <string>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "ort_kernel.h"
 
 namespace popc::ort {
@@ -20,6 +29,109 @@ inline std::pair<int64_t, int64_t> task_slice(int64_t count, int64_t c) {
   return {begin, std::min<int64_t>(count, begin + step)};
 }
 
+int gelu_activation(const OrtKernelInfo* info, const char* fallback) {
+  std::string approximate = fallback;
+  try {
+    approximate = Ort::ConstKernelInfo(info).GetAttribute<std::string>("approximate");
+  } catch (const Ort::Exception&) {
+  }
+  return approximate == "tanh" ? popc::kGeluTanh : popc::kGeluErf;
+}
+
+// One decode step (inputs X, partition, config, Wg, Wu, Wd), Y written to `y`.
+template <class T>
+void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& x, const Ort::ConstValue& part,
+                const Ort::ConstValue& config, const Ort::ConstValue& wg, const Ort::ConstValue& wu,
+                const Ort::ConstValue& wd, int activation, bool use_avx2, T* y) {
+  const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+  const auto ps = part.GetTensorTypeAndShapeInfo().GetShape();
+  const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
+  const auto gs = wg.GetTensorTypeAndShapeInfo().GetShape();
+  auto fail = [&](const std::string& what) {
+    throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (X " + shape_str(xs) + ", partition " +
+                                            shape_str(ps) + ", W " + shape_str(gs) + ")"};
+  };
+  if (xs.size() != 3) fail("X must be [B, S, H]");
+  if (ps.size() != 2 || ps[0] != xs[0]) fail("partition must be [B, R+C] with X's batch");
+  if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
+  if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
+    fail("Wg, Wu and Wd must have one shape");
+  if (cs.size() != 1 || cs[0] < 3) fail("config must be int64 [4]");
+  const int64_t D = gs[0], H = gs[1], RC = ps[1];
+  if (RC > D) fail("the partition has more channels than the FFN");
+  const int64_t* I = part.GetTensorData<int64_t>();
+  check_indices(op, I, ps[0] * RC, D);
+  const int64_t* cfg = config.GetTensorData<int64_t>();
+  const int64_t R = std::min<int64_t>(std::max<int64_t>(cfg[0], 0), RC);
+  const int64_t K = std::min<int64_t>(std::max<int64_t>(cfg[2], 0), RC - R);
+  const int64_t rows = xs[0] * xs[1];
+  if (rows == 0 || H == 0) return;
+  auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
+  const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, rows, xs[1], H, D, RC, R, K, activation, use_avx2};
+  const std::string duplicate = std::string(op) + ": a channel id appears twice in one partition";
+  // Kept between calls (no allocation per step); the tasks below use this thread's plan
+  // through a reference (a lambda naming a thread_local would reach the worker's own).
+  thread_local popc::PopDecodePlan calling_thread_plan;
+  popc::PopDecodePlan& plan = calling_thread_plan;
+  // Groups of up to 64 rows share their weight reads (one bit per row in the channel masks).
+  for (int64_t row0 = 0; row0 < rows; row0 += popc::kPopRowsPerGroup) {
+    const int64_t nrows = std::min(popc::kPopRowsPerGroup, rows - row0);
+    if (!job.prepare(plan, row0, nrows)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
+    const int64_t gates = static_cast<int64_t>(plan.gate_list.size());
+    parallel_for(ctx, kTasks, [&](int64_t c) {
+      const auto [begin, end] = task_slice(gates, c);
+      job.gate(plan, begin, end);
+    });
+    if (nrows > 1) parallel_for(ctx, nrows, [&](int64_t i) { job.select(plan, i); });
+    else job.select(plan, 0);
+    job.gather_kept(plan);
+    const int64_t kept = static_cast<int64_t>(plan.keep_list.size());
+    plan.partial.assign(static_cast<size_t>(kTasks * nrows * H), 0.0f);
+    parallel_for(ctx, kTasks, [&](int64_t c) {
+      const auto [begin, end] = task_slice(kept, c);
+      job.updown(plan, begin, end, plan.partial.data() + c * nrows * H);
+    });
+    job.finish(plan, kTasks);
+  }
+}
+
+// The count = R + C channels of config, checked against the FFN width D.
+int64_t partition_count(const char* op, const int64_t* cfg, int64_t D) {
+  const int64_t count = cfg[0] + cfg[1];
+  if (cfg[0] < 0 || cfg[1] < 0 || count > D) {
+    std::ostringstream msg;
+    msg << op << ": config asks for " << count << " channels (retain " << cfg[0] << " + candidate " << cfg[1]
+        << ") of an FFN with " << D;
+    throw OpError{ORT_INVALID_ARGUMENT, msg.str()};
+  }
+  return count;
+}
+
+// Prefill scoring of Z [B, T, D] into out [B, count].
+template <class ZT>
+void pop_partition(Ort::KernelContext& ctx, const ZT* Z, const float* mask, const ZT* static_score, int64_t B,
+                   int64_t T, int64_t D, int64_t count, bool use_static, int64_t* out) {
+  if (B == 0 || count == 0) return;
+  std::vector<float> inv_norm(static_cast<size_t>(B * T));
+  std::vector<double> score(static_cast<size_t>(B * D));
+  const popc::CpuPopPartition<ZT> job{Z, mask, static_score, out, B, T, D, count, use_static, &inv_norm, &score};
+  if (!job.use_static && T > 0) parallel_for(ctx, B * T, [&](int64_t row) { job.norms(row); });
+  if (T == 0 && !job.use_static) {
+    std::fill(score.begin(), score.end(), 0.0);
+  } else {
+    const int64_t chunks = (D + 255) / 256;
+    parallel_for(ctx, B * chunks, [&](int64_t i) {
+      const int64_t b = i / chunks, k = i % chunks;
+      job.scores(b, k * 256, std::min<int64_t>(D, (k + 1) * 256));
+    });
+  }
+  for (int64_t b = 0; b < B; ++b) job.rank(b);
+}
+
+// ---- PopSwiGLUDecode / PopGeGLUDecode --------------------------------------------------
+// (X [B, S, H], partition int64 [B, RC], config int64 [4], Wg, Wu, Wd [D, H]) -> Y [B, S, H]:
+// one POP-online FFN decode step (see popc_kernels.h). Partition ids must be unique and
+// in [0, D).
 template <class T, bool GeGLU>
 struct CpuPopDecodeKernel {
   static constexpr const char* kName = GeGLU ? "PopGeGLUDecode" : "PopSwiGLUDecode";
@@ -31,79 +143,22 @@ struct CpuPopDecodeKernel {
   int activation = popc::kSilu;
 
   explicit CpuPopDecodeKernel(const OrtKernelInfo* info) {
-    if constexpr (GeGLU) {
-      std::string approximate = "none";
-      try {
-        approximate = Ort::ConstKernelInfo(info).GetAttribute<std::string>("approximate");
-      } catch (const Ort::Exception&) {
-      }
-      activation = approximate == "tanh" ? popc::kGeluTanh : popc::kGeluErf;
-    }
+    if constexpr (GeGLU) activation = gelu_activation(info, "none");
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    const char* op = kName;
-    return guarded(op, [&] {
+    return guarded(kName, [&] {
       Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0), part = ctx.GetInput(1), config = ctx.GetInput(2);
-      auto wg = ctx.GetInput(3), wu = ctx.GetInput(4), wd = ctx.GetInput(5);
+      auto x = ctx.GetInput(0);
       const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
-      const auto ps = part.GetTensorTypeAndShapeInfo().GetShape();
-      const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
-      const auto gs = wg.GetTensorTypeAndShapeInfo().GetShape();
-      auto fail = [&](const std::string& what) {
-        throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (X " + shape_str(xs) + ", partition " +
-                                                shape_str(ps) + ", W " + shape_str(gs) + ")"};
-      };
-      if (xs.size() != 3) fail("X must be [B, S, H]");
-      if (ps.size() != 2 || ps[0] != xs[0]) fail("partition must be [B, R+C] with X's batch");
-      if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
-      if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
-        fail("Wg, Wu and Wd must have one shape");
-      if (cs.size() != 1 || cs[0] < 3) fail("config must be int64 [4]");
-      const int64_t D = gs[0], H = gs[1], RC = ps[1];
-      if (RC > D) fail("the partition has more channels than the FFN");
-      const int64_t* I = part.GetTensorData<int64_t>();
-      check_indices(op, I, ps[0] * RC, D);
-      const int64_t* cfg = config.GetTensorData<int64_t>();
-      const int64_t R = std::min<int64_t>(std::max<int64_t>(cfg[0], 0), RC);
-      const int64_t K = std::min<int64_t>(std::max<int64_t>(cfg[2], 0), RC - R);
       auto y = ctx.GetOutput(0, xs.data(), xs.size());
-      const int64_t rows = xs[0] * xs[1];
-      if (rows == 0 || H == 0) return;
-      auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
-      const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), static_cast<T*>(y.GetTensorMutableRawData()),
-                                      rows, xs[1], H, D, RC, R, K, activation, use_avx2};
-      const std::string duplicate = std::string(op) + ": a channel id appears twice in one partition";
-      // Groups of up to 64 rows share their weight reads (one bit per row in the channel masks).
-      // Kept between calls (no allocation per step); the tasks below use this thread's plan
-      // through a reference (a lambda naming a thread_local would reach the worker's own).
-      thread_local popc::PopDecodePlan calling_thread_plan;
-      popc::PopDecodePlan& plan = calling_thread_plan;
-      for (int64_t row0 = 0; row0 < rows; row0 += popc::kPopRowsPerGroup) {
-        const int64_t nrows = std::min(popc::kPopRowsPerGroup, rows - row0);
-        if (!job.prepare(plan, row0, nrows)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
-        const int64_t gates = static_cast<int64_t>(plan.gate_list.size());
-        parallel_for(ctx, kTasks, [&](int64_t c) {
-          const auto [begin, end] = task_slice(gates, c);
-          job.gate(plan, begin, end);
-        });
-        if (nrows > 1) parallel_for(ctx, nrows, [&](int64_t i) { job.select(plan, i); });
-        else job.select(plan, 0);
-        job.gather_kept(plan);
-        const int64_t kept = static_cast<int64_t>(plan.keep_list.size());
-        plan.partial.assign(static_cast<size_t>(kTasks * nrows * H), 0.0f);
-        parallel_for(ctx, kTasks, [&](int64_t c) {
-          const auto [begin, end] = task_slice(kept, c);
-          job.updown(plan, begin, end, plan.partial.data() + c * nrows * H);
-        });
-        job.finish(plan, kTasks);
-      }
+      pop_decode<T>(ctx, kName, x, ctx.GetInput(1), ctx.GetInput(2), ctx.GetInput(3), ctx.GetInput(4),
+                    ctx.GetInput(5), activation, use_avx2, static_cast<T*>(y.GetTensorMutableRawData()));
     });
   }
 };
 
-// ---- PopPartition (CPU) -------------------------------------------------------------------
+// ---- PopPartition -------------------------------------------------------------------------
 // (Z [B, T, D], token_mask float [B, T], config int64 [4], static_score [D]) -> int64 [B, R+C]:
 // POP-online's prefill scoring and top-(R+C) ranking in one pass (see popc_kernels.h).
 template <class ZT>
@@ -137,36 +192,122 @@ struct CpuPartitionKernel {
       if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
       const int64_t* cfg = config.GetTensorData<int64_t>();
       const int64_t B = zs[0], T = zs[1], D = zs[2];
-      const int64_t count = cfg[0] + cfg[1];
-      if (cfg[0] < 0 || cfg[1] < 0 || count > D) {
-        std::ostringstream msg;
-        msg << op << ": config asks for " << count << " channels (retain " << cfg[0] << " + candidate " << cfg[1]
-            << ") of an FFN with " << D;
-        throw OpError{ORT_INVALID_ARGUMENT, msg.str()};
-      }
+      const int64_t count = partition_count(op, cfg, D);
       const std::vector<int64_t> out_shape{B, count};
       auto out = ctx.GetOutput(0, out_shape.data(), out_shape.size());
-      if (B == 0 || count == 0) return;
-      std::vector<float> inv_norm(static_cast<size_t>(B * T));
-      std::vector<double> score(static_cast<size_t>(B * D));
-      const popc::CpuPopPartition<ZT> job{static_cast<const ZT*>(z.GetTensorRawData()), mask.GetTensorData<float>(),
-              static_cast<const ZT*>(stat.GetTensorRawData()), out.GetTensorMutableData<int64_t>(), B, T, D, count,
-              cfg[3] != 0, &inv_norm, &score};
-      if (!job.use_static && T > 0) parallel_for(ctx, B * T, [&](int64_t row) { job.norms(row); });
-      if (T == 0 && !job.use_static) {
-        std::fill(score.begin(), score.end(), 0.0);
-      } else {
-        const int64_t chunks = (D + 255) / 256;
-        parallel_for(ctx, B * chunks, [&](int64_t i) {
-          const int64_t b = i / chunks, k = i % chunks;
-          job.scores(b, k * 256, std::min<int64_t>(D, (k + 1) * 256));
-        });
-      }
-      for (int64_t b = 0; b < B; ++b) job.rank(b);
+      pop_partition<ZT>(ctx, static_cast<const ZT*>(z.GetTensorRawData()), mask.GetTensorData<float>(),
+                        static_cast<const ZT*>(stat.GetTensorRawData()), B, T, D, count, cfg[3] != 0,
+                        out.GetTensorMutableData<int64_t>());
     });
   }
 };
 
+// ---- PopSwiGLU / PopGeGLU: the whole FFN (float32) ----------------------------------------
+// (X [B, S, H], token_mask float [B, S], partition int64 [B, P], config int64 [4], Wg, Wu, Wd [D, H],
+//  static_score [D]) -> (Y [B, S, H], partition_out int64). P = 0 is prefill: the FFN runs dense and
+// partition_out is the new partition [B, R+C]; otherwise a decode step and partition_out = partition.
+template <bool GeGLU>
+struct CpuPopFfnKernel {
+  static constexpr const char* kName = GeGLU ? "PopGeGLU" : "PopSwiGLU";
+  static constexpr const char* kProvider = kCpu;
+  static constexpr size_t kInputs = 8;
+  static constexpr size_t kOutputs = 2;
+  static ONNXTensorElementDataType input_type(size_t i) {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : (i == 2 || i == 3) ? kInt64 : onnx_type<float>();
+  }
+  static ONNXTensorElementDataType output_type(size_t i) { return i == 0 ? onnx_type<float>() : kInt64; }
+  bool use_avx2 = popc::cpu_has_avx2();
+  int activation = popc::kSilu;
+  Ort::Op gemm_transposed{nullptr};  // Gemm(A, B, transB=1): X @ W^T for W [D, H]
+  Ort::Op matmul{nullptr};
+
+  explicit CpuPopFfnKernel(const OrtKernelInfo* info) {
+    if constexpr (GeGLU) activation = gelu_activation(info, "tanh");  // the function's default
+    const char* type_names[] = {"T"};
+    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    const int64_t zero = 0, one = 1;
+    const float unit = 1.0f;
+    // An invoked kernel gets no schema defaults: every attribute Gemm reads is given.
+    const Ort::OpAttr gemm_attributes[] = {
+        Ort::OpAttr("transA", &zero, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+        Ort::OpAttr("transB", &one, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+        Ort::OpAttr("alpha", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+        Ort::OpAttr("beta", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT)};
+    gemm_transposed = Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, gemm_attributes, 4, 2, 1);
+    matmul = Ort::Op::Create(info, "MatMul", "", 13, type_names, types, 1, nullptr, 0, 2, 1);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded(kName, [&] {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0), part = ctx.GetInput(2);
+      const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+      const auto ps = part.GetTensorTypeAndShapeInfo().GetShape();
+      auto y = ctx.GetOutput(0, xs.data(), xs.size());
+      if (part.GetTensorTypeAndShapeInfo().GetElementCount() == 0) return prefill(ctx, context, y);
+      pop_decode<float>(ctx, kName, x, part, ctx.GetInput(3), ctx.GetInput(4), ctx.GetInput(5), ctx.GetInput(6),
+                        activation, use_avx2, y.GetTensorMutableData<float>());
+      auto out = ctx.GetOutput(1, ps.data(), ps.size());
+      std::copy_n(part.GetTensorData<int64_t>(), part.GetTensorTypeAndShapeInfo().GetElementCount(),
+                  out.GetTensorMutableData<int64_t>());
+    });
+  }
+
+  void prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::UnownedValue& y) {
+    auto x = ctx.GetInput(0), mask = ctx.GetInput(1), config = ctx.GetInput(3);
+    auto wg = ctx.GetInput(4), wu = ctx.GetInput(5), wd = ctx.GetInput(6), stat = ctx.GetInput(7);
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ms = mask.GetTensorTypeAndShapeInfo().GetShape();
+    const auto gs = wg.GetTensorTypeAndShapeInfo().GetShape();
+    const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
+    auto fail = [&](const std::string& what) {
+      throw OpError{ORT_INVALID_ARGUMENT, std::string(kName) + ": " + what + " (X " + shape_str(xs) + ", token_mask " +
+                                              shape_str(ms) + ", W " + shape_str(gs) + ")"};
+    };
+    if (xs.size() != 3) fail("X must be [B, S, H]");
+    if (ms.size() != 2 || ms[0] != xs[0] || ms[1] != xs[1]) fail("token_mask must be [B, S] like X");
+    if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
+    if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
+      fail("Wg, Wu and Wd must have one shape");
+    if (stat.GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{gs[0]}) fail("static_score must be [D]");
+    if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
+    const int64_t B = xs[0], S = xs[1], H = xs[2], D = gs[0], rows = B * S;
+    const int64_t* cfg = config.GetTensorData<int64_t>();
+    const int64_t count = partition_count(kName, cfg, D);
+    const std::vector<int64_t> part_shape{B, count};
+    auto part_out = ctx.GetOutput(1, part_shape.data(), part_shape.size());
+    if (rows == 0) return;
+    // G = X Wg^T and U = X Wu^T by ONNX Runtime's Gemm, Z = act(G) * U in place, Y = Z Wd.
+    thread_local std::vector<float> gate_buffer, up_buffer;
+    std::vector<float>& gate = gate_buffer;
+    std::vector<float>& up = up_buffer;
+    gate.resize(static_cast<size_t>(rows * D));
+    up.resize(static_cast<size_t>(rows * D));
+    const auto memory = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+    auto view = [&](const void* data, int64_t r, int64_t c) {
+      const int64_t shape[] = {r, c};
+      return Ort::Value::CreateTensor<float>(memory, static_cast<float*>(const_cast<void*>(data)),
+                                             static_cast<size_t>(r * c), shape, 2);
+    };
+    Ort::Value gate_in[] = {view(x.GetTensorRawData(), rows, H), view(wg.GetTensorRawData(), D, H)};
+    Ort::Value gate_out[] = {view(gate.data(), rows, D)};
+    gemm_transposed.Invoke(context, gate_in, 2, gate_out, 1);
+    Ort::Value up_in[] = {view(x.GetTensorRawData(), rows, H), view(wu.GetTensorRawData(), D, H)};
+    Ort::Value up_out[] = {view(up.data(), rows, D)};
+    gemm_transposed.Invoke(context, up_in, 2, up_out, 1);
+    const int act = activation;
+    parallel_for(ctx, rows, [&](int64_t r) {
+      float* g = gate.data() + r * D;
+      const float* u = up.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) g[d] = popc::cpu::activate(g[d], act) * u[d];
+    });
+    Ort::Value down_in[] = {view(gate.data(), rows, D), view(wd.GetTensorRawData(), D, H)};
+    Ort::Value down_out[] = {view(y.GetTensorMutableRawData(), rows, H)};
+    matmul.Invoke(context, down_in, 2, down_out, 1);
+    pop_partition<float>(ctx, gate.data(), mask.GetTensorData<float>(), stat.GetTensorData<float>(), B, S, D, count,
+                         cfg[3] != 0, part_out.GetTensorMutableData<int64_t>());
+  }
+};
 
 template <class T> using SwiGLUDecode = CpuPopDecodeKernel<T, false>;
 template <class T> using GeGLUDecode = CpuPopDecodeKernel<T, true>;
@@ -177,6 +318,9 @@ void add_pop_cpu_ops(std::vector<Registration>& list) {
   add_each_type<SwiGLUDecode>(list, true);
   add_each_type<GeGLUDecode>(list, true);
   add_each_type<CpuPartitionKernel>(list, true);
+  // The whole FFN for float32 only: other types run the function body (If + the ops above).
+  list.push_back({new Op<CpuPopFfnKernel<false>>(), true});
+  list.push_back({new Op<CpuPopFfnKernel<true>>(), true});
 }
 
 }  // namespace popc::ort
