@@ -132,3 +132,64 @@ def test_fused_partition_equals_function_body(library, dtype, static):
     for row in range(B):  # same regions; order inside may differ only at fp ties
         assert set(got[row, :50]) == set(expected[row, :50])
         assert set(got[row, 50:]) == set(expected[row, 50:])
+
+
+def ffn_model(op: str, weights: list[np.ndarray], static_score: np.ndarray) -> onnx.ModelProto:
+    """One whole POP FFN node (both branches), as the POP pass emits it."""
+    node = helper.make_node(op, ["X", "M", "P", "C", "Wg", "Wu", "Wd", "S"], ["Y", "P_out"], domain=DOMAIN)
+    graph = helper.make_graph(
+        [node], "ffn",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "s", "h"]),
+         helper.make_tensor_value_info("M", TensorProto.FLOAT, ["b", "s"]),
+         helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "rc"]),
+         helper.make_tensor_value_info("C", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "s", "h"]),
+         helper.make_tensor_value_info("P_out", TensorProto.INT64, ["b", "k"])],
+        initializer=[numpy_helper.from_array(w, n) for w, n in zip([*weights, static_score], ("Wg", "Wu", "Wd", "S"))],
+    )  # fmt: skip
+    model = decode_model("PopSwiGLUDecode", weights)  # for its functions
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
+    out.ir_version = 10
+    return out
+
+
+@pytest.mark.parametrize("op", ["PopSwiGLU", "PopGeGLU"])
+def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tmp_path, op):
+    rng = np.random.default_rng(11)
+    B, T, H, D = 3, 7, 40, 96
+    weights = [(rng.standard_normal((D, H)) / 4).astype(np.float32) for _ in range(3)]
+    model = ffn_model(op, weights, rng.random(D).astype(np.float32))
+    mask = np.ones((B, T), np.float32)
+    mask[1, :3] = 0  # left padding
+    config = np.array([16, 40, 20, 0], np.int64)
+    prefill = {"X": rng.standard_normal((B, T, H)).astype(np.float32), "M": mask, "P": np.zeros((B, 0), np.int64), "C": config}
+    expected_y, expected_p = session(model, None).run(None, prefill)
+    got_y, got_p = session(model, library).run(None, prefill)
+    np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
+    assert got_p.shape == (B, 56)
+    for row in range(B):  # same regions; order inside may differ only at fp ties
+        assert set(got_p[row, :16]) == set(expected_p[row, :16])
+        assert set(got_p[row, 16:]) == set(expected_p[row, 16:])
+    decode = {"X": rng.standard_normal((B, 1, H)).astype(np.float32), "M": np.ones((B, 1), np.float32), "P": expected_p, "C": config}
+    expected_y, expected_p = session(model, None).run(None, decode)
+    got_y, got_p = session(model, library).run(None, decode)
+    np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got_p, decode["P"])
+
+    # With the library the node stays one kernel: no If (the function body's branch) is left.
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library.path))
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node] == [op]
+
+
+def test_whole_ffn_kernel_rejects_a_bad_config(library):
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((96, 40)).astype(np.float32) for _ in range(3)]
+    feed = {"X": np.ones((1, 4, 40), np.float32), "M": np.ones((1, 4), np.float32), "P": np.zeros((1, 0), np.int64),
+            "C": np.array([80, 40, 8, 0], np.int64)}  # fmt: skip
+    with pytest.raises(Exception, match="config asks for 120 channels"):
+        session(ffn_model("PopSwiGLU", weights, np.ones(96, np.float32)), library).run(None, feed)
