@@ -64,7 +64,9 @@ CASES = [("PopSwiGLUDecode", None), ("PopGeGLUDecode", "tanh"), ("PopGeGLUDecode
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 5), (70, 1)], ids=["b1", "b3", "b2s5", "b70"])
 def test_fused_decode_equals_function_body(library, monkeypatch, op, approximate, dtype, avx2, shape):
     if shape[0] > 64 and dtype == np.float16:
-        pytest.skip("fp16 gates tie often over 70 rows, and a tie broken differently flips a channel; fp32 checks the row groups")
+        pytest.skip(
+            "fp16 gates tie often over 70 rows, and a tie broken differently flips a channel; fp32 checks the row groups"
+        )
     if not avx2:
         monkeypatch.setenv("POPC_OPLIB_NO_AVX2", "1")
     rng = np.random.default_rng(7)
@@ -162,7 +164,12 @@ def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tm
     mask = np.ones((B, T), np.float32)
     mask[1, :3] = 0  # left padding
     config = np.array([16, 40, 20, 0], np.int64)
-    prefill = {"X": rng.standard_normal((B, T, H)).astype(np.float32), "M": mask, "P": np.zeros((B, 0), np.int64), "C": config}
+    prefill = {
+        "X": rng.standard_normal((B, T, H)).astype(np.float32),
+        "M": mask,
+        "P": np.zeros((B, 0), np.int64),
+        "C": config,
+    }
     expected_y, expected_p = session(model, None).run(None, prefill)
     got_y, got_p = session(model, library).run(None, prefill)
     np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
@@ -170,7 +177,12 @@ def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tm
     for row in range(B):  # same regions; order inside may differ only at fp ties
         assert set(got_p[row, :16]) == set(expected_p[row, :16])
         assert set(got_p[row, 16:]) == set(expected_p[row, 16:])
-    decode = {"X": rng.standard_normal((B, 1, H)).astype(np.float32), "M": np.ones((B, 1), np.float32), "P": expected_p, "C": config}
+    decode = {
+        "X": rng.standard_normal((B, 1, H)).astype(np.float32),
+        "M": np.ones((B, 1), np.float32),
+        "P": expected_p,
+        "C": config,
+    }
     expected_y, expected_p = session(model, None).run(None, decode)
     got_y, got_p = session(model, library).run(None, decode)
     np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
