@@ -106,6 +106,33 @@ class DecodeRow:
 
 
 @dataclass
+class MemoryRow:
+    """Peak resident memory of one variant at one decode batch size, MiB, measured in a fresh
+    process that loads that variant alone and runs one decode (``popc.bench.memory``).
+
+    ``baseline_mib`` is that process before the model loads (Python, popc and the variant's
+    runtime libraries imported), ``loaded_mib`` after it loads, ``peak_mib`` after the run:
+    each the process's high-water mark of resident memory so far (``VmHWM``; ``ru_maxrss``
+    where there is no /proc), so peak >= loaded >= baseline. All three
+    are None, and ``error`` says why, where the variant could not be measured."""
+
+    variant: str
+    batch: int
+    sparsity: float  # the POP sparsity it ran at (0: dense)
+    baseline_mib: float | None = None
+    loaded_mib: float | None = None
+    peak_mib: float | None = None
+    error: str | None = None
+
+    @property
+    def over_baseline_mib(self) -> float | None:
+        """What loading and running the variant added to the bare process."""
+        if self.peak_mib is None or self.baseline_mib is None:
+            return None
+        return round(self.peak_mib - self.baseline_mib, 1)
+
+
+@dataclass
 class FastestPeer:
     """The fastest dense peer (another runtime's dense build) at one prompt length or batch size."""
 
@@ -129,6 +156,7 @@ class BenchSettings:
     variants: list[str]  # those that ran, in round-robin order
     skipped_variants: dict[str, str] = field(default_factory=dict)  # variant -> why
     prefill_measures: str = "TTFT: prefill + first greedy token, batch 1"
+    memory_batches: list[int] = field(default_factory=list)  # decode batches whose peak memory was measured
 
 
 @dataclass
@@ -143,6 +171,7 @@ class BenchResult:
     decode: list[DecodeRow]
     fastest_ttft_peer: dict[int, FastestPeer] = field(default_factory=dict)  # prompt length -> peer
     fastest_decode_peer: dict[int, FastestPeer] = field(default_factory=dict)  # batch size -> peer
+    memory: list[MemoryRow] = field(default_factory=list)  # per variant and decode batch size
 
     @property
     def has_peers(self) -> bool:
@@ -153,6 +182,9 @@ class BenchResult:
 
     def decode_row(self, variant: str, sparsity: float, batch: int) -> DecodeRow | None:
         return next((r for r in self.decode if (r.variant, r.sparsity, r.batch) == (variant, sparsity, batch)), None)
+
+    def memory_row(self, variant: str, batch: int) -> MemoryRow | None:
+        return next((r for r in self.memory if (r.variant, r.batch) == (variant, batch)), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,6 +202,9 @@ class BenchResult:
                     str(b): {"variant": p.variant, "ms_per_step": p.ms} for b, p in self.fastest_decode_peer.items()
                 },
             },
+            "memory": [
+                {**dataclasses.asdict(row), "over_baseline_mib": row.over_baseline_mib} for row in self.memory
+            ],
         }
 
     @classmethod
@@ -188,6 +223,7 @@ class BenchResult:
             fastest_decode_peer={
                 int(b): FastestPeer(p["variant"], p["ms_per_step"]) for b, p in peers.get("decode", {}).items()
             },
+            memory=[_known(MemoryRow, row) for row in data.get("memory") or []],
         )
 
 
