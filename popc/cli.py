@@ -391,7 +391,8 @@ def bench(
     markdown: Annotated[Optional[Path], typer.Option(help="Write the tables as Markdown.")] = None,
     full: Annotated[bool, typer.Option("--full", help="The whole matrix: prompts 16-2048, batches 1,4,8, sparsities 0.25,0.5,0.75, 5 repeats.")] = False,
     prompt_lengths: Annotated[Optional[str], typer.Option(help="Prompt lengths for TTFT (prefill + first token, batch 1). [default: 16,128,512]")] = None,
-    batches: Annotated[Optional[str], typer.Option(help="Decode batch sizes. [default: 1,4]")] = None,
+    batches: Annotated[Optional[str], typer.Option(help="Decode batch sizes. [default: 1,4,8]")] = None,
+    memory_batches: Annotated[Optional[str], typer.Option(help="Decode batch sizes at which each variant's peak memory is measured (a fresh process per variant and batch); 'none' skips. [default: the largest of --batches]")] = None,
     sparsities: Annotated[Optional[str], typer.Option(help="POP decode sparsities. [default: 0.5]")] = None,
     variants: Annotated[
         Optional[str],
@@ -421,6 +422,7 @@ def bench(
     options.update(
         dense=dense, pop=pop, model=model,
         variants=parse_list(variants, "--variants") or None,
+        memory_batches=[] if (memory_batches or "").strip().lower() == "none" else parse_list(memory_batches, "--memory-batches", int),
         warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
         threads=threads, device=device, torch_max_prompt=torch_max_prompt,
     )  # fmt: skip

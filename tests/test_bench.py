@@ -9,8 +9,10 @@ logits, same greedy tokens as popc's runtime).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -18,12 +20,22 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import StageRecorder, make_tiny_model_dir
-from popc.bench import BenchPlan, BenchResult, report, run_bench
+from popc.bench import BenchPlan, BenchResult, memory, report, run_bench
 from popc.bench import run as bench_run
 from popc.bench.exports import resolve_exports
 from popc.bench.machine import default_threads
 from popc.bench.peers import GenaiRunner, default_variants, genai_available, genai_model
-from popc.bench.result import Bandwidth, BenchSettings, BytesRead, DecodeRow, FastestPeer, MachineInfo, Timing, TtftRow
+from popc.bench.result import (
+    Bandwidth,
+    BenchSettings,
+    BytesRead,
+    DecodeRow,
+    FastestPeer,
+    MachineInfo,
+    MemoryRow,
+    Timing,
+    TtftRow,
+)
 from popc.cli import app
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
@@ -46,7 +58,7 @@ def test_bench_reports_every_variant(tiny, tmp_path):
         app,
         ["bench", str(pop_dir), "--dense", str(dense_dir), "--prompt-lengths", "8,16",
          "--batches", "1,2", "--sparsities", "0.5", "--repeats", "2", "--decode-tokens", "4", "--decode-prompt", "8",
-         "--variants", "dense-ort,pop-body,pop-oplib,hf-eager,pop-reference",
+         "--variants", "dense-ort,pop-body,pop-oplib,hf-eager,pop-reference", "--memory-batches", "none",
          "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png"),
          "--markdown", str(tmp_path / "bench.md")],
     )  # fmt: skip
@@ -64,6 +76,7 @@ def test_bench_reports_every_variant(tiny, tmp_path):
     # The bytes model: a 50 % POP step reads fewer FFN bytes than dense, and predicts a speedup.
     assert pop["bytes_ffn"] < dense["bytes_ffn"] and pop["ideal_speedup"] > 1.0
     assert dense["speedup"] == 1.0 and report_json["bandwidth"]["gbs"] > 0
+    assert report_json["memory"] == [] and "peak MiB" not in (tmp_path / "bench.md").read_text()  # none asked for
     # The JSON reads back into the same BenchResult, whose Markdown is the file written.
     loaded = report.read_json(tmp_path / "bench.json")
     assert loaded.to_json() == report_json
@@ -73,7 +86,7 @@ def test_bench_reports_every_variant(tiny, tmp_path):
 def test_defaults_are_quick_and_full_is_the_whole_matrix(tmp_path):
     quick, full = BenchPlan(directory=tmp_path), BenchPlan.full(tmp_path, repeats=2)
     assert (list(quick.prompt_lengths), list(quick.batches), list(quick.sparsities), quick.repeats) == (
-        [16, 128, 512], [1, 4], [0.5], 3
+        [16, 128, 512], [1, 4, 8], [0.5], 3
     )  # fmt: skip
     assert (list(full.prompt_lengths), list(full.batches), list(full.sparsities)) == (
         [16, 128, 512, 2048], [1, 4, 8], [0.25, 0.5, 0.75]
@@ -82,6 +95,12 @@ def test_defaults_are_quick_and_full_is_the_whole_matrix(tmp_path):
     assert BenchPlan(directory=tmp_path, variants=["dense-ort"]).resolved().threads == default_threads() >= 1
     with pytest.raises(PopcError, match="--sparsities"):
         BenchPlan(directory=tmp_path, variants=["dense-ort"], sparsities=[1.0]).resolved()
+    # Peak memory: at the largest decode batch unless told; only at batches that are timed.
+    assert BenchPlan(directory=tmp_path, variants=["dense-ort"]).resolved().memory_batches == (8,)
+    plan = BenchPlan(directory=tmp_path, variants=["dense-ort"], batches=[1, 4], memory_batches=[4, 1])
+    assert plan.resolved().memory_batches == (1, 4)
+    with pytest.raises(PopcError, match="--memory-batches"):
+        BenchPlan(directory=tmp_path, variants=["dense-ort"], batches=[1, 4], memory_batches=[2]).resolved()
 
 
 def test_every_runner_gets_the_same_thread_count(tiny):
@@ -99,6 +118,51 @@ def test_every_runner_gets_the_same_thread_count(tiny):
     for variant in ("dense-ort", "pop-body"):
         assert runners[variant].model.session.get_session_options().intra_op_num_threads == plan.threads
     assert torch.get_num_threads() == plan.threads
+
+
+# ---- peak memory: each variant alone in a fresh process ------------------------------------
+def test_peak_memory_of_each_variant(tiny, monkeypatch, tmp_path):
+    _, dense_dir, pop_dir = tiny
+    monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
+    result = CliRunner().invoke(
+        app,
+        ["bench", str(pop_dir), "--dense", str(dense_dir), "--variants", "dense-ort,pop-body",
+         "--prompt-lengths", "8", "--batches", "1,2", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
+         "--decode-prompt", "8", "--threads", "1", "--json", str(tmp_path / "bench.json"),
+         "--markdown", str(tmp_path / "bench.md")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "s] peak memory: 2 fresh processes" in result.output and "at batch 2 not measured" not in result.output
+    report_json = json.loads((tmp_path / "bench.json").read_text())
+    assert report_json["settings"]["memory_batches"] == [2]  # the largest decode batch, by default
+    memory = {row["variant"]: row for row in report_json["memory"]}
+    assert set(memory) == {"dense-ort", "pop-body"}
+    text = (tmp_path / "bench.md").read_text()
+    assert "| peak MiB b2 (+model) |" in text and "peak resident memory" in text
+    for variant, row in memory.items():
+        assert row["batch"] == 2 and row["error"] is None and row["sparsity"] == (0.5 if variant == "pop-body" else 0.0)
+        # High-water marks: the bare process (Python, ORT, transformers), after loading, after the decode.
+        assert 0 < row["baseline_mib"] <= row["loaded_mib"] <= row["peak_mib"]
+        assert row["over_baseline_mib"] == round(row["peak_mib"] - row["baseline_mib"], 1) > 0
+        assert f"{row['peak_mib']:.0f} (+{row['over_baseline_mib']:.0f})" in text
+    assert report.read_json(tmp_path / "bench.json").to_json() == report_json
+
+
+def test_a_child_does_not_inherit_the_parents_peak():
+    held = np.ones(300 << 18, np.float32)  # 300 MiB resident here (ones: every page written)
+    code = "from popc.bench.memory import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    # ru_maxrss would start at this process's peak (fork and exec keep it); VmHWM is the child's own.
+    assert 0 < child < memory.peak_rss_mib() - 250 and held.sum() > 0
+
+
+def test_peak_memory_that_cannot_be_measured_is_missing():
+    job = memory.MemoryJob("dense-ort", "no-such-runtime", "/nowhere", batch=1, prompt=8, steps=2, threads=1)
+    failed = memory.measure(job)  # the child fails: a row with no figures and why, not an exception
+    assert failed.peak_mib is failed.baseline_mib is failed.over_baseline_mib is None
+    assert "exit 1" in failed.error and "no-such-runtime" in failed.error
+    slow = memory.measure(dataclasses.replace(job, kind="ort"), timeout=0.01)
+    assert slow.peak_mib is None and "timed out" in slow.error
 
 
 # ---- peers: onnxruntime-genai, and the fastest dense peer ------------------------------------
@@ -145,12 +209,14 @@ def _result_with_peers() -> BenchResult:
     settings = BenchSettings(
         prompt_lengths=[8], skipped_prompt_lengths=[], batches=[1, 4], sparsities=[0.5],
         pop_settings={"0.5": {"retain": 0.125, "candidate": 0.75, "keep": 0.375}}, repeats=3, warmup=1,
-        decode_tokens=4, decode_prompt=8, variants=["dense-ort", "ort-genai", "pop-oplib"],
+        decode_tokens=4, decode_prompt=8, variants=["dense-ort", "ort-genai", "pop-oplib"], memory_batches=[4],
     )  # fmt: skip
+    memory_rows = [MemoryRow("dense-ort", 4, 0.0, 100.0, 150.0, 161.2),
+                   MemoryRow("pop-oplib", 4, 0.5, error="exit 1: the op library is not available")]  # fmt: skip
     return BenchResult(
         model="tiny", exports={"dense": "/d", "pop": "/p"}, machine=machine, settings=settings,
         bandwidth=Bandwidth(10.0, 12.0, 12.0), bytes=weights, prefill=prefill, decode=decode,
-        fastest_ttft_peer=ttft_peers, fastest_decode_peer=decode_peers,
+        fastest_ttft_peer=ttft_peers, fastest_decode_peer=decode_peers, memory=memory_rows,
     )  # fmt: skip
 
 
@@ -176,6 +242,11 @@ def test_markdown_and_tables_come_from_one_result():
             assert cell in rendered, cell  # every Markdown cell is in the console tables, verbatim
     speedup = result.decode_row("pop-oplib", 0.5, 1).speedup  # paired: the median of per-round ratios
     assert speedup == pytest.approx(2.0 / 1.2, rel=0.02) and f"{speedup:.2f}×" in text
+    # Peak memory at batch 4: dense ORT's peak and what it added to the bare process; POP's is missing.
+    decode_rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in rows[:5]}
+    column = decode_rows["variant"].index("peak MiB b4 (+model)")
+    assert decode_rows["dense ORT"][column] == "161 (+61)" and decode_rows["POP (op library)"][column] == "—"
+    assert decode_rows["onnxruntime-genai"][column] == "—"  # not measured at all
 
 
 def test_ort_genai_missing_is_one_clear_error(monkeypatch, tmp_path):
@@ -232,6 +303,7 @@ def test_bench_with_peers(genai_tiny, monkeypatch, tmp_path):
         directory=dense, model=str(source), variants=["ort-genai", "dense-ort", "hf-eager", "dense-genai-runtime"],
         prompt_lengths=[8],
         batches=[1, 2], repeats=1, warmup=0, decode_tokens=2, decode_prompt=8, threads=1,
+        memory_batches=(),  # peak memory has its own test
     )  # fmt: skip
     result = run_bench(plan, progress=stages)
     assert not any("building" in m for m in stages.stages)  # the fixture's build was reused

@@ -16,6 +16,9 @@ count for every variant:
   export takes its regions as the ``pop_config`` input, so one export serves all);
 * ratios against dense ORT and against the fastest **dense peer** of the same run
   (``ort-genai``, ``hf-eager``), each the median of per-round (paired) ratios;
+* **peak memory** of each variant at the largest decode batch (or those asked for), each
+  measured in a fresh process that loads that variant alone (``memory``): the peak
+  resident set, and the peak less the bare process's (Python and the runtime's libraries);
 * a **bytes model**: the weight bytes one batch-1 decode step reads per variant (FFN and
   total), the machine's read bandwidth, and from them each variant's ideal ms/token and
   fraction of that roofline.
@@ -24,8 +27,8 @@ Every figure is the median over repeats, with min and max, after warm-up runs.
 
 Modules: ``plan`` (what to measure), ``machine``, ``bytes_model``, ``runners`` (the
 ``Runner`` protocol; ORT and PyTorch), ``peers`` (onnxruntime-genai), ``exports`` (the
-exports compared), ``run`` (the timing), ``result`` (what was measured) and ``report``
-(tables, Markdown, plot, JSON).
+exports compared), ``run`` (the timing), ``memory`` (peak memory, one process per
+variant), ``result`` (what was measured) and ``report`` (tables, Markdown, plot, JSON).
 """
 
 from popc.bench.plan import FULL_MATRIX, LABELS, VARIANTS, BenchPlan

@@ -1,8 +1,9 @@
 """What a ``popc bench`` run measures: the variants it can compare, and :class:`BenchPlan`.
 
-The default plan finishes in a few minutes on a 2-core CPU (three prompt lengths, two
-batch sizes, one POP sparsity, three repeats); :meth:`BenchPlan.full` is the whole
-matrix docs/results.md's tables come from.
+The default plan finishes in a few minutes on a 2-core CPU (three prompt lengths, three
+batch sizes, one POP sparsity, three repeats, and a fresh process per variant for its peak
+memory at the largest batch); :meth:`BenchPlan.full` is the whole matrix docs/results.md's
+tables come from.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ LABELS = {
 }
 DEVICES = ("cpu", "cuda")
 
-# `--full`: every measured sparsity, a 2048-token prompt, batch 8, more repeats (~15 min
+# `--full`: every measured sparsity, a 2048-token prompt, more repeats (~15 min
 # for SmolLM2-135M on 2 cores, against a few minutes for the defaults).
 FULL_MATRIX: dict[str, Any] = {
     "prompt_lengths": (16, 128, 512, 2048),
@@ -57,7 +58,7 @@ class BenchPlan:
     pop: Path | None = None  # the POP export (else `directory` if it is one, or exported once)
     model: str | None = None  # model spec for the PyTorch and genai variants (default: popc.json's source)
     prompt_lengths: Sequence[int] = (16, 128, 512)
-    batches: Sequence[int] = (1, 4)
+    batches: Sequence[int] = (1, 4, 8)
     sparsities: Sequence[float] = (0.5,)
     variants: Sequence[str] | None = None  # None: every variant this machine can run (default_variants())
     repeats: int = 3
@@ -68,6 +69,9 @@ class BenchPlan:
     device: str = "cpu"
     torch_max_prompt: int | None = None  # longest prompt the PyTorch variants prefill
     seed: int = 0
+    # Decode batch sizes at which each variant's peak memory is measured, one fresh process
+    # per variant and batch size (popc.bench.memory). None: the largest of `batches`; (): none.
+    memory_batches: Sequence[int] | None = None
 
     @classmethod
     def full(cls, directory: Path, **overrides: Any) -> BenchPlan:
@@ -97,6 +101,10 @@ class BenchPlan:
             raise PopcError("--prompt-lengths and --decode-prompt must be at least 1")
         if not self.batches or any(b < 1 for b in self.batches):
             raise PopcError("--batches must be at least 1")
+        batches = tuple(int(b) for b in self.batches)
+        memory_batches = (max(batches),) if self.memory_batches is None else tuple(map(int, self.memory_batches))
+        if any(b not in batches for b in memory_batches):
+            raise PopcError(f"--memory-batches must be among the decode batches ({', '.join(map(str, batches))})")
         if self.threads is not None and self.threads < 1:
             raise PopcError(f"--threads must be at least 1, got {self.threads}")
         if self.device not in DEVICES:
@@ -106,6 +114,7 @@ class BenchPlan:
             variants=tuple(variants),
             threads=self.threads or default_threads(),
             prompt_lengths=tuple(int(n) for n in self.prompt_lengths),
-            batches=tuple(int(b) for b in self.batches),
+            batches=batches,
+            memory_batches=tuple(dict.fromkeys(b for b in batches if b in memory_batches)),
             sparsities=tuple(float(s) for s in self.sparsities),
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 from popc.atomic import atomic_file, atomic_write
 from popc.bench.plan import DENSE_GENAI_RUNTIME, GENAI_VARIANT, LABELS
-from popc.bench.result import BenchResult, DecodeRow, FastestPeer, Timing
+from popc.bench.result import BenchResult, DecodeRow, FastestPeer, MemoryRow, Timing
 
 NONE = "—"
 
@@ -26,6 +26,7 @@ class Grid:
     header: list[str]
     rows: list[list[str]] = field(default_factory=list)
     footer: list[list[str]] = field(default_factory=list)
+    note: str = ""  # what its columns mean, beyond the run's common notes
 
 
 # ---- cells ------------------------------------------------------------------------------
@@ -43,6 +44,14 @@ def _megabytes(row: DecodeRow | None) -> str:
         return NONE
     ffn = f"{row.bytes_ffn / 1e6:.0f}" if row.bytes_ffn is not None else "?"
     return f"{row.bytes_total / 1e6:.0f} ({ffn})"
+
+
+def _memory(row: MemoryRow | None) -> str:
+    """Peak resident MiB, and in brackets what the variant added to its bare process."""
+    if row is None or row.peak_mib is None:
+        return NONE
+    over = row.over_baseline_mib
+    return f"{row.peak_mib:.0f}" + (f" (+{over:.0f})" if over is not None else "")
 
 
 def _peer(peer: FastestPeer | None) -> str:
@@ -80,21 +89,41 @@ RATIOS_NOTE = (
 )
 
 
+def memory_note(result: BenchResult) -> str:
+    """What the peak-memory columns of the decode table hold ("" without them)."""
+    batches = result.settings.memory_batches
+    if not batches:
+        return ""
+    pop = sorted({r.sparsity for r in result.memory if r.sparsity})
+    at = f" (POP variants at {', '.join(f'{s:.0%}' for s in pop)} sparsity)" if pop else ""
+    return (
+        "Peak MiB: the peak resident memory (VmHWM) of a fresh process that loads that variant alone and "
+        f"runs one decode at that batch: the {result.settings.decode_prompt}-token prompt, then "
+        f"{result.settings.decode_tokens} steps{at}; in brackets, the peak less the same process's before the "
+        "model loaded (Python and the variant's runtime libraries imported). — : not measured (the JSON's "
+        "memory rows say why)."
+    )
+
+
 # ---- the two tables ---------------------------------------------------------------------
 def decode_grid(result: BenchResult) -> Grid:
     batches = result.settings.batches
+    memory_batches = result.settings.memory_batches
     header = ["variant", "sparsity"] + [f"batch {b} ms/step (tok/s)" for b in batches]
+    header += [f"peak MiB b{b} (+model)" for b in memory_batches]
     header += [f"speedup b{b}" for b in batches]
     header += ["ideal (bytes)", "of ideal", "MB read (FFN)", "roofline"]
     if result.has_peers:
         header += [f"vs best peer b{b}" for b in batches]
-    grid = Grid("popc bench decode: ms per step (tokens/s), speedup vs dense ORT", header)
+    title = "popc bench decode: ms per step (tokens/s)" + (", peak memory" if memory_batches else "")
+    grid = Grid(title + ", speedup vs dense ORT", header, note=memory_note(result))
     for variant, sparsity in dict.fromkeys((r.variant, r.sparsity) for r in result.decode):
         rows = {b: result.decode_row(variant, sparsity, b) for b in batches}
         cells = [LABELS[variant], _sparsity(sparsity)]
         for row in rows.values():
             per_s = f"{row.tokens_per_s:.1f}" if row and row.tokens_per_s else NONE
             cells.append(f"{_timing(row.ms_per_step)} ({per_s})" if row else NONE)
+        cells += [_memory(result.memory_row(variant, b)) for b in memory_batches]
         cells += [_times(row.speedup if row else None) for row in rows.values()]
         first = rows.get(1)
         speed, ideal = (first.speedup, first.ideal_speedup) if first else (None, None)
@@ -139,7 +168,8 @@ def tables(result: BenchResult) -> tuple[Any, Any]:  # rich.table.Table, twice
 
     rendered = []
     for grid in (ttft_grid(result), decode_grid(result)):
-        caption = machine_line(result) + (" " + RATIOS_NOTE if result.has_peers else "")
+        notes = [machine_line(result), RATIOS_NOTE if result.has_peers else "", grid.note]
+        caption = " ".join(note for note in notes if note)
         table = Table(title=grid.title, caption=caption)
         for position, name in enumerate(grid.header):
             table.add_column(name, no_wrap=position == 0, justify="left" if position == 0 else "right")
@@ -158,7 +188,10 @@ def _markdown_table(grid: Grid) -> list[str]:
 
 def markdown(result: BenchResult) -> str:
     """The decode and TTFT tables as Markdown (for docs/results.md and benchmarks/results/)."""
-    lines = [machine_line(result), "", *_markdown_table(decode_grid(result)), ""]
+    decode = decode_grid(result)
+    lines = [machine_line(result), "", *_markdown_table(decode), ""]
+    if decode.note:
+        lines += [decode.note, ""]
     lines += _markdown_table(ttft_grid(result))
     if result.has_peers:
         lines += ["", RATIOS_NOTE]

@@ -8,6 +8,7 @@ their per-round ratios (paired), not the ratio of two medians.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from popc.bench import memory as measure
 from popc.bench.bytes_model import bytes_key, bytes_model
 from popc.bench.exports import BenchExports, model_spec, resolve_exports
 from popc.bench.machine import machine_info, read_bandwidth
@@ -93,6 +95,17 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
         for (variant, sparsity), timing in interleaved(jobs, plan.warmup, plan.repeats, progress).items():
             decode.append(DecodeRow(variant, sparsity or 0.0, batch, timing))
 
+    # Peak memory: every variant alone in a fresh process (this one holds them all). This
+    # process lets its models go first, so that the children do not share the host with them.
+    timed = list(runners)
+    memory_jobs = measure.memory_jobs(plan, exports, runners)
+    del jobs, runner  # the loops' last timed closures and runner
+    runners.clear()
+    gc.collect()
+    if memory_jobs:
+        progress.stage(f"peak memory: {len(memory_jobs)} fresh processes, one per variant and batch size")
+    memory = measure.measure_all(memory_jobs, progress)
+
     fastest_ttft, fastest_decode = add_ratios(prefill, decode, weights, bandwidth.gbs)
     info.load_average_end = list(os.getloadavg())
     info.seconds = round(time.perf_counter() - started, 1)
@@ -110,8 +123,9 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
             warmup=plan.warmup,
             decode_tokens=plan.decode_tokens,
             decode_prompt=plan.decode_prompt,
-            variants=list(runners),
+            variants=timed,
             skipped_variants=skipped_variants,
+            memory_batches=list(plan.memory_batches or ()),
         ),
         bandwidth=bandwidth,
         bytes=weights,
@@ -119,6 +133,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
         decode=decode,
         fastest_ttft_peer=fastest_ttft,
         fastest_decode_peer=fastest_decode,
+        memory=memory,
     )
 
 
