@@ -62,30 +62,56 @@ void axpy_x4(float* y, int64_t H, uint64_t mask, const WT* const* w, const float
 }
 
 #if POPC_X86
+// Rows of X are taken two at a time: each weight vector loaded feeds two FMAs (8 sums in
+// registers), which matters once several rows share a step (batch decode).
 template <class WT>
 POPC_AVX2 void dot_x4_avx2(const float* x, int64_t H, uint64_t mask, const WT* const* w, float* out) {
   using E = Elem<WT>;
   const WT *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-  for (; mask; mask &= mask - 1) {
+  while (mask) {
     const int i = lowest_bit(mask);
-    const float* xi = x + i * H;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    mask &= mask - 1;
+    const int j = mask ? lowest_bit(mask) : i;  // the second row of the pair (i again when alone)
+    if (mask) mask &= mask - 1;
+    const float *xi = x + i * H, *xj = x + j * H;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t h = 0;
-    for (; h + 8 <= H; h += 8) {
-      const __m256 v = _mm256_loadu_ps(xi + h);
-      a0 = _mm256_fmadd_ps(v, E::load8(w0 + h), a0);
-      a1 = _mm256_fmadd_ps(v, E::load8(w1 + h), a1);
-      a2 = _mm256_fmadd_ps(v, E::load8(w2 + h), a2);
-      a3 = _mm256_fmadd_ps(v, E::load8(w3 + h), a3);
+    if (i == j) {
+      for (; h + 8 <= H; h += 8) {
+        const __m256 v = _mm256_loadu_ps(xi + h);
+        a0 = _mm256_fmadd_ps(v, E::load8(w0 + h), a0);
+        a1 = _mm256_fmadd_ps(v, E::load8(w1 + h), a1);
+        a2 = _mm256_fmadd_ps(v, E::load8(w2 + h), a2);
+        a3 = _mm256_fmadd_ps(v, E::load8(w3 + h), a3);
+      }
+    } else {
+      for (; h + 8 <= H; h += 8) {
+        const __m256 v = _mm256_loadu_ps(xi + h), u = _mm256_loadu_ps(xj + h);
+        __m256 k = E::load8(w0 + h);
+        a0 = _mm256_fmadd_ps(v, k, a0);
+        b0 = _mm256_fmadd_ps(u, k, b0);
+        k = E::load8(w1 + h);
+        a1 = _mm256_fmadd_ps(v, k, a1);
+        b1 = _mm256_fmadd_ps(u, k, b1);
+        k = E::load8(w2 + h);
+        a2 = _mm256_fmadd_ps(v, k, a2);
+        b2 = _mm256_fmadd_ps(u, k, b2);
+        k = E::load8(w3 + h);
+        a3 = _mm256_fmadd_ps(v, k, a3);
+        b3 = _mm256_fmadd_ps(u, k, b3);
+      }
     }
-    float s[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
-    for (; h < H; ++h) {
-      s[0] += xi[h] * E::to_float(w0[h]);
-      s[1] += xi[h] * E::to_float(w1[h]);
-      s[2] += xi[h] * E::to_float(w2[h]);
-      s[3] += xi[h] * E::to_float(w3[h]);
-    }
-    for (int t = 0; t < 4; ++t) out[i * kStreams + t] = s[t];
+    float si[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+    float sj[4] = {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)};
+    for (int64_t t = h; t < H; ++t)
+      for (int s = 0; s < 4; ++s) {
+        const float wv = E::to_float(w[s][t]);
+        si[s] += xi[t] * wv;
+        sj[s] += xj[t] * wv;
+      }
+    for (int s = 0; s < 4; ++s) out[i * kStreams + s] = si[s];
+    if (j != i)
+      for (int s = 0; s < 4; ++s) out[j * kStreams + s] = sj[s];
   }
 }
 
@@ -93,24 +119,51 @@ template <class WT>
 POPC_AVX2 void axpy_x4_avx2(float* y, int64_t H, uint64_t mask, const WT* const* w, const float* z) {
   using E = Elem<WT>;
   const WT *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-  for (; mask; mask &= mask - 1) {
+  while (mask) {
     const int i = lowest_bit(mask);
-    float* yi = y + i * H;
-    const float* zi = z + i * kStreams;
+    mask &= mask - 1;
+    const int j = mask ? lowest_bit(mask) : i;
+    if (mask) mask &= mask - 1;
+    float *yi = y + i * H, *yj = y + j * H;
+    const float *zi = z + i * kStreams, *zj = z + j * kStreams;
     const __m256 s0 = _mm256_set1_ps(zi[0]), s1 = _mm256_set1_ps(zi[1]);
     const __m256 s2 = _mm256_set1_ps(zi[2]), s3 = _mm256_set1_ps(zi[3]);
     int64_t h = 0;
-    for (; h + 8 <= H; h += 8) {
-      __m256 acc = _mm256_loadu_ps(yi + h);
-      acc = _mm256_fmadd_ps(s0, E::load8(w0 + h), acc);
-      acc = _mm256_fmadd_ps(s1, E::load8(w1 + h), acc);
-      acc = _mm256_fmadd_ps(s2, E::load8(w2 + h), acc);
-      acc = _mm256_fmadd_ps(s3, E::load8(w3 + h), acc);
-      _mm256_storeu_ps(yi + h, acc);
+    if (i == j) {
+      for (; h + 8 <= H; h += 8) {
+        __m256 acc = _mm256_loadu_ps(yi + h);
+        acc = _mm256_fmadd_ps(s0, E::load8(w0 + h), acc);
+        acc = _mm256_fmadd_ps(s1, E::load8(w1 + h), acc);
+        acc = _mm256_fmadd_ps(s2, E::load8(w2 + h), acc);
+        acc = _mm256_fmadd_ps(s3, E::load8(w3 + h), acc);
+        _mm256_storeu_ps(yi + h, acc);
+      }
+    } else {
+      const __m256 t0 = _mm256_set1_ps(zj[0]), t1 = _mm256_set1_ps(zj[1]);
+      const __m256 t2 = _mm256_set1_ps(zj[2]), t3 = _mm256_set1_ps(zj[3]);
+      for (; h + 8 <= H; h += 8) {
+        __m256 acc = _mm256_loadu_ps(yi + h), bcc = _mm256_loadu_ps(yj + h);
+        __m256 k = E::load8(w0 + h);
+        acc = _mm256_fmadd_ps(s0, k, acc);
+        bcc = _mm256_fmadd_ps(t0, k, bcc);
+        k = E::load8(w1 + h);
+        acc = _mm256_fmadd_ps(s1, k, acc);
+        bcc = _mm256_fmadd_ps(t1, k, bcc);
+        k = E::load8(w2 + h);
+        acc = _mm256_fmadd_ps(s2, k, acc);
+        bcc = _mm256_fmadd_ps(t2, k, bcc);
+        k = E::load8(w3 + h);
+        acc = _mm256_fmadd_ps(s3, k, acc);
+        bcc = _mm256_fmadd_ps(t3, k, bcc);
+        _mm256_storeu_ps(yi + h, acc);
+        _mm256_storeu_ps(yj + h, bcc);
+      }
     }
-    for (; h < H; ++h)
-      yi[h] += zi[0] * E::to_float(w0[h]) + zi[1] * E::to_float(w1[h]) + zi[2] * E::to_float(w2[h]) +
-               zi[3] * E::to_float(w3[h]);
+    for (int64_t t = h; t < H; ++t) {
+      const float v0 = E::to_float(w0[t]), v1 = E::to_float(w1[t]), v2 = E::to_float(w2[t]), v3 = E::to_float(w3[t]);
+      yi[t] += zi[0] * v0 + zi[1] * v1 + zi[2] * v2 + zi[3] * v3;
+      if (j != i) yj[t] += zj[0] * v0 + zj[1] * v1 + zj[2] * v2 + zj[3] * v3;
+    }
   }
 }
 #endif  // POPC_X86
