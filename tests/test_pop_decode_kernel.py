@@ -155,15 +155,21 @@ def ffn_model(op: str, weights: list[np.ndarray], static_score: np.ndarray) -> o
     return out
 
 
+# (R, C, K): a sparse split, and one whose batch union is every channel.
+SPLITS = {"sparse": (16, 40, 20), "union-dense": (64, 32, 24)}
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("op", ["PopSwiGLU", "PopGeGLU"])
-def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tmp_path, op):
+def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tmp_path, op, split):
     rng = np.random.default_rng(11)
     B, T, H, D = 3, 7, 40, 96
     weights = [(rng.standard_normal((D, H)) / 4).astype(np.float32) for _ in range(3)]
     model = ffn_model(op, weights, rng.random(D).astype(np.float32))
     mask = np.ones((B, T), np.float32)
     mask[1, :3] = 0  # left padding
-    config = np.array([16, 40, 20, 0], np.int64)
+    retain, candidate, keep = SPLITS[split]
+    config = np.array([retain, candidate, keep, 0], np.int64)
     prefill = {
         "X": rng.standard_normal((B, T, H)).astype(np.float32),
         "M": mask,
@@ -173,10 +179,10 @@ def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tm
     expected_y, expected_p = session(model, None).run(None, prefill)
     got_y, got_p = session(model, library).run(None, prefill)
     np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
-    assert got_p.shape == (B, 56)
+    assert got_p.shape == (B, retain + candidate)
     for row in range(B):  # same regions; order inside may differ only at fp ties
-        assert set(got_p[row, :16]) == set(expected_p[row, :16])
-        assert set(got_p[row, 16:]) == set(expected_p[row, 16:])
+        assert set(got_p[row, :retain]) == set(expected_p[row, :retain])
+        assert set(got_p[row, retain:]) == set(expected_p[row, retain:])
     decode = {
         "X": rng.standard_normal((B, 1, H)).astype(np.float32),
         "M": np.ones((B, 1), np.float32),
