@@ -140,6 +140,7 @@ POP_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "candidate": (_fraction, "a fraction in [0, 1]", True),
     "keep": (_fraction, "a fraction in [0, 1]", True),
     "intermediate_size": (_integer(1), "an integer >= 1", True),
+    "weight_layout": (_is(str), "a string", False),
 }
 
 

@@ -270,6 +270,8 @@ def info(
     if config.get("pop"):
         pop = config["pop"]
         table.add_row("pop", f"retain {pop['retain']}, candidate {pop['candidate']}, keep {pop['keep']}")
+        if pop.get("weight_layout"):
+            table.add_row("pop weight layout", pop["weight_layout"])
     if (location.directory / "genai_config.json").is_file():
         table.add_row("onnxruntime-genai", "genai_config.json: og.Model(DIR) runs this export")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()))

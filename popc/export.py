@@ -217,6 +217,12 @@ def pop_channels(config) -> int:
     return int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
 
 
+# How a POP FFN's weights lie in the file, for any runtime that reads them itself: one
+# contiguous row per channel (the gather kernels read a kept channel as one stream), each
+# matrix stored once and shared by the prefill (dense) and decode (gathered) branches.
+WEIGHT_LAYOUT = "channel-rows-v1: gate, up and down as [D, H], row d = channel d (down is W_down transposed)"
+
+
 def pop_config(pop: PopSettings, config) -> dict[str, Any]:
     """The POP section of popc.json: default regions (fractions) and what they mean."""
     return {
@@ -226,6 +232,7 @@ def pop_config(pop: PopSettings, config) -> dict[str, Any]:
         "keep": pop.keep,
         "sparsity": round(pop.sparsity, 6),
         "intermediate_size": pop_channels(config),
+        "weight_layout": WEIGHT_LAYOUT,
         "state_inputs": "past_partition.{i} int64 [batch, retain+candidate] -> present_partition.{i}",
         "config_input": "pop_config int64 [4] = (retain, candidate, keep channel counts, static flag)",
     }
