@@ -168,11 +168,12 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
 struct Registration {
   OrtCustomOp* op;
   bool fused;
+  bool whole_ffn = false;  // PopSwiGLU / PopGeGLU: POPC_OPLIB_WHOLE_FFN=0 leaves them out
 };
 
 template <template <class> class Kernel>
 void add_each_type(std::vector<Registration>& list, bool fused) {
-#define POPC_ADD(T) list.push_back({new Op<Kernel<T>>(), fused});
+#define POPC_ADD(T) list.push_back({new Op<Kernel<T>>(), fused, false});
   POPC_FOR_EACH_TYPE(POPC_ADD)
 #undef POPC_ADD
 }

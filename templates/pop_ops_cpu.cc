@@ -338,8 +338,8 @@ void add_pop_cpu_ops(std::vector<Registration>& list) {
   add_each_type<GeGLUDecode>(list, true);
   add_each_type<CpuPartitionKernel>(list, true);
   // The whole FFN for float32 only: other types run the function body (If + the ops above).
-  list.push_back({new Op<CpuPopFfnKernel<false>>(), true});
-  list.push_back({new Op<CpuPopFfnKernel<true>>(), true});
+  list.push_back({new Op<CpuPopFfnKernel<false>>(), true, true});
+  list.push_back({new Op<CpuPopFfnKernel<true>>(), true, true});
 }
 
 }  // namespace popc::ort

@@ -187,8 +187,13 @@ extern "C" POPC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   // PopPartition): their function bodies then run (popc sets it for CUDA sessions).
   const char* fused_env = std::getenv("POPC_OPLIB_FUSED");
   const bool fused = !(fused_env && std::strcmp(fused_env, "0") == 0);
+  // POPC_OPLIB_WHOLE_FFN=0 leaves out the whole-FFN kernels only: the graph's If then runs its
+  // pre-packed prefill Gemms and the fused decode kernel (faster prefill, slower decode).
+  const char* whole_env = std::getenv("POPC_OPLIB_WHOLE_FFN");
+  const bool whole_ffn = !(whole_env && std::strcmp(whole_env, "0") == 0);
   for (const Registration& r : registrations()) {
     if (r.fused && !fused) continue;
+    if (r.whole_ffn && !whole_ffn) continue;
     if (OrtStatus* status = api->CustomOpDomain_Add(domain, r.op)) return status;
   }
   return api->AddCustomOpDomain(options, domain);

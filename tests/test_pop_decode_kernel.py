@@ -194,14 +194,26 @@ def test_whole_ffn_kernel_equals_function_body_at_prefill_and_decode(library, tm
     np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got_p, decode["P"])
 
-    # With the library the node stays one kernel: no If (the function body's branch) is left.
+    # With the library the node stays one kernel: no If (the function body's branch) is left,
+    # unless POPC_OPLIB_WHOLE_FFN=0 leaves that kernel out.
+    assert optimized_op_types(model, library, tmp_path) == [op]
+
+
+def optimized_op_types(model: onnx.ModelProto, library, tmp_path) -> list[str]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library.path))
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    assert [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node] == [op]
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
+def test_whole_ffn_kernel_can_be_left_out(library, tmp_path, monkeypatch):
+    monkeypatch.setenv("POPC_OPLIB_WHOLE_FFN", "0")
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((96, 40)).astype(np.float32) for _ in range(3)]
+    assert "If" in optimized_op_types(ffn_model("PopSwiGLU", weights, np.ones(96, np.float32)), library, tmp_path)
 
 
 def test_whole_ffn_kernel_rejects_a_bad_config(library):
