@@ -1,7 +1,7 @@
 // popc op library: SIMD building blocks shared by the CPU kernels (internal header).
 //
-// Elem<T> loads/converts one weight or activation type; row_dot / row_axpy and the
-// multi-row helpers pick the AVX2+FMA+F16C path when the caller found it at run time,
+// Elem<T> loads/converts one weight or activation type; row_dot and the gather helpers
+// pick the AVX2+FMA+F16C path when the caller found it at run time,
 // else portable loops written so that the compiler vectorises them.
 #pragma once
 
@@ -87,12 +87,6 @@ inline float dot(const float* x, const WT* w, int64_t n) {
   return s;
 }
 
-// y[0..n) += s * w[0..n)
-template <class WT>
-void axpy(float* y, float s, const WT* w, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += s * Elem<WT>::to_float(w[i]);
-}
-
 // Column block [h0, h0 + len) of one GatherMatMul row (len <= 64).
 template <class WT>
 void axpy_block(const float* z, const int64_t* idx, int64_t K, const WT* W, int64_t H, int64_t h0, int64_t len,
@@ -158,22 +152,6 @@ POPC_AVX2 void axpy64_avx2(const float* z, const int64_t* idx, int64_t K, const 
   _mm256_storeu_ps(out, c0); _mm256_storeu_ps(out + 8, c1); _mm256_storeu_ps(out + 16, c2); _mm256_storeu_ps(out + 24, c3);
   _mm256_storeu_ps(out + 32, c4); _mm256_storeu_ps(out + 40, c5); _mm256_storeu_ps(out + 48, c6); _mm256_storeu_ps(out + 56, c7);
 }
-
-// y[0..n) += s * w[0..n)
-template <class WT>
-POPC_AVX2 void axpy_avx2(float* y, float s, const WT* w, int64_t n) {
-  using E = Elem<WT>;
-  const __m256 v = _mm256_set1_ps(s);
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, E::load8(w + i), _mm256_loadu_ps(y + i)));
-    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(v, E::load8(w + i + 8), _mm256_loadu_ps(y + i + 8)));
-    _mm256_storeu_ps(y + i + 16, _mm256_fmadd_ps(v, E::load8(w + i + 16), _mm256_loadu_ps(y + i + 16)));
-    _mm256_storeu_ps(y + i + 24, _mm256_fmadd_ps(v, E::load8(w + i + 24), _mm256_loadu_ps(y + i + 24)));
-  }
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(v, E::load8(w + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += s * E::to_float(w[i]);
-}
 #endif  // POPC_X86
 
 // The CPU (not the type) picks the path: AVX2 when the caller found it, else portable.
@@ -183,14 +161,6 @@ inline float row_dot(bool use_avx2, const float* x, const WT* w, int64_t n) {
   if (use_avx2) return dot_avx2(x, w, n);
 #endif
   return dot(x, w, n);
-}
-
-template <class WT>
-inline void row_axpy(bool use_avx2, float* y, float s, const WT* w, int64_t n) {
-#if POPC_X86
-  if (use_avx2) return axpy_avx2(y, s, w, n);
-#endif
-  axpy(y, s, w, n);
 }
 
 // Prefetch a whole weight row (used when the next row is not the adjacent one).
@@ -206,23 +176,5 @@ inline float activate(float g, int activation) {
     default: return 0.5f * g * (1.0f + std::tanh(0.79788456080286536f * (g + 0.044715f * g * g * g)));
   }
 }
-
-// Rows this far ahead are prefetched whole (into L1): the selected rows have gaps that stop
-// the hardware prefetcher. Measured on a 2-core EPYC (SmolLM2 shapes, 30 FFNs, weights
-// from DRAM): prefetching every row 2-3 rows ahead beat gap-only and L2-only prefetch.
-constexpr int64_t kLookahead = 3;
-
-// Walks rows[begin, end) of W (ids ascending) one row at a time: a single forward stream.
-template <typename Visit>
-inline void walk_rows(const int64_t* ids, const int64_t* order, int64_t begin, int64_t end, const char* w,
-                      int64_t row_bytes, Visit&& visit) {
-  auto id_at = [&](int64_t t) { return order ? ids[order[t]] : ids[t]; };
-  for (int64_t t = begin; t < std::min(end, begin + kLookahead); ++t) prefetch_row(w + id_at(t) * row_bytes, row_bytes);
-  for (int64_t t = begin; t < end; ++t) {
-    if (t + kLookahead < end) prefetch_row(w + id_at(t + kLookahead) * row_bytes, row_bytes);
-    visit(t);
-  }
-}
-
 
 }  // namespace popc::cpu

@@ -9,9 +9,7 @@
 //       Prefill runs ONNX Runtime's own MatMul kernel (OrtApi::InvokeOp) and the
 //       partition kernel; decode runs the fused decode kernel.
 #include <algorithm>
-#include <cmath>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_simd.h"
