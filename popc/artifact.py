@@ -134,6 +134,7 @@ CONFIG_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "prefill_skip": (_optional(_is(dict)), "an object or null", False),
     "ort_fusions": (_optional(_is(dict)), "an object or null", False),
     "drop_layers": (_optional(_integer(1)), "an integer >= 1 or null", False),
+    "quant": (_optional(_is(dict)), "an object or null", False),
 }  # fmt: skip
 POP_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "retain": (_fraction, "a fraction in [0, 1]", True),
@@ -141,6 +142,12 @@ POP_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "keep": (_fraction, "a fraction in [0, 1]", True),
     "intermediate_size": (_integer(1), "an integer >= 1", True),
     "weight_layout": (_is(str), "a string", False),
+}
+QUANT_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "scheme": (lambda v: v in ("int4", "int8"), "int4 or int8", True),
+    "bits": (lambda v: v in (4, 8), "4 or 8", True),
+    "block_size": (_integer(16), "an integer >= 16", True),
+    "accuracy_level": (_integer(0), "an integer >= 0", True),
 }
 
 
@@ -157,6 +164,8 @@ def check_config(config: Any, config_path: Path) -> None:
     sections = [("", config, CONFIG_SCHEMA)]
     if isinstance(config.get("pop"), dict):
         sections.append(("pop.", config["pop"], POP_SCHEMA))
+    if isinstance(config.get("quant"), dict):
+        sections.append(("quant.", config["quant"], QUANT_SCHEMA))
     for prefix, section, schema in sections:
         for key, (check, meaning, required) in schema.items():
             if key not in section:

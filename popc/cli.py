@@ -180,10 +180,22 @@ def export(
             "skip-add-RMSNorm (--no-fuse: plain ONNX attention; --prefill-skip/--drop-layers imply it)."
         ),
     ] = True,
+    quant: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Block-quantized weights: int4 or int8 (linear layers as MatMulNBits, the tied embedding as "
+            "GatherBlockQuantized, POP FFN rows quantized along the hidden size). Default: float32."
+        ),
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="--quant: elements per quantization block (a power of two >= 16).")] = 32,
+    accuracy_level: Annotated[
+        int, typer.Option(help="--quant: MatMulNBits accuracy_level (4 = int8 activations, as onnxruntime-genai on CPU).")
+    ] = 4,
 ) -> None:
     """Export MODEL to ONNX with its KV cache as graph inputs/outputs (and POP-online FFNs)."""
     from popc.export import ExportPlan
     from popc.export import export as run_export
+    from popc.quantize import QuantScheme
 
     signal.signal(signal.SIGTERM, _terminate)  # so staging files are cleaned up on kill
     pop = pop_settings(sparsity, retain, candidate, keep)
@@ -191,8 +203,16 @@ def export(
         raise PopcError(f"--prefill-skip must be >= 0, got {prefill_skip}")
     if drop_layers is not None and drop_layers < 0:
         raise PopcError(f"--drop-layers must be >= 0, got {drop_layers}")
+    scheme = None if quant is None else QuantScheme.parse(quant, block_size, accuracy_level)
     plan = ExportPlan(
-        model=model, out=out, force=force, pop=pop, prefill_skip=prefill_skip, drop_layers=drop_layers, fuse=fuse
+        model=model,
+        out=out,
+        force=force,
+        pop=pop,
+        prefill_skip=prefill_skip,
+        drop_layers=drop_layers,
+        fuse=fuse,
+        quant=scheme,
     )
     with console_progress(console, echo=True) as progress:
         progress.stage(f"exporting {model}")
@@ -272,6 +292,14 @@ def info(
         table.add_row("pop", f"retain {pop['retain']}, candidate {pop['candidate']}, keep {pop['keep']}")
         if pop.get("weight_layout"):
             table.add_row("pop weight layout", pop["weight_layout"])
+    quant = config.get("quant")
+    table.add_row(
+        "weights",
+        f"{quant['scheme']} blocks of {quant['block_size']} (symmetric, float32 scales; "
+        f"MatMulNBits accuracy_level {quant['accuracy_level']})"
+        if quant
+        else "float32",
+    )
     if (location.directory / "genai_config.json").is_file():
         table.add_row("onnxruntime-genai", "genai_config.json: og.Model(DIR) runs this export")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in config.get("versions", {}).items()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -42,8 +43,10 @@ from popc.loading import LoadedModel, load_model
 from popc.modeling import ExportableDecoder, decoder_shape
 from popc.passes.ort_fusions import ort_fusion_passes
 from popc.passes.pop_online import PopOnlinePass
+from popc.passes.quantize_weights import QuantizeWeightsPass
 from popc.pop import PopSettings
 from popc.progress import Progress, or_silent
+from popc.quantize import QuantScheme
 
 OPSET = 20
 
@@ -67,6 +70,8 @@ class ExportPlan:
     # ONNX Runtime's fused operators (GroupQueryAttention, RMSNorm, packed QKV, skip-add-norm);
     # not with prefill_skip / drop_layers, whose layer stacks keep the plain attention.
     fuse: bool = True
+    # Block-quantized weights (int4 / int8, popc.quantize); None keeps them float32.
+    quant: QuantScheme | None = None
 
     @property
     def fused(self) -> bool:
@@ -200,6 +205,7 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "prefill_skip": None if plan.prefill_skip is None else prefill_config(plan.prefill_skip, shape.num_layers),
         "drop_layers": plan.drop_layers or None,
         "ort_fusions": ORT_FUSIONS_NOTE if plan.fused else None,
+        "quant": None if plan.quant is None else plan.quant.config(),
     }
 
 
@@ -435,6 +441,13 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     loaded = load_model(plan.model, progress=progress)
     if plan.pop is not None:
         plan.pop.counts(pop_channels(loaded.model.config))  # refuses a split that rounds to no channels
+    if plan.quant is not None:
+        hidden = int(loaded.model.config.hidden_size)
+        if hidden % plan.quant.block_size:
+            raise PopcError(
+                f"--quant: the hidden size {hidden} is not a multiple of --block-size {plan.quant.block_size}; "
+                f"choose a block that divides it (e.g. {math.gcd(hidden, plan.quant.block_size)}, if >= 16)"
+            )
 
     with staging_directory(location) as staging:
         content = staging / "content"
@@ -447,6 +460,8 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         give_default(model.graph, LOGITS_TO_KEEP, np.array(0, np.int64))
         pop_pass = PopOnlinePass(per_ffn_token_mask=plan.prefill_skip is not None)
         passes = ([pop_pass] if plan.pop is not None else []) + (ort_fusion_passes() if plan.fused else [])
+        if plan.quant is not None:
+            passes.append(QuantizeWeightsPass(plan.quant))  # last: it quantizes what the others produced
         passes += list(plan.passes)
         if passes:
             progress.stage(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")

@@ -46,3 +46,27 @@ def GatherMatMul(Z, W, I):
 
 
 KERNEL_OPS = {"GatherMatMulT": GatherMatMulT, "GatherMatMul": GatherMatMul}
+
+
+# ---- quantized rows ---------------------------------------------------------------
+# ``GatherMatMulTQ(X, Wq, Ws, I)`` / ``GatherMatMulQ(Z, Wq, Ws, I)``: the ops above with W
+# stored block-quantized along H (``popc/quantize.py``): ``Wq`` uint8 [N, H * bits / 8]
+# (int4: element 2i in the low nibble of byte i), ``Ws`` [N, H / block_size] scales of the
+# activations' float type, symmetric (zero point 2^(bits-1)): W[n, h] = Ws[n, h / block] *
+# (q[n, h] - 2^(bits-1)). Attributes ``bits`` (4 or 8) and ``block_size``. Same index contract.
+msft = Opset("com.microsoft", 1)
+
+
+@script(popc_ops, default_opset=op)
+def GatherMatMulTQ(X, Wq, Ws, I, bits: int = 4, block_size: int = 32):
+    rows = msft.GatherBlockQuantized(Wq, I, Ws, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
+    return op.Squeeze(op.MatMul(rows, op.Unsqueeze(X, [-1])), [-1])
+
+
+@script(popc_ops, default_opset=op)
+def GatherMatMulQ(Z, Wq, Ws, I, bits: int = 4, block_size: int = 32):
+    rows = msft.GatherBlockQuantized(Wq, I, Ws, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
+    return op.Squeeze(op.MatMul(op.Unsqueeze(Z, [-2]), rows), [-2])
+
+
+QUANT_KERNEL_OPS = {"GatherMatMulTQ": GatherMatMulTQ, "GatherMatMulQ": GatherMatMulQ}

@@ -6,6 +6,7 @@ Every exported graph is checked against these. They import the graph side
 * :class:`PopReference` — POP-online (``pop_online.py``);
 * :class:`SkipReference` — POP-prefill and the layer-dropping baseline, optionally
   with POP-online (``pop_prefill.py``);
+* :func:`fake_quantize_model` — the weights a quantized export stores (``quantized.py``);
 * :func:`greedy_generate` — greedy decoding with either (``generate.py``).
 """
 
@@ -19,6 +20,7 @@ from popc.reference.pop_online import (
     pop_ffn,
     top_indices,
 )
+from popc.reference.quantized import fake_quantize_model
 from popc.reference.pop_prefill import PARTITION_SOURCES, SkipReference, continuation_nll, ffn_input_norm
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "PopState",
     "SkipReference",
     "continuation_nll",
+    "fake_quantize_model",
     "ffn_input_norm",
     "greedy_generate",
     "pop_ffn",
