@@ -426,7 +426,7 @@ def bench(
     sparsities: Annotated[Optional[str], typer.Option(help="POP decode sparsities. [default: 0.5]")] = None,
     variants: Annotated[
         Optional[str],
-        typer.Option(help="Comma list of dense-ort,pop-body,pop-oplib,hf-eager,pop-reference,ort-genai,dense-genai-runtime (default: all; the genai ones where onnxruntime-genai is installed)."),
+        typer.Option(help="Comma list of dense-ort,pop-body,pop-oplib,hf-eager,pop-reference,ort-genai,dense-genai-runtime, the quantized {dense-ort,pop-body,pop-oplib}-{int4,int8}, ort-genai-int4, llama.cpp-q4_0 (default: the fp32 ones, the genai ones where onnxruntime-genai is installed; --quant adds the quantized)."),
     ] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per figure (median, min-max). [default: 3]")] = None,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
@@ -436,8 +436,9 @@ def bench(
     torch_max_prompt: Annotated[Optional[int], typer.Option(help="Longest prompt the PyTorch variants prefill.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model for the PyTorch variants (default: the export's source).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    quant: Annotated[Optional[str], typer.Option(help="Comma list of int4,int8: also popc's quantized exports (dense-ort-int4, pop-oplib-int4, ...; exported once into the cache), and with int4 the quantized peers ort-genai-int4 and llama.cpp-q4_0 (where llama-bench is found) unless --variants names them. A quantized DIR adds its own scheme.")] = None,
 ) -> None:
-    """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai), against the memory roofline."""
+    """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai, llama.cpp), against the memory roofline."""
     from popc.bench import BenchPlan, report, run_bench
 
     check_outputs(as_json=as_json, plot=plot, markdown=markdown)
@@ -455,6 +456,7 @@ def bench(
         memory_batches=[] if (memory_batches or "").strip().lower() == "none" else parse_list(memory_batches, "--memory-batches", int),
         warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
         threads=threads, device=device, torch_max_prompt=torch_max_prompt,
+        quant=parse_list(quant, "--quant") or (),
     )  # fmt: skip
     plan = BenchPlan.full(directory, **options) if full else BenchPlan(directory=directory, **options)
     with console_progress(console) as progress:

@@ -177,7 +177,8 @@ def test_ratios_against_the_fastest_dense_peer():
     decode = [DecodeRow(v, s, b, _timing(ms)) for v, s, b, ms in (
         ("dense-ort", 0.0, 1, 2.0), ("pop-oplib", 0.5, 1, 1.0), ("hf-eager", 0.0, 1, 8.0), ("ort-genai", 0.0, 1, 4.0),
         ("dense-ort", 0.0, 2, 3.0), ("hf-eager", 0.0, 2, 0.0))]  # fmt: skip
-    ttft_peers, decode_peers = bench_run.add_ratios(prefill, decode, {}, 10.0)
+    ttft_peers, decode_peers, quant_ttft, quant_decode = bench_run.add_ratios(prefill, decode, {}, 10.0)
+    assert quant_ttft == quant_decode == {}  # no quantized peer ran
     assert ttft_peers == {8: FastestPeer("ort-genai", 8.0), 64: FastestPeer("hf-eager", 20.0)}
     assert decode_peers == {1: FastestPeer("ort-genai", 4.0)}
     dense8, dense64 = prefill[0], prefill[3]
@@ -200,7 +201,7 @@ def _result_with_peers() -> BenchResult:
               DecodeRow("pop-oplib", 0.5, 4, Timing(3.0, 2.9, 3.1, [2.9, 3.0, 3.1])),
               DecodeRow("dense-ort", 0.0, 4, Timing(4.0, 3.9, 4.1, [3.9, 4.0, 4.1]))]  # fmt: skip
     weights = {"dense": BytesRead(ffn=6e6, total=10e6), "pop@0.5": BytesRead(ffn=3e6, total=7e6)}
-    ttft_peers, decode_peers = bench_run.add_ratios(prefill, decode, weights, 10.0)
+    ttft_peers, decode_peers, _, _ = bench_run.add_ratios(prefill, decode, weights, 10.0)
     machine = MachineInfo(
         cpu="Test CPU", cores=2, threads=2, threads_note="every variant", onnxruntime="1.0", torch="2.0",
         python="3.12", device="cpu", load_average_start=[0.5, 0.5, 0.5], load_average_end=[0.7, 0.6, 0.5],

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from popc.bench.plan import DENSE_VARIANTS, ORT_VARIANTS, TORCH_VARIANTS, BenchPlan
+from popc.bench.plan import DENSE_VARIANTS, ORT_VARIANTS, TORCH_VARIANTS, BenchPlan, split_variant
 from popc.bench.result import MemoryRow
 from popc.progress import Progress, or_silent
 
@@ -172,9 +172,9 @@ def memory_jobs(plan: BenchPlan, exports: BenchExports, runners: dict[str, Runne
     sparsity = plan.sparsities[0] if plan.sparsities else 0.5
     jobs = []
     for variant, runner in runners.items():
-        if variant in ORT_VARIANTS:
-            path = exports.dense if variant == "dense-ort" else exports.pop
-            kind, source = "ort", str(path)
+        base = split_variant(variant)[0]
+        if base in ORT_VARIANTS:  # fp32 or quantized: the export the runner loaded
+            kind, source = "ort", str(exports.path_of(variant))
         elif variant in TORCH_VARIANTS:
             kind, source = "torch", exports.spec
         else:  # a GenaiRunner: the directory it loaded (genai's build, or popc's dense export)
@@ -182,7 +182,7 @@ def memory_jobs(plan: BenchPlan, exports: BenchExports, runners: dict[str, Runne
         for batch in plan.memory_batches:
             jobs.append(MemoryJob(
                 variant, kind, source, batch=batch, prompt=plan.decode_prompt, steps=plan.decode_tokens,
-                threads=plan.threads, device=plan.device, use_oplib=variant == "pop-oplib",
+                threads=plan.threads, device=plan.device, use_oplib=base == "pop-oplib",
                 sparsity=None if variant in DENSE_VARIANTS else sparsity, seed=plan.seed,
             ))  # fmt: skip
     return jobs

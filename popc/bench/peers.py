@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from popc.atomic import atomic_directory, staging_directory
-from popc.bench.plan import GENAI_VARIANTS, VARIANTS
+from popc.bench.plan import GENAI_VARIANTS, ORT_VARIANTS, TORCH_VARIANTS, VARIANTS
 from popc.cache import cache_root
 from popc.errors import PopcError
 from popc.pop import PopSettings
@@ -52,8 +52,10 @@ def genai_version() -> str | None:
 
 
 def default_variants() -> list[str]:
-    """Every variant; the onnxruntime-genai ones only where it is installed."""
-    return [v for v in VARIANTS if v not in GENAI_VARIANTS or genai_available()]
+    """Every fp32 variant; the onnxruntime-genai ones only where it is installed (the quantized
+    ones come with ``--quant``: :func:`popc.bench.plan.with_quant`)."""
+    fp32 = ORT_VARIANTS + TORCH_VARIANTS + GENAI_VARIANTS
+    return [v for v in fp32 if v in VARIANTS and (v not in GENAI_VARIANTS or genai_available())]
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -104,16 +106,25 @@ def _is_genai_build(path: Path) -> bool:
     return (path / GENAI_MARKER).is_file()
 
 
-def genai_model(spec: str, progress: Progress | None = None) -> Path:
-    """onnxruntime-genai's fp32 CPU build of ``spec``: its model builder, run once into
-    ``cache_root()/bench/genai-<digest>`` (staged, then renamed: a crash leaves no half build)."""
+GENAI_PRECISIONS = ("fp32", "int4")
+
+
+def genai_model(spec: str, progress: Progress | None = None, precision: str = "fp32") -> Path:
+    """onnxruntime-genai's CPU build of ``spec``: its model builder (``-p fp32`` or ``-p int4``,
+    with the builder's own defaults otherwise: for int4 on the CPU, blocks of 32 and accuracy
+    level 4), run once into ``cache_root()/bench/genai-<digest>`` (``genai-int4-<digest>``;
+    staged, then renamed: a crash leaves no half build)."""
     progress = or_silent(progress)
+    if precision not in GENAI_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(GENAI_PRECISIONS)}, not {precision!r}")
     og = import_genai()
-    target = cache_root() / "bench" / f"genai-{_source_digest(spec, og.__version__)}"
+    prefix = "genai" if precision == "fp32" else f"genai-{precision}"  # fp32 keeps the name it always had
+    digest = _source_digest(spec, og.__version__ if precision == "fp32" else f"{og.__version__}\0{precision}")
+    target = cache_root() / "bench" / f"{prefix}-{digest}"
     if _is_genai_build(target):
         return target
     source = hf_directory(spec, progress)
-    progress.stage(f"building the onnxruntime-genai model of {spec} (cached in {target})")
+    progress.stage(f"building the onnxruntime-genai {precision} model of {spec} (cached in {target})")
     started = time.perf_counter()
     # The builder's Hugging Face cache is scratch: staged apart, so that it never lands in the build.
     with staging_directory(target.parent, "genai-hf-cache") as scratch, atomic_directory(
@@ -121,7 +132,7 @@ def genai_model(spec: str, progress: Progress | None = None) -> Path:
     ) as staging:
         command = [
             sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-            "-o", str(staging), "-p", "fp32", "-e", "cpu", "-c", str(scratch),
+            "-o", str(staging), "-p", precision, "-e", "cpu", "-c", str(scratch),
         ]  # fmt: skip
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -132,10 +143,26 @@ def genai_model(spec: str, progress: Progress | None = None) -> Path:
                 f"onnxruntime-genai's model builder failed on {source} (exit {done.returncode}): {last[:300]}"
             )
         marker = {"source": spec, "hf_directory": str(source), "onnxruntime_genai": og.__version__,
-                  "precision": "fp32", "execution_provider": "cpu",
+                  "precision": precision, "execution_provider": "cpu",
                   "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        if precision != "fp32":
+            marker["matmul_nbits"] = matmul_nbits_settings(staging / "model.onnx")
         (staging / GENAI_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     return target
+
+
+def matmul_nbits_settings(model_path: Path) -> dict[str, list[int]]:
+    """The ``bits`` / ``block_size`` / ``accuracy_level`` a quantized build's MatMulNBits nodes
+    use (each a sorted list of the values found): what the builder's defaults were."""
+    import onnx
+
+    found: dict[str, set[int]] = {"bits": set(), "block_size": set(), "accuracy_level": set()}
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name in found:
+                    found[attribute.name].add(int(attribute.i))
+    return {name: sorted(values) for name, values in found.items()}
 
 
 class GenaiRunner:

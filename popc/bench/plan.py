@@ -23,12 +23,25 @@ GENAI_VARIANT = "ort-genai"
 # the graph against genai's graph with the same driver.
 DENSE_GENAI_RUNTIME = "dense-genai-runtime"
 GENAI_VARIANTS = (GENAI_VARIANT, DENSE_GENAI_RUNTIME)
-VARIANTS = ORT_VARIANTS + TORCH_VARIANTS + GENAI_VARIANTS
+# Quantized exports (``popc export --quant``): popc's ORT variants on int4 / int8 weights,
+# named ``{variant}-{scheme}`` (dense-ort-int4, pop-oplib-int8, ...).
+QUANT_SCHEMES = ("int4", "int8")
+QUANT_VARIANTS = tuple(f"{v}-{q}" for q in QUANT_SCHEMES for v in ORT_VARIANTS)
+# The quantized peers: onnxruntime-genai's int4 CPU build (its builder's `-p int4 -e cpu`,
+# its defaults: block 32, accuracy level 4) and llama.cpp's llama-bench on a Q4_0 GGUF.
+GENAI_INT4 = "ort-genai-int4"
+LLAMA_CPP = "llama.cpp-q4_0"
+QUANT_PEERS = (GENAI_INT4, LLAMA_CPP)
+GENAI_RUNNERS = (*GENAI_VARIANTS, GENAI_INT4)  # the variants onnxruntime-genai runs
+VARIANTS = ORT_VARIANTS + TORCH_VARIANTS + GENAI_VARIANTS + QUANT_VARIANTS + QUANT_PEERS
 POP_EXPORT_VARIANTS = ("pop-body", "pop-oplib")
 # Variants that run the model dense (one decode row per batch, no sparsity).
-DENSE_VARIANTS = ("dense-ort", "hf-eager", GENAI_VARIANT, DENSE_GENAI_RUNTIME)
+DENSE_VARIANTS = ("dense-ort", "hf-eager", GENAI_VARIANT, DENSE_GENAI_RUNTIME, *QUANT_PEERS) + tuple(
+    f"dense-ort-{q}" for q in QUANT_SCHEMES
+)
 # Other runtimes' dense builds of the same model: every row is also compared with the
-# fastest of these in the same run.
+# fastest of these in the same run (fp32 rows with the fp32 peers, quantized rows with the
+# quantized peers).
 PEERS = (GENAI_VARIANT, "hf-eager")
 LABELS = {
     "dense-ort": "dense ORT",
@@ -38,7 +51,38 @@ LABELS = {
     "pop-reference": "POP PyTorch reference",
     GENAI_VARIANT: "onnxruntime-genai",
     DENSE_GENAI_RUNTIME: "dense ORT, genai runtime",
+    GENAI_INT4: "onnxruntime-genai int4",
+    LLAMA_CPP: "llama.cpp Q4_0",
 }
+LABELS.update({f"{v}-{q}": f"{LABELS[v]} {q}" for q in QUANT_SCHEMES for v in ORT_VARIANTS})
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """A popc ORT variant and its quantization scheme: ``pop-oplib-int4`` -> (pop-oplib, int4);
+    every other variant -> (itself, None)."""
+    for scheme in QUANT_SCHEMES:
+        base = variant.removesuffix(f"-{scheme}")
+        if base != variant and base in ORT_VARIANTS:
+            return base, scheme
+    return variant, None
+
+
+def is_quantized(variant: str) -> bool:
+    """A variant on quantized weights: popc's int4/int8 exports and the quantized peers."""
+    return variant in QUANT_PEERS or split_variant(variant)[1] is not None
+
+
+def with_quant(variants: Sequence[str], schemes: Sequence[str], peers: bool) -> list[str]:
+    """``variants`` and, for each scheme, the quantized twin of each of popc's ORT variants
+    among them; with ``peers``, the int4 peers too when int4 is among the schemes."""
+    out = list(variants)
+    for scheme in schemes:
+        out += [f"{v}-{scheme}" for v in variants if v in ORT_VARIANTS]
+    if peers and "int4" in schemes:
+        out += list(QUANT_PEERS)
+    return list(dict.fromkeys(out))
+
+
 DEVICES = ("cpu", "cuda")
 
 # `--full`: every measured sparsity, a 2048-token prompt, more repeats (~15 min
@@ -72,6 +116,11 @@ class BenchPlan:
     # Decode batch sizes at which each variant's peak memory is measured, one fresh process
     # per variant and batch size (popc.bench.memory). None: the largest of `batches`; (): none.
     memory_batches: Sequence[int] | None = None
+    # Quantization schemes ("int4", "int8"): each adds the quantized twins of popc's ORT
+    # variants (exported once into the cache in that scheme; a quantized `directory` adds its
+    # own scheme), and int4 the quantized peers (ort-genai-int4, llama.cpp-q4_0) unless the
+    # variants are named.
+    quant: Sequence[str] = ()
 
     @classmethod
     def full(cls, directory: Path, **overrides: Any) -> BenchPlan:
@@ -81,15 +130,22 @@ class BenchPlan:
     def resolved(self) -> BenchPlan:
         """This plan checked, with its variants and thread count filled in."""
         from popc.bench.machine import default_threads
-        from popc.bench.peers import default_variants, import_genai
+        from popc.bench.peers import default_variants, genai_available, import_genai
 
         variants = list(dict.fromkeys(self.variants)) if self.variants is not None else default_variants()
+        bad = [q for q in self.quant if q not in QUANT_SCHEMES]
+        if bad:
+            raise PopcError(f"unknown --quant {', '.join(bad)}; choose from {', '.join(QUANT_SCHEMES)}")
+        schemes = list(dict.fromkeys([*self.quant, *directory_scheme(self.directory)]))
+        variants = with_quant(variants, schemes, peers=self.variants is None)
+        if self.variants is None and not genai_available():  # by default, only where it is installed
+            variants = [v for v in variants if v != GENAI_INT4]
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise PopcError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         if not variants:
             raise PopcError("--variants names no variant")
-        if any(v in GENAI_VARIANTS for v in variants):
+        if any(v in GENAI_RUNNERS for v in variants):
             import_genai()  # asked for by name: a missing package is an error, not a silent skip
         if self.repeats < 1 or self.decode_tokens < 1:
             raise PopcError("--repeats and --decode-tokens must be at least 1")
@@ -117,4 +173,16 @@ class BenchPlan:
             batches=batches,
             memory_batches=tuple(dict.fromkeys(b for b in batches if b in memory_batches)),
             sparsities=tuple(float(s) for s in self.sparsities),
+            quant=tuple(dict.fromkeys([*schemes, *(q for v in variants if (q := split_variant(v)[1]))])),
         )
+
+
+def directory_scheme(directory: Path) -> list[str]:
+    """The quantization scheme of the export at ``directory`` (``[]``: fp32, or unreadable)."""
+    from popc.artifact import read_export
+
+    try:
+        quant = read_export(directory)[1].get("quant")
+    except (PopcError, OSError, ValueError):
+        return []
+    return [str(quant["scheme"])] if isinstance(quant, dict) and quant.get("scheme") in QUANT_SCHEMES else []

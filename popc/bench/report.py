@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from popc.atomic import atomic_file, atomic_write
-from popc.bench.plan import DENSE_GENAI_RUNTIME, GENAI_VARIANT, LABELS
+from popc.bench.plan import DENSE_GENAI_RUNTIME, GENAI_INT4, GENAI_VARIANT, LABELS, LLAMA_CPP, QUANT_SCHEMES
 from popc.bench.result import BenchResult, DecodeRow, FastestPeer, MemoryRow, Timing
 
 NONE = "—"
@@ -54,8 +54,13 @@ def _memory(row: MemoryRow | None) -> str:
     return f"{row.peak_mib:.0f}" + (f" (+{over:.0f})" if over is not None else "")
 
 
+def label(variant: str) -> str:
+    """A variant's name in the tables (its own name where it has no label)."""
+    return LABELS.get(variant, variant)
+
+
 def _peer(peer: FastestPeer | None) -> str:
-    return LABELS.get(peer.variant, peer.variant) if peer else NONE
+    return label(peer.variant) if peer else NONE
 
 
 def _sparsity(sparsity: float) -> str:
@@ -87,6 +92,20 @@ RATIOS_NOTE = (
     "(variants run round-robin, so each round pairs them under the same host conditions); the ms "
     "columns are plain medians."
 )
+QUANT_NOTE = (
+    "Quantized rows (int4 / int8 weights, the scheme in the name) compare with the fastest quantized "
+    "peer (onnxruntime-genai int4, llama.cpp Q4_0), fp32 rows with the fastest fp32 one; every speedup "
+    "and \"ideal\" is still against fp32 dense ORT. llama.cpp's figures are llama-bench's own (its "
+    "prompt processing without sampling, its decode from the start of the context, batch 1; not "
+    "round-robin, so its ratios are of medians)."
+)
+
+
+def quant_note(result: BenchResult) -> str:
+    """What the quantized rows compare with ("" without any)."""
+    from popc.bench.plan import is_quantized
+
+    return QUANT_NOTE if any(is_quantized(r.variant) for r in result.decode) else ""
 
 
 def memory_note(result: BenchResult) -> str:
@@ -116,10 +135,11 @@ def decode_grid(result: BenchResult) -> Grid:
     if result.has_peers:
         header += [f"vs best peer b{b}" for b in batches]
     title = "popc bench decode: ms per step (tokens/s)" + (", peak memory" if memory_batches else "")
-    grid = Grid(title + ", speedup vs dense ORT", header, note=memory_note(result))
+    notes = " ".join(note for note in (memory_note(result), quant_note(result)) if note)
+    grid = Grid(title + ", speedup vs dense ORT", header, note=notes)
     for variant, sparsity in dict.fromkeys((r.variant, r.sparsity) for r in result.decode):
         rows = {b: result.decode_row(variant, sparsity, b) for b in batches}
-        cells = [LABELS[variant], _sparsity(sparsity)]
+        cells = [label(variant), _sparsity(sparsity)]
         for row in rows.values():
             per_s = f"{row.tokens_per_s:.1f}" if row and row.tokens_per_s else NONE
             cells.append(f"{_timing(row.ms_per_step)} ({per_s})" if row else NONE)
@@ -134,9 +154,12 @@ def decode_grid(result: BenchResult) -> Grid:
         if result.has_peers:
             cells += [_times(row.vs_best_peer if row else None) for row in rows.values()]
         grid.rows.append(cells)
-    if result.has_peers:
+    if result.fastest_decode_peer:
         peers = [_peer(result.fastest_decode_peer.get(b)) for b in batches]
         grid.footer.append(["fastest dense peer", "", *peers, *[""] * (len(header) - 2 - len(batches))])
+    if result.fastest_decode_quant_peer:
+        peers = [_peer(result.fastest_decode_quant_peer.get(b)) for b in batches]
+        grid.footer.append(["fastest quantized peer", "", *peers, *[""] * (len(header) - 2 - len(batches))])
     return grid
 
 
@@ -147,7 +170,7 @@ def ttft_grid(result: BenchResult) -> Grid:
         ["TTFT ms, batch 1"] + [f"{n} tokens" for n in lengths],
     )
     for variant in dict.fromkeys(r.variant for r in result.prefill):
-        cells = [LABELS[variant]]
+        cells = [label(variant)]
         for length in lengths:
             row = result.ttft(variant, length)
             if row is None:
@@ -157,8 +180,10 @@ def ttft_grid(result: BenchResult) -> Grid:
             ratios += [f"peer {row.vs_best_peer:.2f}×"] if row.vs_best_peer else []
             cells.append(_timing(row.ms, 0) + (f" ({'; '.join(ratios)})" if ratios else ""))
         grid.rows.append(cells)
-    if result.has_peers:
+    if result.fastest_ttft_peer:
         grid.footer.append(["fastest dense peer", *[_peer(result.fastest_ttft_peer.get(n)) for n in lengths]])
+    if result.fastest_ttft_quant_peer:
+        grid.footer.append(["fastest quantized peer", *[_peer(result.fastest_ttft_quant_peer.get(n)) for n in lengths]])
     return grid
 
 
@@ -221,24 +246,27 @@ def write_plot(result: BenchResult, path: Path) -> None:
     decode = [r for r in result.decode if r.batch == 1]
     dense = next((r for r in decode if r.variant == "dense-ort"), None)
     fig, (latency, speedup, prefill) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for variant, style in {"pop-oplib": "o-", "pop-body": "s--", "pop-reference": "^:"}.items():
+    styles = {"pop-oplib": "o-", "pop-body": "s--", "pop-reference": "^:"}
+    styles.update({f"pop-oplib-{q}": f"{m}-" for q, m in zip(QUANT_SCHEMES, "Dv")})
+    for variant, style in styles.items():
         rows = sorted((r for r in decode if r.variant == variant), key=lambda r: r.sparsity)
         if not rows:
             continue
         xs = [r.sparsity * 100 for r in rows]
         ys = [r.ms_per_step.median for r in rows]
         err = [[y - r.ms_per_step.low for y, r in zip(ys, rows)], [r.ms_per_step.high - y for y, r in zip(ys, rows)]]
-        latency.errorbar(xs, ys, yerr=err, fmt=style, label=LABELS[variant], capsize=3)
+        latency.errorbar(xs, ys, yerr=err, fmt=style, label=label(variant), capsize=3)
         if dense and variant != "pop-reference":
             # 0 % sparsity is the dense export itself (speedup 1).
-            speedup.plot([0.0, *xs], [1.0, *[r.speedup or float("nan") for r in rows]], style, label=LABELS[variant])
+            speedup.plot([0.0, *xs], [1.0, *[r.speedup or float("nan") for r in rows]], style, label=label(variant))
     baselines = (
-        ("dense-ort", "black"), ("hf-eager", "gray"), (GENAI_VARIANT, "tab:green"), (DENSE_GENAI_RUNTIME, "tab:olive")
+        ("dense-ort", "black"), ("hf-eager", "gray"), (GENAI_VARIANT, "tab:green"), (DENSE_GENAI_RUNTIME, "tab:olive"),
+        ("dense-ort-int4", "tab:purple"), ("dense-ort-int8", "tab:pink"), (GENAI_INT4, "tab:cyan"), (LLAMA_CPP, "tab:red"),
     )  # fmt: skip
     for variant, color in baselines:
         row = next((r for r in decode if r.variant == variant), None)
         if row:
-            latency.axhline(row.ms_per_step.median, color=color, linestyle="-", linewidth=1, label=LABELS[variant])
+            latency.axhline(row.ms_per_step.median, color=color, linestyle="-", linewidth=1, label=label(variant))
     ideal = sorted((r for r in decode if r.variant == "pop-oplib" and r.ideal_speedup), key=lambda r: r.sparsity)
     if ideal:
         xs = [0.0] + [r.sparsity * 100 for r in ideal]
@@ -252,7 +280,7 @@ def write_plot(result: BenchResult, path: Path) -> None:
     speedup.set(xlabel=sparsity_axis, ylabel="× dense ORT", title="decode speedup over dense ORT")
     for variant in dict.fromkeys(r.variant for r in result.prefill):
         rows = sorted((r for r in result.prefill if r.variant == variant), key=lambda r: r.prompt)
-        prefill.plot([r.prompt for r in rows], [r.ms.median for r in rows], "o-", label=LABELS[variant])
+        prefill.plot([r.prompt for r in rows], [r.ms.median for r in rows], "o-", label=label(variant))
     prefill.set(
         xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms (batch 1)", title="TTFT (prefill + first token)"
     )
@@ -265,7 +293,7 @@ def write_plot(result: BenchResult, path: Path) -> None:
         ax.legend(fontsize=7)
     info = result.machine
     fig.suptitle(
-        f"popc bench: {result.model} fp32 on {info.cpu} ({info.threads} threads, onnxruntime {info.onnxruntime})",
+        f"popc bench: {result.model} {'fp32 and ' + ', '.join(result.settings.quant) if result.settings.quant else 'fp32'} on {info.cpu} ({info.threads} threads, onnxruntime {info.onnxruntime})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -157,6 +157,7 @@ class BenchSettings:
     skipped_variants: dict[str, str] = field(default_factory=dict)  # variant -> why
     prefill_measures: str = "TTFT: prefill + first greedy token, batch 1"
     memory_batches: list[int] = field(default_factory=list)  # decode batches whose peak memory was measured
+    quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # scheme -> QuantScheme.config() of its exports
 
 
 @dataclass
@@ -172,10 +173,16 @@ class BenchResult:
     fastest_ttft_peer: dict[int, FastestPeer] = field(default_factory=dict)  # prompt length -> peer
     fastest_decode_peer: dict[int, FastestPeer] = field(default_factory=dict)  # batch size -> peer
     memory: list[MemoryRow] = field(default_factory=list)  # per variant and decode batch size
+    # The fastest quantized peer (ort-genai-int4, llama.cpp-q4_0): what quantized rows compare with.
+    fastest_ttft_quant_peer: dict[int, FastestPeer] = field(default_factory=dict)
+    fastest_decode_quant_peer: dict[int, FastestPeer] = field(default_factory=dict)
 
     @property
     def has_peers(self) -> bool:
-        return bool(self.fastest_ttft_peer or self.fastest_decode_peer)
+        return bool(
+            self.fastest_ttft_peer or self.fastest_decode_peer
+            or self.fastest_ttft_quant_peer or self.fastest_decode_quant_peer
+        )  # fmt: skip
 
     def ttft(self, variant: str, prompt: int) -> TtftRow | None:
         return next((r for r in self.prefill if (r.variant, r.prompt) == (variant, prompt)), None)
@@ -197,14 +204,12 @@ class BenchResult:
             "prefill": [_row_json(row, "ms") for row in self.prefill],
             "decode": [_row_json(row, "ms_per_step") for row in self.decode],
             "best_peer": {
-                "ttft": {str(n): {"variant": p.variant, "ms": p.ms} for n, p in self.fastest_ttft_peer.items()},
-                "decode": {
-                    str(b): {"variant": p.variant, "ms_per_step": p.ms} for b, p in self.fastest_decode_peer.items()
-                },
+                "ttft": _peers_json(self.fastest_ttft_peer, "ms"),
+                "decode": _peers_json(self.fastest_decode_peer, "ms_per_step"),
+                "quant_ttft": _peers_json(self.fastest_ttft_quant_peer, "ms"),
+                "quant_decode": _peers_json(self.fastest_decode_quant_peer, "ms_per_step"),
             },
-            "memory": [
-                {**dataclasses.asdict(row), "over_baseline_mib": row.over_baseline_mib} for row in self.memory
-            ],
+            "memory": [{**dataclasses.asdict(row), "over_baseline_mib": row.over_baseline_mib} for row in self.memory],
         }
 
     @classmethod
@@ -219,12 +224,20 @@ class BenchResult:
             bytes={key: _known(BytesRead, read) for key, read in (data.get("bytes") or {}).items()},
             prefill=[_row_from_json(TtftRow, row, "ms") for row in data["prefill"]],
             decode=[_row_from_json(DecodeRow, row, "ms_per_step") for row in data["decode"]],
-            fastest_ttft_peer={int(n): FastestPeer(p["variant"], p["ms"]) for n, p in peers.get("ttft", {}).items()},
-            fastest_decode_peer={
-                int(b): FastestPeer(p["variant"], p["ms_per_step"]) for b, p in peers.get("decode", {}).items()
-            },
+            fastest_ttft_peer=_peers_from_json(peers.get("ttft"), "ms"),
+            fastest_decode_peer=_peers_from_json(peers.get("decode"), "ms_per_step"),
             memory=[_known(MemoryRow, row) for row in data.get("memory") or []],
+            fastest_ttft_quant_peer=_peers_from_json(peers.get("quant_ttft"), "ms"),
+            fastest_decode_quant_peer=_peers_from_json(peers.get("quant_decode"), "ms_per_step"),
         )
+
+
+def _peers_json(peers: dict[int, FastestPeer], ms: str) -> dict[str, dict[str, Any]]:
+    return {str(at): {"variant": p.variant, ms: p.ms} for at, p in peers.items()}
+
+
+def _peers_from_json(data: dict[str, Any] | None, ms: str) -> dict[int, FastestPeer]:
+    return {int(at): FastestPeer(p["variant"], p[ms]) for at, p in (data or {}).items()}
 
 
 def _row_json(row: TtftRow | DecodeRow, timing: str) -> dict[str, Any]:

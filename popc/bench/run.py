@@ -12,16 +12,32 @@ import gc
 import math
 import os
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from popc.bench import memory as measure
-from popc.bench.bytes_model import bytes_key, bytes_model
+from popc.bench.bytes_model import bytes_key, bytes_model, model_bytes
 from popc.bench.exports import BenchExports, model_spec, resolve_exports
 from popc.bench.machine import machine_info, read_bandwidth
-from popc.bench.plan import DENSE_GENAI_RUNTIME, DENSE_VARIANTS, GENAI_VARIANT, LABELS, PEERS, TORCH_VARIANTS, BenchPlan
+from popc.bench.plan import (
+    DENSE_GENAI_RUNTIME,
+    DENSE_VARIANTS,
+    GENAI_INT4,
+    GENAI_VARIANT,
+    LABELS,
+    LLAMA_CPP,
+    ORT_VARIANTS,
+    PEERS,
+    QUANT_PEERS,
+    QUANT_SCHEMES,
+    TORCH_VARIANTS,
+    BenchPlan,
+    is_quantized,
+    split_variant,
+)
 from popc.bench.result import BenchResult, BenchSettings, BytesRead, DecodeRow, FastestPeer, Timing, TtftRow
 from popc.bench.runners import OrtRunner, Runner, TorchRunner
 from popc.errors import PopcError
@@ -32,12 +48,17 @@ from popc.progress import Progress, or_silent
 # go idle before the next job starts: else they steal its cores.
 SETTLE_SECONDS = 0.2
 # The dense ORT variants run side by side at the start of each round: their ratios pair closest.
-FIRST_IN_ROUND = ("dense-ort", GENAI_VARIANT, DENSE_GENAI_RUNTIME)
+FIRST_IN_ROUND = (
+    "dense-ort",
+    GENAI_VARIANT,
+    DENSE_GENAI_RUNTIME,
+    *(f"dense-ort-{q}" for q in QUANT_SCHEMES),
+    GENAI_INT4,
+)
 
 
 def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
     """Measure TTFT and decode of every variant in ``plan`` (see ``popc.bench``)."""
-    from popc.artifact import read_export
     from popc.defaults import settings_for_sparsity
 
     progress = or_silent(progress)
@@ -51,15 +72,16 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
     max_positions = int(exports.config.get("max_positions") or 1 << 30)
     lengths = [n for n in plan.prompt_lengths if n + 1 < max_positions]
 
-    pop_location, pop_config = read_export(exports.pop) if exports.pop else (None, {})
-    channels = int(pop_config.get("pop", {}).get("intermediate_size") or 0)
-    dense_path = read_export(exports.dense)[0].model_path if exports.dense else None
-    weights = bytes_model(
-        dense_path, pop_location.model_path if pop_location else None, channels, plan.sparsities,
-        settings_for_sparsity,
-    )  # fmt: skip
-
+    weights = weights_read(exports, plan.sparsities)
     runners, skipped_variants = make_runners(plan, exports, named, progress)
+    for variant, runner in runners.items():  # another runtime's int4 build: its own graph's bytes
+        if variant == GENAI_INT4 and (runner.directory / "model.onnx").is_file():
+            weights[variant] = model_bytes(runner.directory / "model.onnx")
+    llama = None
+    if LLAMA_CPP in plan.variants:
+        llama, why = llama_cpp_peer(exports.spec, named, progress)
+        if llama is None:
+            skipped_variants[LLAMA_CPP] = why
     vocab = next(iter(runners.values())).vocab
     rng = np.random.default_rng(plan.seed)
 
@@ -78,7 +100,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
             for variant, runner in runners.items()
             if not (variant in TORCH_VARIANTS and plan.torch_max_prompt and length > plan.torch_max_prompt)
         }
-        progress.stage(f"TTFT {length:>5} tokens: {', '.join(LABELS[v] for v in jobs)} (interleaved)")
+        progress.stage(f"TTFT {length:>5} tokens: {', '.join(LABELS.get(v, v) for v in jobs)} (interleaved)")
         timings = interleaved(jobs, plan.warmup, prefill_repeats(plan.repeats, length), progress)
         prefill += [TtftRow(variant, length, timing) for variant, timing in timings.items()]
 
@@ -102,16 +124,36 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
     del jobs, runner  # the loops' last timed closures and runner
     runners.clear()
     gc.collect()
+    from popc.bench import llama_cpp
+
+    if llama is not None:  # llama-bench times itself (not round-robin): with this process's models gone
+        time.sleep(SETTLE_SECONDS)
+        progress.stage(f"{LABELS[LLAMA_CPP]}: llama-bench -t {plan.threads} (prompts {', '.join(map(str, lengths))})")
+        ttft_rows, decode_rows = llama.measure(
+            plan.threads, lengths, llama_cpp.GEN_TOKENS, plan.repeats, depth=plan.decode_prompt
+        )
+        prefill += ttft_rows
+        decode += decode_rows
+        timed.append(LLAMA_CPP)
     if memory_jobs:
         progress.stage(f"peak memory: {len(memory_jobs)} fresh processes, one per variant and batch size")
     memory = measure.measure_all(memory_jobs, progress)
 
-    fastest_ttft, fastest_decode = add_ratios(prefill, decode, weights, bandwidth.gbs)
+    fastest_ttft, fastest_decode, quant_ttft, quant_decode = add_ratios(prefill, decode, weights, bandwidth.gbs)
     info.load_average_end = list(os.getloadavg())
     info.seconds = round(time.perf_counter() - started, 1)
     return BenchResult(
         model=model_spec(exports.config),
-        exports={"dense": _str(exports.dense), "pop": _str(exports.pop)},
+        exports={
+            "dense": _str(exports.dense),
+            "pop": _str(exports.pop),
+            **{
+                f"{kind}-{scheme}": _str(path)
+                for scheme, pair in exports.quantized.items()
+                for kind, path in zip(("dense", "pop"), pair)
+                if path is not None
+            },
+        },  # fmt: skip
         machine=info,
         settings=BenchSettings(
             prompt_lengths=lengths,
@@ -126,6 +168,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
             variants=timed,
             skipped_variants=skipped_variants,
             memory_batches=list(plan.memory_batches or ()),
+            quant={name: scheme.config() for name, scheme in exports.schemes.items()},
         ),
         bandwidth=bandwidth,
         bytes=weights,
@@ -134,6 +177,8 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
         fastest_ttft_peer=fastest_ttft,
         fastest_decode_peer=fastest_decode,
         memory=memory,
+        fastest_ttft_quant_peer=quant_ttft,
+        fastest_decode_quant_peer=quant_decode,
     )
 
 
@@ -161,27 +206,29 @@ def make_runners(
         progress.stage(f"{variant} skipped: {why}")
         skipped[variant] = why
 
-    if exports.dense and "dense-ort" in variants:
-        runners["dense-ort"] = OrtRunner(exports.dense, threads, device, use_oplib=False)
-    if exports.pop and "pop-body" in variants:
-        runners["pop-body"] = OrtRunner(exports.pop, threads, device, use_oplib=False)
-    if exports.pop and "pop-oplib" in variants:
-        runner = OrtRunner(exports.pop, threads, device, use_oplib=True)
-        if runner.uses_oplib:
-            runners["pop-oplib"] = runner
-        else:
-            skip("pop-oplib", "the popc op library is not available (popc doctor --build)")
+    for variant in variants:  # popc's exports: fp32, then each quantization scheme
+        base, _ = split_variant(variant)
+        path = exports.path_of(variant) if base in ORT_VARIANTS else None
+        if path is None:
+            continue
+        runner = OrtRunner(path, threads, device, use_oplib=base == "pop-oplib")
+        if base == "pop-oplib" and not runner.uses_oplib:
+            skip(variant, "the popc op library is not available (popc doctor --build)")
+            continue
+        runners[variant] = runner
     if any(v in variants for v in TORCH_VARIANTS):
         torch_runner = TorchRunner(exports.spec, threads, progress)  # one model serves both
         runners.update({v: torch_runner for v in TORCH_VARIANTS if v in variants})
-    if GENAI_VARIANT in variants:
+    for variant, precision in ((GENAI_VARIANT, "fp32"), (GENAI_INT4, "int4")):
+        if variant not in variants:
+            continue
         try:
-            built = genai_model(exports.spec, progress)
-            runners[GENAI_VARIANT] = GenaiRunner(built, threads, device, progress)
+            built = genai_model(exports.spec, progress, precision=precision)
+            runners[variant] = GenaiRunner(built, threads, device, progress)
         except PopcError as error:
             if named:
                 raise
-            skip(GENAI_VARIANT, str(error))
+            skip(variant, str(error))
     if DENSE_GENAI_RUNTIME in variants and exports.dense:
         if genai_available() and (exports.dense / GENAI_CONFIG_NAME).is_file():
             runners[DENSE_GENAI_RUNTIME] = GenaiRunner(exports.dense, threads, device, progress)
@@ -191,6 +238,45 @@ def make_runners(
         raise PopcError("nothing to measure: no variant could be set up")
     order = sorted(runners, key=lambda v: FIRST_IN_ROUND.index(v) if v in FIRST_IN_ROUND else len(FIRST_IN_ROUND))
     return {v: runners[v] for v in order}, skipped
+
+
+def weights_read(exports: BenchExports, sparsities: Sequence[float]) -> dict[str, BytesRead]:
+    """The bytes model of every popc export of the run: fp32 and each quantization scheme."""
+    from popc.artifact import read_export
+    from popc.defaults import settings_for_sparsity
+
+    weights: dict[str, BytesRead] = {}
+    for scheme, (dense, pop) in [(None, (exports.dense, exports.pop)), *exports.quantized.items()]:
+        pop_location, pop_config = read_export(pop) if pop else (None, {})
+        channels = int(pop_config.get("pop", {}).get("intermediate_size") or 0)
+        dense_path = read_export(dense)[0].model_path if dense else None
+        weights.update(bytes_model(
+            dense_path, pop_location.model_path if pop_location else None, channels, sparsities,
+            settings_for_sparsity, quant=scheme,
+        ))  # fmt: skip
+    return weights
+
+
+def llama_cpp_peer(spec: str, named: bool, progress: Progress) -> tuple[Any, str]:
+    """llama.cpp's llama-bench on a Q4_0 GGUF of ``spec`` (:mod:`popc.bench.llama_cpp`), or
+    None and why not (no llama-bench found: the row is left out; named, that is an error)."""
+    from popc.bench import llama_cpp
+
+    try:
+        return llama_cpp.LlamaCppPeer.prepare(spec, progress), ""
+    except PopcError as error:
+        if named and not isinstance(error, llama_cpp.NotFound):
+            raise
+        progress.stage(f"{LLAMA_CPP} skipped: {error}")
+        return None, str(error)
+
+
+def bytes_key_of(variant: str, sparsity: float) -> str:
+    """The bytes-model key of a decode row: popc's exports by scheme and sparsity; another
+    runtime's quantized build by its variant name."""
+    if variant in QUANT_PEERS:
+        return variant
+    return bytes_key(sparsity, split_variant(variant)[1])
 
 
 def random_prompt(rng: np.random.Generator, vocab: int, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,48 +322,55 @@ def paired_ratio(timing: Timing | None, base: Timing | None) -> float | None:
     return timing.median / base.median
 
 
-def fastest_peers(rows: list[TtftRow] | list[DecodeRow], key: str) -> dict[int, FastestPeer]:
-    """Per prompt length (``key="prompt"``) or batch size (``"batch"``): the fastest dense peer by median."""
+def fastest_peers(
+    rows: list[TtftRow] | list[DecodeRow], key: str, peers: Sequence[str] = PEERS
+) -> dict[int, FastestPeer]:
+    """Per prompt length (``key="prompt"``) or batch size (``"batch"``): the fastest dense peer
+    (of ``peers``: the fp32 ones, or the quantized ones) by median."""
     best: dict[int, FastestPeer] = {}
     for row in rows:
         ms = (row.ms if isinstance(row, TtftRow) else row.ms_per_step).median
         at = getattr(row, key)
         # > 0: HF eager's decode (a difference of two runs) can come out 0, which is no measurement.
-        if row.variant in PEERS and ms > 0 and (at not in best or ms < best[at].ms):
+        if row.variant in peers and ms > 0 and (at not in best or ms < best[at].ms):
             best[at] = FastestPeer(row.variant, ms)
     return best
 
 
 def add_ratios(
     prefill: list[TtftRow], decode: list[DecodeRow], weights: dict[str, BytesRead], gbs: float
-) -> tuple[dict[int, FastestPeer], dict[int, FastestPeer]]:
-    """Fill in each row's ratios against dense ORT and against the fastest dense peer of the
-    same run (paired per round, see :func:`paired_ratio`), and the bytes model of each batch-1
-    decode row. Returns the fastest peer per prompt length and per batch size."""
+) -> tuple[dict[int, FastestPeer], dict[int, FastestPeer], dict[int, FastestPeer], dict[int, FastestPeer]]:
+    """Fill in each row's ratios against dense ORT (fp32) and against the fastest dense peer of
+    the same run (paired per round, see :func:`paired_ratio`): fp32 rows against the fp32
+    peers, quantized rows against the quantized peers (ort-genai-int4, llama.cpp-q4_0); and the
+    bytes model of each batch-1 decode row. Returns the fastest fp32 peer per prompt length
+    and per batch size, then the fastest quantized peer per prompt length and batch size."""
     ttft_of = {(r.variant, r.prompt): r.ms for r in prefill}
     best_ttft = fastest_peers(prefill, "prompt")
+    quant_ttft = fastest_peers(prefill, "prompt", QUANT_PEERS)
     for row in prefill:
         row.vs_dense = paired_ratio(row.ms, ttft_of.get(("dense-ort", row.prompt)))
-        peer = best_ttft.get(row.prompt)
+        peer = (quant_ttft if is_quantized(row.variant) else best_ttft).get(row.prompt)
         row.best_peer = peer.variant if peer else None
         # below 1: faster than the peer
         row.vs_best_peer = paired_ratio(row.ms, ttft_of.get((peer.variant, row.prompt))) if peer else None
     step_of = {(r.variant, r.batch): r.ms_per_step for r in decode if r.sparsity == 0}
     best_decode = fastest_peers(decode, "batch")
+    quant_decode = fastest_peers(decode, "batch", QUANT_PEERS)
     dense_read = weights.get("dense")
     for row in decode:
         ms = row.ms_per_step.median
         row.tokens_per_s = row.batch * 1000 / ms if ms else None
         dense = step_of.get(("dense-ort", row.batch))
         row.speedup = paired_ratio(dense, row.ms_per_step) if dense and ms else None
-        peer = best_decode.get(row.batch)
+        peer = (quant_decode if is_quantized(row.variant) else best_decode).get(row.batch)
         row.best_peer = peer.variant if peer else None
         # a speedup: above 1 is faster than the peer
         row.vs_best_peer = paired_ratio(step_of[(peer.variant, row.batch)], row.ms_per_step) if peer and ms else None
-        read = weights.get(bytes_key(row.sparsity))
+        read = weights.get(bytes_key_of(row.variant, row.sparsity))
         if read and row.batch == 1:
             row.bytes_ffn, row.bytes_total = read.ffn, read.total
             row.roofline_ms = read.total / (gbs * 1e9) * 1000
             row.roofline_fraction = row.roofline_ms / ms if ms else None
             row.ideal_speedup = dense_read.total / read.total if dense_read else None
-    return best_ttft, best_decode
+    return best_ttft, best_decode, quant_ttft, quant_decode
