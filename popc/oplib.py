@@ -55,10 +55,14 @@ SOURCES = (
     "popc_ops.map",
     "ort_kernel.h",
     "pop_ops_cpu.cc",
+    "pop_quant_ops_cpu.cc",
+    "pop_ffn_ort.h",
     "popc_kernels.h",
     "cpu_simd.h",
+    "quant_rows.h",
     "popc_kernels_cpu.cc",
     "pop_decode_cpu.cc",
+    "quant_kernels_cpu.cc",
     "popc_kernels.cu",
 )
 NOTICE = (

@@ -181,4 +181,7 @@ void add_each_type(std::vector<Registration>& list, bool fused) {
 // The fused POP ops (pop_ops_cpu.cc).
 void add_pop_cpu_ops(std::vector<Registration>& list);
 
+// The ops on block-quantized rows (pop_quant_ops_cpu.cc).
+void add_pop_quant_cpu_ops(std::vector<Registration>& list);
+
 }  // namespace popc::ort

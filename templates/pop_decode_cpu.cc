@@ -15,6 +15,7 @@
 
 #include "cpu_simd.h"
 #include "popc_kernels.h"
+#include "quant_rows.h"
 
 namespace popc {
 
@@ -184,12 +185,62 @@ inline void rows_axpy_x4(bool use_avx2, float* y, int64_t H, uint64_t mask, cons
   axpy_x4(y, H, mask, w, z);
 }
 
+// ---- the row accessors: what differs per weight layout (popc_kernels.h) ------------------
+template <class WT>
+inline void dot4(bool use_avx2, const DenseRows<WT>&, const float* x, int64_t H, uint64_t mask, const WT* const* w,
+                 float* out) {
+  rows_dot_x4(use_avx2, x, H, mask, w, out);
+}
+
+template <class WT>
+inline void axpy4(bool use_avx2, const DenseRows<WT>&, float* y, int64_t H, uint64_t mask, const WT* const* w,
+                  const float* z) {
+  rows_axpy_x4(use_avx2, y, H, mask, w, z);
+}
+
+template <class WT>
+inline void prefetch(const DenseRows<WT>& rows, int64_t ch, int64_t H) {
+  prefetch_row(rows.row(ch, H), rows.row_bytes(H));
+}
+
+static_assert(kQuantStreams == kStreams, "quant_rows.h works on the walk's four streams");
+
+template <class ST>
+inline void dot4(bool use_avx2, const QuantRows<ST>& rows, const float* x, int64_t H, uint64_t mask,
+                 const QuantRow<ST>* w, float* out) {
+  quant_dot_x4(use_avx2, rows.bits, rows.block, x, H, mask, w, out);
+}
+
+template <class ST>
+inline void axpy4(bool use_avx2, const QuantRows<ST>& rows, float* y, int64_t H, uint64_t mask,
+                  const QuantRow<ST>* w, const float* z) {
+  quant_axpy_x4(use_avx2, rows.bits, rows.block, y, H, mask, w, z);
+}
+
+template <class ST>
+inline void prefetch(const QuantRows<ST>& rows, int64_t ch, int64_t H) {
+  prefetch_quant_row(rows.row(ch, H), H, rows.bits, rows.block);
+}
+
+// The four streams' rows of one step (stream 0's where a stream has run out) and the union
+// of the X rows that need them (`need` [D]: a bit per row).
+template <class Rows>
+inline uint64_t step_rows(const Rows& rows, int64_t H, const int32_t* ch, const uint64_t* need,
+                          typename Rows::Row* w) {
+  uint64_t mask = 0;
+  for (int s = 0; s < kStreams; ++s) {
+    w[s] = rows.row(ch[s] >= 0 ? ch[s] : ch[0], H);
+    if (ch[s] >= 0) mask |= need[ch[s]];
+  }
+  return mask;
+}
+
 // The slice [begin, end) of a channel list as kStreams interleaved streams: step t takes
 // list[begin + s * stride + t] from each stream s that still has one. `visit(t, ch)` gets
 // the step and its kStreams channels (-1 where a stream has run out; stream 0 never has).
 // A stream whose next channel is not the adjacent row prefetches that row a step ahead.
-template <typename Visit>
-inline void walk_streams(const int32_t* list, int64_t begin, int64_t end, const char* w, int64_t row_bytes,
+template <class Rows, typename Visit>
+inline void walk_streams(const int32_t* list, int64_t begin, int64_t end, const Rows& rows, int64_t H,
                          int64_t t_begin, int64_t t_end, Visit&& visit) {
   const int64_t stride = (end - begin + kStreams - 1) / kStreams;
   auto at = [&](int s, int64_t t) -> int32_t {
@@ -201,7 +252,7 @@ inline void walk_streams(const int32_t* list, int64_t begin, int64_t end, const 
     for (int s = 0; s < kStreams; ++s) {
       ch[s] = at(s, t);
       const int32_t next = at(s, t + 1);
-      if (next >= 0 && next != ch[s] + 1) prefetch_row(w + next * row_bytes, row_bytes);
+      if (next >= 0 && next != ch[s] + 1) prefetch(rows, next, H);
     }
     visit(t, ch);
   }
@@ -211,8 +262,8 @@ inline int64_t stream_steps(int64_t begin, int64_t end) { return (end - begin + 
 
 }  // namespace
 
-template <class T, class WT>
-bool CpuPopDecode<T, WT>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrows) const {
+template <class T, class Rows>
+bool CpuPopDecode<T, Rows>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrows) const {
   p.row0 = row0;
   p.nrows = nrows;
   p.xf.resize(static_cast<size_t>(nrows * H));
@@ -242,19 +293,13 @@ bool CpuPopDecode<T, WT>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrows)
   return true;
 }
 
-template <class T, class WT>
-void CpuPopDecode<T, WT>::gate(PopDecodePlan& p, int64_t begin, int64_t end) const {
-  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(WT));
+template <class T, class Rows>
+void CpuPopDecode<T, Rows>::gate(PopDecodePlan& p, int64_t begin, int64_t end) const {
   float dots[kPopRowsPerGroup * kStreams];
-  walk_streams(p.gate_list.data(), begin, end, reinterpret_cast<const char*>(Wg), row_bytes, 0,
-               stream_steps(begin, end), [&](int64_t, const int32_t* ch) {
-                 const WT* w[kStreams];
-                 uint64_t mask = 0;
-                 for (int s = 0; s < kStreams; ++s) {
-                   w[s] = Wg + (ch[s] >= 0 ? ch[s] : ch[0]) * H;
-                   if (ch[s] >= 0) mask |= p.gate_rows[ch[s]];
-                 }
-                 rows_dot_x4(use_avx2, p.xf.data(), H, mask, w, dots);
+  walk_streams(p.gate_list.data(), begin, end, Wg, H, 0, stream_steps(begin, end), [&](int64_t, const int32_t* ch) {
+                 typename Rows::Row w[kStreams];
+                 const uint64_t mask = step_rows(Wg, H, ch, p.gate_rows.data(), w);
+                 dot4(use_avx2, Wg, p.xf.data(), H, mask, w, dots);
                  for (int s = 0; s < kStreams; ++s) {
                    if (ch[s] < 0) continue;
                    for (uint64_t m = p.gate_rows[ch[s]]; m; m &= m - 1) {
@@ -265,8 +310,8 @@ void CpuPopDecode<T, WT>::gate(PopDecodePlan& p, int64_t begin, int64_t end) con
                });
 }
 
-template <class T, class WT>
-void CpuPopDecode<T, WT>::select(PopDecodePlan& p, int64_t i) const {
+template <class T, class Rows>
+void CpuPopDecode<T, Rows>::select(PopDecodePlan& p, int64_t i) const {
   // Retained ids plus the top-K candidates by |activation|, ties to the lower position (as ONNX TopK).
   const int64_t* ids = P + ((p.row0 + i) / seq) * RC;
   const float* a = p.act.data() + i * D;
@@ -285,8 +330,8 @@ void CpuPopDecode<T, WT>::select(PopDecodePlan& p, int64_t i) const {
   for (int64_t t = 0; t < K; ++t) kept.push_back(static_cast<int32_t>(ids[candidates[t]]));
 }
 
-template <class T, class WT>
-void CpuPopDecode<T, WT>::gather_kept(PopDecodePlan& p) const {
+template <class T, class Rows>
+void CpuPopDecode<T, Rows>::gather_kept(PopDecodePlan& p) const {
   p.keep_rows.assign(static_cast<size_t>(D), 0);
   for (int64_t i = 0; i < p.nrows; ++i)
     for (const int32_t ch : p.kept[i]) p.keep_rows[ch] |= uint64_t{1} << i;
@@ -295,10 +340,9 @@ void CpuPopDecode<T, WT>::gather_kept(PopDecodePlan& p) const {
     if (p.keep_rows[ch]) p.keep_list.push_back(static_cast<int32_t>(ch));
 }
 
-template <class T, class WT>
-void CpuPopDecode<T, WT>::updown(const PopDecodePlan& p, int64_t begin, int64_t end, float* out) const {
+template <class T, class Rows>
+void CpuPopDecode<T, Rows>::updown(const PopDecodePlan& p, int64_t begin, int64_t end, float* out) const {
   // Blocks of steps: up rows (z = act * x.Wu) for a block, then the block's down rows (out += z Wd).
-  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(WT));
   const int64_t nrows = p.nrows;
   thread_local std::vector<float> z;  // [block steps, nrows, kStreams]
   z.resize(static_cast<size_t>(kUpDownBlock * nrows * kStreams));
@@ -306,15 +350,10 @@ void CpuPopDecode<T, WT>::updown(const PopDecodePlan& p, int64_t begin, int64_t 
   const int64_t steps = stream_steps(begin, end);
   for (int64_t t0 = 0; t0 < steps; t0 += kUpDownBlock) {
     const int64_t t1 = std::min(steps, t0 + kUpDownBlock);
-    walk_streams(p.keep_list.data(), begin, end, reinterpret_cast<const char*>(Wu), row_bytes, t0, t1,
-                 [&](int64_t t, const int32_t* ch) {
-                   const WT* w[kStreams];
-                   uint64_t mask = 0;
-                   for (int s = 0; s < kStreams; ++s) {
-                     w[s] = Wu + (ch[s] >= 0 ? ch[s] : ch[0]) * H;
-                     if (ch[s] >= 0) mask |= p.keep_rows[ch[s]];
-                   }
-                   rows_dot_x4(use_avx2, p.xf.data(), H, mask, w, dots);
+    walk_streams(p.keep_list.data(), begin, end, Wu, H, t0, t1, [&](int64_t t, const int32_t* ch) {
+                   typename Rows::Row w[kStreams];
+                   const uint64_t mask = step_rows(Wu, H, ch, p.keep_rows.data(), w);
+                   dot4(use_avx2, Wu, p.xf.data(), H, mask, w, dots);
                    float* zt = z.data() + (t - t0) * nrows * kStreams;
                    for (uint64_t m = mask; m; m &= m - 1) {
                      const int i = lowest_bit(m);
@@ -324,21 +363,16 @@ void CpuPopDecode<T, WT>::updown(const PopDecodePlan& p, int64_t begin, int64_t 
                      }
                    }
                  });
-    walk_streams(p.keep_list.data(), begin, end, reinterpret_cast<const char*>(Wd), row_bytes, t0, t1,
-                 [&](int64_t t, const int32_t* ch) {
-                   const WT* w[kStreams];
-                   uint64_t mask = 0;
-                   for (int s = 0; s < kStreams; ++s) {
-                     w[s] = Wd + (ch[s] >= 0 ? ch[s] : ch[0]) * H;
-                     if (ch[s] >= 0) mask |= p.keep_rows[ch[s]];
-                   }
-                   rows_axpy_x4(use_avx2, out, H, mask, w, z.data() + (t - t0) * nrows * kStreams);
+    walk_streams(p.keep_list.data(), begin, end, Wd, H, t0, t1, [&](int64_t t, const int32_t* ch) {
+                   typename Rows::Row w[kStreams];
+                   const uint64_t mask = step_rows(Wd, H, ch, p.keep_rows.data(), w);
+                   axpy4(use_avx2, Wd, out, H, mask, w, z.data() + (t - t0) * nrows * kStreams);
                  });
   }
 }
 
-template <class T, class WT>
-void CpuPopDecode<T, WT>::finish(PopDecodePlan& p, int64_t tasks) const {
+template <class T, class Rows>
+void CpuPopDecode<T, Rows>::finish(PopDecodePlan& p, int64_t tasks) const {
   const int64_t n = p.nrows * H;
   float* total = p.partial.data();
   for (int64_t c = 1; c < tasks; ++c) {
@@ -348,7 +382,8 @@ void CpuPopDecode<T, WT>::finish(PopDecodePlan& p, int64_t tasks) const {
   narrow(total, n, Y + p.row0 * H);
 }
 
-#define POPC_INSTANTIATE(T) template struct CpuPopDecode<T>;
+// Dense rows of each type; quantized rows with scales of the activations' type.
+#define POPC_INSTANTIATE(T) template struct CpuPopDecode<T>; template struct CpuPopDecode<T, QuantRows<T>>;
 POPC_FOR_EACH_TYPE(POPC_INSTANTIATE)
 #undef POPC_INSTANTIATE
 

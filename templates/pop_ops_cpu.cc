@@ -13,29 +13,10 @@
 #include <vector>
 
 #include "cpu_simd.h"
-#include "ort_kernel.h"
+#include "pop_ffn_ort.h"
 
 namespace popc::ort {
 namespace {
-
-// The weight rows a decode step reads are split into this many tasks for the thread pool.
-constexpr int64_t kTasks = 8;
-
-// [begin, end) of task c of `count` items.
-inline std::pair<int64_t, int64_t> task_slice(int64_t count, int64_t c) {
-  const int64_t step = (count + kTasks - 1) / kTasks;
-  const int64_t begin = std::min<int64_t>(count, c * step);
-  return {begin, std::min<int64_t>(count, begin + step)};
-}
-
-int gelu_activation(const OrtKernelInfo* info, const char* fallback) {
-  std::string approximate = fallback;
-  try {
-    approximate = Ort::ConstKernelInfo(info).GetAttribute<std::string>("approximate");
-  } catch (const Ort::Exception&) {
-  }
-  return approximate == "tanh" ? popc::kGeluTanh : popc::kGeluErf;
-}
 
 // A float32 [r, c] tensor over memory the caller owns.
 Ort::Value float_view(const void* data, int64_t r, int64_t c) {
@@ -65,9 +46,7 @@ struct DenseOps {
   }
 };
 
-// One decode step (inputs X, partition, config, Wg, Wu, Wd), Y written to `y`. Batch decode
-// reads the union of what its rows need; even when that union is every channel the streamed
-// kernel stays (ONNX Runtime's GEMM, invoked without its pre-packed weights, measured slower).
+// One decode step (inputs X, partition, config, Wg, Wu, Wd), Y written to `y`.
 template <class T>
 void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& x, const Ort::ConstValue& part,
                 const Ort::ConstValue& config, const Ort::ConstValue& wg, const Ort::ConstValue& wu,
@@ -91,49 +70,11 @@ void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& 
   const int64_t* I = part.GetTensorData<int64_t>();
   check_indices(op, I, ps[0] * RC, D);
   const int64_t* cfg = config.GetTensorData<int64_t>();
-  const int64_t R = std::min<int64_t>(std::max<int64_t>(cfg[0], 0), RC);
-  const int64_t K = std::min<int64_t>(std::max<int64_t>(cfg[2], 0), RC - R);
-  const int64_t rows = xs[0] * xs[1];
-  if (rows == 0 || H == 0) return;
+  const auto [R, K] = decode_split(cfg, RC);
   auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
-  const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, rows, xs[1], H, D, RC, R, K, activation, use_avx2};
-  const std::string duplicate = std::string(op) + ": a channel id appears twice in one partition";
-  // Kept between calls (no allocation per step); the tasks below use this thread's plan
-  // through a reference (a lambda naming a thread_local would reach the worker's own).
-  thread_local popc::PopDecodePlan calling_thread_plan;
-  popc::PopDecodePlan& plan = calling_thread_plan;
-  // Groups of up to 64 rows share their weight reads (one bit per row in the channel masks).
-  for (int64_t row0 = 0; row0 < rows; row0 += popc::kPopRowsPerGroup) {
-    const int64_t nrows = std::min(popc::kPopRowsPerGroup, rows - row0);
-    if (!job.prepare(plan, row0, nrows)) throw OpError{ORT_INVALID_ARGUMENT, duplicate};
-    const int64_t gates = static_cast<int64_t>(plan.gate_list.size());
-    parallel_for(ctx, kTasks, [&](int64_t c) {
-      const auto [begin, end] = task_slice(gates, c);
-      job.gate(plan, begin, end);
-    });
-    if (nrows > 1) parallel_for(ctx, nrows, [&](int64_t i) { job.select(plan, i); });
-    else job.select(plan, 0);
-    job.gather_kept(plan);
-    const int64_t kept = static_cast<int64_t>(plan.keep_list.size());
-    plan.partial.assign(static_cast<size_t>(kTasks * nrows * H), 0.0f);
-    parallel_for(ctx, kTasks, [&](int64_t c) {
-      const auto [begin, end] = task_slice(kept, c);
-      job.updown(plan, begin, end, plan.partial.data() + c * nrows * H);
-    });
-    job.finish(plan, kTasks);
-  }
-}
-
-// The count = R + C channels of config, checked against the FFN width D.
-int64_t partition_count(const char* op, const int64_t* cfg, int64_t D) {
-  const int64_t count = cfg[0] + cfg[1];
-  if (cfg[0] < 0 || cfg[1] < 0 || count > D) {
-    std::ostringstream msg;
-    msg << op << ": config asks for " << count << " channels (retain " << cfg[0] << " + candidate " << cfg[1]
-        << ") of an FFN with " << D;
-    throw OpError{ORT_INVALID_ARGUMENT, msg.str()};
-  }
-  return count;
+  const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, xs[0] * xs[1], xs[1], H, D, RC, R, K,
+                                  activation, use_avx2};
+  run_pop_decode(ctx, job, op);
 }
 
 // Prefill scoring of Z [B, T, D] into out [B, count].
@@ -172,7 +113,7 @@ struct CpuPopDecodeKernel {
   int activation = popc::kSilu;
 
   explicit CpuPopDecodeKernel(const OrtKernelInfo* info) {
-    if constexpr (GeGLU) activation = gelu_activation(info, "none");
+    if constexpr (GeGLU) activation = gelu_activation(info, "tanh");  // the function's default
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -273,56 +214,20 @@ struct CpuPopFfnKernel {
   }
 
   void prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::UnownedValue& y) {
-    auto x = ctx.GetInput(0), mask = ctx.GetInput(1), config = ctx.GetInput(3);
-    auto wg = ctx.GetInput(4), wu = ctx.GetInput(5), wd = ctx.GetInput(6), stat = ctx.GetInput(7);
+    auto x = ctx.GetInput(0), wg = ctx.GetInput(4), wu = ctx.GetInput(5), wd = ctx.GetInput(6);
     const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
-    const auto ms = mask.GetTensorTypeAndShapeInfo().GetShape();
     const auto gs = wg.GetTensorTypeAndShapeInfo().GetShape();
-    const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
     auto fail = [&](const std::string& what) {
-      throw OpError{ORT_INVALID_ARGUMENT, std::string(kName) + ": " + what + " (X " + shape_str(xs) + ", token_mask " +
-                                              shape_str(ms) + ", W " + shape_str(gs) + ")"};
+      throw OpError{ORT_INVALID_ARGUMENT, std::string(kName) + ": " + what + " (X " + shape_str(xs) + ", W " +
+                                              shape_str(gs) + ")"};
     };
     if (xs.size() != 3) fail("X must be [B, S, H]");
-    if (ms.size() != 2 || ms[0] != xs[0] || ms[1] != xs[1]) fail("token_mask must be [B, S] like X");
     if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
     if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
       fail("Wg, Wu and Wd must have one shape");
-    if (stat.GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{gs[0]}) fail("static_score must be [D]");
-    if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
-    const int64_t B = xs[0], S = xs[1], H = xs[2], D = gs[0], rows = B * S;
-    const int64_t* cfg = config.GetTensorData<int64_t>();
-    const int64_t count = partition_count(kName, cfg, D);
-    const std::vector<int64_t> part_shape{B, count};
-    auto part_out = ctx.GetOutput(1, part_shape.data(), part_shape.size());
-    if (rows == 0) return;
-    // G^T = Wg X^T and U^T = Wu X^T by ONNX Runtime's MatMul, Z = act(G) * U, Y = Z Wd.
-    thread_local std::vector<float> xt_buffer, gate_buffer, up_buffer, z_buffer;
-    std::vector<float>& xt = xt_buffer;
-    std::vector<float>& gate = gate_buffer;
-    std::vector<float>& up = up_buffer;
-    std::vector<float>& z = z_buffer;
-    xt.resize(static_cast<size_t>(rows * H));
-    gate.resize(static_cast<size_t>(rows * D));
-    up.resize(static_cast<size_t>(rows * D));
-    z.resize(static_cast<size_t>(rows * D));
-    const float* X = x.GetTensorData<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < H; ++h) xt[h * rows + r] = X[r * H + h];
-    const DenseOps dense{context, &matmul};
-    dense.w_xt(wg.GetTensorRawData(), D, H, xt.data(), rows, gate.data());
-    dense.w_xt(wu.GetTensorRawData(), D, H, xt.data(), rows, up.data());
-    const int act = activation;
-    constexpr int64_t kBlock = 64;  // channels per task: the transposed reads stay in cache lines
-    parallel_for(ctx, (D + kBlock - 1) / kBlock, [&](int64_t c) {
-      const int64_t d1 = std::min(D, (c + 1) * kBlock);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = c * kBlock; d < d1; ++d)
-          z[r * D + d] = popc::cpu::activate(gate[d * rows + r], act) * up[d * rows + r];
-    });
-    dense.z_w(z.data(), rows, D, wd.GetTensorRawData(), H, y.GetTensorMutableData<float>());
-    pop_partition<float>(ctx, z.data(), mask.GetTensorData<float>(), stat.GetTensorData<float>(), B, S, D, count,
-                         cfg[3] != 0, part_out.GetTensorMutableData<int64_t>());
+    pop_prefill(ctx, context, matmul, kName, activation, x, ctx.GetInput(1), ctx.GetInput(3), ctx.GetInput(7),
+                wg.GetTensorData<float>(), wu.GetTensorData<float>(), wd.GetTensorData<float>(), gs[0], gs[1],
+                y.GetTensorMutableData<float>());
   }
 };
 
@@ -330,6 +235,70 @@ template <class T> using SwiGLUDecode = CpuPopDecodeKernel<T, false>;
 template <class T> using GeGLUDecode = CpuPopDecodeKernel<T, true>;
 
 }  // namespace
+
+// The count = R + C channels of config, checked against the FFN width D.
+int64_t partition_count(const char* op, const int64_t* cfg, int64_t D) {
+  const int64_t count = cfg[0] + cfg[1];
+  if (cfg[0] < 0 || cfg[1] < 0 || count > D) {
+    std::ostringstream msg;
+    msg << op << ": config asks for " << count << " channels (retain " << cfg[0] << " + candidate " << cfg[1]
+        << ") of an FFN with " << D;
+    throw OpError{ORT_INVALID_ARGUMENT, msg.str()};
+  }
+  return count;
+}
+
+void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& matmul, const char* op, int activation,
+                 const Ort::ConstValue& x, const Ort::ConstValue& mask, const Ort::ConstValue& config,
+                 const Ort::ConstValue& static_score, const float* Wg, const float* Wu, const float* Wd, int64_t D,
+                 int64_t H, float* Y) {
+  const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+  const auto ms = mask.GetTensorTypeAndShapeInfo().GetShape();
+  const auto ss = static_score.GetTensorTypeAndShapeInfo().GetShape();
+  const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
+  auto fail = [&](const std::string& what) {
+    throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (X " + shape_str(xs) + ", token_mask " +
+                                            shape_str(ms) + ", static_score " + shape_str(ss) + ", D " +
+                                            std::to_string(D) + ")"};
+  };
+  if (xs.size() != 3 || xs[2] != H) fail("X must be [B, S, H] with the weights' H");
+  if (ms.size() != 2 || ms[0] != xs[0] || ms[1] != xs[1]) fail("token_mask must be [B, S] like X");
+  if (ss != std::vector<int64_t>{D}) fail("static_score must be [D]");
+  if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
+  const int64_t B = xs[0], S = xs[1], rows = B * S;
+  const int64_t* cfg = config.GetTensorData<int64_t>();
+  const int64_t count = partition_count(op, cfg, D);
+  const std::vector<int64_t> part_shape{B, count};
+  auto part_out = ctx.GetOutput(1, part_shape.data(), part_shape.size());
+  if (rows == 0) return;
+  // G^T = Wg X^T and U^T = Wu X^T by ONNX Runtime's MatMul, Z = act(G) * U, Y = Z Wd.
+  thread_local std::vector<float> xt_buffer, gate_buffer, up_buffer, z_buffer;
+  std::vector<float>& xt = xt_buffer;
+  std::vector<float>& gate = gate_buffer;
+  std::vector<float>& up = up_buffer;
+  std::vector<float>& z = z_buffer;
+  xt.resize(static_cast<size_t>(rows * H));
+  gate.resize(static_cast<size_t>(rows * D));
+  up.resize(static_cast<size_t>(rows * D));
+  z.resize(static_cast<size_t>(rows * D));
+  const float* X = x.GetTensorData<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < H; ++h) xt[h * rows + r] = X[r * H + h];
+  const DenseOps dense{context, &matmul};
+  dense.w_xt(Wg, D, H, xt.data(), rows, gate.data());
+  dense.w_xt(Wu, D, H, xt.data(), rows, up.data());
+  const int act = activation;
+  constexpr int64_t kBlock = 64;  // channels per task: the transposed reads stay in cache lines
+  parallel_for(ctx, (D + kBlock - 1) / kBlock, [&](int64_t c) {
+    const int64_t d1 = std::min(D, (c + 1) * kBlock);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = c * kBlock; d < d1; ++d)
+        z[r * D + d] = popc::cpu::activate(gate[d * rows + r], act) * up[d * rows + r];
+  });
+  dense.z_w(z.data(), rows, D, Wd, H, Y);
+  pop_partition<float>(ctx, z.data(), mask.GetTensorData<float>(), static_score.GetTensorData<float>(), B, S, D, count,
+                       cfg[3] != 0, part_out.GetTensorMutableData<int64_t>());
+}
 
 void add_pop_cpu_ops(std::vector<Registration>& list) {
   add_each_type<SwiGLUDecode>(list, true);

@@ -85,9 +85,43 @@ struct PopDecodePlan {
   std::vector<int32_t> seen;           // [D] scratch
 };
 
-template <class T, class WT = T>
+// How the decode walk reaches a weight row (its one generalisation point: the walk, the
+// union of channels and the streams are the same for every layout). Row is a handle to one
+// row; row(ch, H) finds it. DenseRows: rows of WT (float, half), [D, H] row-major.
+// QuantRows: block-quantized rows (popc/quantize.py): q uint8 [D, H * bits / 8] (int4: element
+// 2i in the low nibble of byte i), s [D, H / block] scales of type ST, zero point 2^(bits-1),
+// w[h] = s[h / block] * (q[h] - 2^(bits-1)). H must be a multiple of block (>= 16, a power of
+// two; the op checks). The dot and axpy per layout are in pop_decode_cpu.cc / quant_rows.h.
+template <class WT>
+struct DenseRows {
+  using Row = const WT*;
+  const WT* w = nullptr;
+  DenseRows() = default;
+  DenseRows(const WT* rows) : w(rows) {}  // NOLINT: implicit, a dense weight is its pointer
+  Row row(int64_t ch, int64_t H) const { return w + ch * H; }
+  int64_t row_bytes(int64_t H) const { return H * static_cast<int64_t>(sizeof(WT)); }
+};
+
+template <class ST>
+struct QuantRow {
+  const uint8_t* q;  // the row's packed integers
+  const ST* s;       // its block scales
+};
+
+template <class ST>
+struct QuantRows {
+  using Row = QuantRow<ST>;
+  const uint8_t* q = nullptr;
+  const ST* s = nullptr;
+  int bits = 4;        // 4 or 8
+  int64_t block = 32;  // elements per scale
+  Row row(int64_t ch, int64_t H) const { return {q + ch * (H * bits / 8), s + ch * (H / block)}; }
+  int64_t row_bytes(int64_t H) const { return H * bits / 8; }
+};
+
+template <class T, class Rows = DenseRows<T>>
 struct CpuPopDecode {
-  const T* X; const int64_t* P; const WT* Wg; const WT* Wu; const WT* Wd; T* Y;
+  const T* X; const int64_t* P; Rows Wg, Wu, Wd; T* Y;
   int64_t rows, seq, H, D, RC, R, K;
   int activation;
   bool use_avx2;
@@ -101,6 +135,28 @@ struct CpuPopDecode {
   void gather_kept(PopDecodePlan& p) const;
   void updown(const PopDecodePlan& p, int64_t begin, int64_t end, float* out) const;
   void finish(PopDecodePlan& p, int64_t tasks) const;  // sums the tasks' partials into Y
+};
+
+// GatherMatMulTQ / GatherMatMulQ: GatherMatMulT / GatherMatMul on quantized rows W (see
+// QuantRows; ST the scales' type, = T). Same tasks contract as the float gathers.
+template <class T>
+struct CpuGatherMatMulTQ {
+  const T* X; QuantRows<T> W; const int64_t* I; T* Y;
+  int64_t rows, H, K;
+  bool use_avx2;
+  int64_t block;  // output elements per task
+  int64_t task_count() const;
+  void run_task(int64_t task) const;
+};
+
+template <class T>
+struct CpuGatherMatMulQ {
+  const T* Z; QuantRows<T> W; const int64_t* I; T* Y;
+  int64_t rows, H, K;
+  bool use_avx2;
+  int64_t block;  // output columns per task (a multiple of W.block)
+  int64_t task_count() const;
+  void run_task(int64_t task) const;
 };
 
 // PopPartition: POP-online's prefill scoring and ranking, fused.

@@ -3,7 +3,9 @@
 // Ops (definitions and function bodies in templates/ops.py):
 //   GatherMatMulT(X [.., H], W [N, H], I int64 [.., K]) -> Y [.., K]
 //   GatherMatMul (Z [.., K], W [N, H], I int64 [.., K]) -> Y [.., H]
-// for T = float32 and float16 (X/Z, W and Y share T).
+// for T = float32 and float16 (X/Z, W and Y share T). Their twins on block-quantized rows
+// (GatherMatMulTQ, GatherMatMulQ) and the fused POP ops are in pop_quant_ops_cpu.cc and
+// pop_ops_cpu.cc.
 //
 // Index contract: every I must satisfy 0 <= I < N. Anything else (including
 // negative indices, which ONNX Gather would count from the end) makes the call
@@ -155,6 +157,7 @@ const std::vector<Registration>& registrations() {
     add_each_type<CpuGatherT>(*ops, false);
     add_each_type<CpuGather>(*ops, false);
     add_pop_cpu_ops(*ops);
+    add_pop_quant_cpu_ops(*ops);
 #ifdef POPC_WITH_CUDA
     add_each_type<CudaGatherT>(*ops, false);
     add_each_type<CudaGather>(*ops, false);
@@ -184,7 +187,8 @@ extern "C" POPC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   domains->push_back(domain);
   // POPC_OPLIB_FUSED=0 leaves out the fused CPU kernels (PopSwiGLUDecode, PopGeGLUDecode,
-  // PopPartition): their function bodies then run (popc sets it for CUDA sessions).
+  // PopPartition, the whole FFNs, and every op on quantized rows, which has no CUDA kernel): their
+  // function bodies then run (popc sets it for CUDA sessions).
   const char* fused_env = std::getenv("POPC_OPLIB_FUSED");
   const bool fused = !(fused_env && std::strcmp(fused_env, "0") == 0);
   // POPC_OPLIB_WHOLE_FFN=0 leaves out the whole-FFN kernels only: the graph's If then runs its

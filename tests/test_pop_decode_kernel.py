@@ -55,12 +55,12 @@ def session(model: onnx.ModelProto, library):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-CASES = [("PopSwiGLUDecode", None), ("PopGeGLUDecode", "tanh"), ("PopGeGLUDecode", "none")]
+CASES = [("PopSwiGLUDecode", None), ("PopGeGLUDecode", "tanh"), ("PopGeGLUDecode", "none"), ("PopGeGLUDecode", None)]
 
 
 @pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "portable"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("op,approximate", CASES, ids=["swiglu", "geglu-tanh", "geglu-erf"])
+@pytest.mark.parametrize("op,approximate", CASES, ids=["swiglu", "geglu-tanh", "geglu-erf", "geglu-default"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 5), (70, 1)], ids=["b1", "b3", "b2s5", "b70"])
 def test_fused_decode_equals_function_body(library, monkeypatch, op, approximate, dtype, avx2, shape):
     if shape[0] > 64 and dtype == np.float16:

@@ -1,0 +1,91 @@
+// popc op library: what the POP-online FFN kernels on float rows (pop_ops_cpu.cc) and on
+// quantized rows (pop_quant_ops_cpu.cc) share on the ONNX Runtime side (internal header):
+// the decode step's group loop over a CpuPopDecode job, and the whole-FFN prefill on float
+// weights.
+#pragma once
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "ort_kernel.h"
+
+namespace popc::ort {
+
+// The weight rows a decode step reads are split into this many tasks for the thread pool.
+constexpr int64_t kTasks = 8;
+
+// [begin, end) of task c of `count` items.
+inline std::pair<int64_t, int64_t> task_slice(int64_t count, int64_t c) {
+  const int64_t step = (count + kTasks - 1) / kTasks;
+  const int64_t begin = std::min<int64_t>(count, c * step);
+  return {begin, std::min<int64_t>(count, begin + step)};
+}
+
+inline int gelu_activation(const OrtKernelInfo* info, const char* fallback) {
+  std::string approximate = fallback;
+  try {
+    approximate = Ort::ConstKernelInfo(info).GetAttribute<std::string>("approximate");
+  } catch (const Ort::Exception&) {
+  }
+  return approximate == "tanh" ? popc::kGeluTanh : popc::kGeluErf;
+}
+
+// One decode step of a validated CpuPopDecode job (any row layout) on the thread pool.
+// Batch decode reads the union of what its rows need; even when that union is every channel
+// the streamed kernel stays (ONNX Runtime's GEMM, invoked without its pre-packed weights,
+// measured slower).
+template <class Job>
+void run_pop_decode(Ort::KernelContext& ctx, const Job& job, const char* op) {
+  if (job.rows == 0 || job.H == 0) return;
+  // Kept between calls (no allocation per step); the tasks below use this thread's plan
+  // through a reference (a lambda naming a thread_local would reach the worker's own).
+  thread_local popc::PopDecodePlan calling_thread_plan;
+  popc::PopDecodePlan& plan = calling_thread_plan;
+  const int64_t H = job.H;
+  // Groups of up to 64 rows share their weight reads (one bit per row in the channel masks).
+  for (int64_t row0 = 0; row0 < job.rows; row0 += popc::kPopRowsPerGroup) {
+    const int64_t nrows = std::min(popc::kPopRowsPerGroup, job.rows - row0);
+    if (!job.prepare(plan, row0, nrows))
+      throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": a channel id appears twice in one partition"};
+    const int64_t gates = static_cast<int64_t>(plan.gate_list.size());
+    parallel_for(ctx, kTasks, [&](int64_t c) {
+      const auto [begin, end] = task_slice(gates, c);
+      job.gate(plan, begin, end);
+    });
+    if (nrows > 1) parallel_for(ctx, nrows, [&](int64_t i) { job.select(plan, i); });
+    else job.select(plan, 0);
+    job.gather_kept(plan);
+    const int64_t kept = static_cast<int64_t>(plan.keep_list.size());
+    plan.partial.assign(static_cast<size_t>(kTasks * nrows * H), 0.0f);
+    parallel_for(ctx, kTasks, [&](int64_t c) {
+      const auto [begin, end] = task_slice(kept, c);
+      job.updown(plan, begin, end, plan.partial.data() + c * nrows * H);
+    });
+    job.finish(plan, kTasks);
+  }
+}
+
+// The (R, K) of a decode step's config [>= 3] for a partition of RC channels, clamped as the
+// function bodies clamp them.
+inline std::pair<int64_t, int64_t> decode_split(const int64_t* cfg, int64_t RC) {
+  const int64_t R = std::min<int64_t>(std::max<int64_t>(cfg[0], 0), RC);
+  const int64_t K = std::min<int64_t>(std::max<int64_t>(cfg[2], 0), RC - R);
+  return {R, K};
+}
+
+// The count = R + C channels of config, checked against the FFN width D.
+int64_t partition_count(const char* op, const int64_t* cfg, int64_t D);
+
+// The whole FFN's prefill (an empty partition) on float32 weights Wg, Wu, Wd [D, H] (Wd as
+// rows, like the decode): Y = (act(X Wg^T) * X Wu^T) Wd by ONNX Runtime's MatMul (`matmul`, an
+// Ort::Op for float MatMul), and partition_out [B, R+C] by the partition kernel. Checks X
+// [B, S, H] (H = the weights' H), token_mask, config and static_score; the caller checks the
+// weights. Y has X's shape.
+// partition_out is output 1 of the node.
+void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& matmul, const char* op, int activation,
+                 const Ort::ConstValue& x, const Ort::ConstValue& mask, const Ort::ConstValue& config,
+                 const Ort::ConstValue& static_score, const float* Wg, const float* Wu, const float* Wd, int64_t D,
+                 int64_t H, float* Y);
+
+}  // namespace popc::ort
