@@ -325,6 +325,8 @@ def eval_(
     batch: Annotated[int, typer.Option(help="Windows / questions per graph call.")] = 8,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of accuracy/perplexity vs FFN weight bytes.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    quant: Annotated[Optional[str], typer.Option(help="Comma list of int4,int8: also the dense and POP rows of popc's export in each scheme (exported once into the cache; POP where DIR is POP), on the same windows and questions.")] = None,
+    peers: Annotated[Optional[str], typer.Option(help="Comma list of other runtimes' builds scored the same way: ort-genai-int4 (onnxruntime-genai's int4 CPU build, made once).")] = None,
 ) -> None:
     """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost.
 
@@ -347,6 +349,7 @@ def eval_(
     }
     options = {key: value for key, value in matrix.items() if value is not None}
     options.update(text="" if windows == 0 else text, window=window, prompt=prompt, batch=batch, device=device)
+    options.update(quant=parse_list(quant, "--quant") or (), peers=parse_list(peers, "--peers") or ())
     plan = EvalPlan.full(directory, **options) if full else EvalPlan(directory, **options)
     with console_progress(console) as progress:
         result = run_eval(plan, progress)

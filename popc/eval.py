@@ -107,6 +107,13 @@ def weight_fraction(settings: PopSettings, gated: bool = True) -> float:
     return (r + c + (r + k)) / 2
 
 
+# The accuracy peers: other runtimes' quantized builds, scored on the same windows and questions.
+GENAI_INT4 = "ort-genai-int4"
+PEERS = (GENAI_INT4,)
+QUANT_METHODS = ("dense", "pop")  # the rows of each extra quantized export
+FP32 = "fp32"
+
+
 @dataclass
 class EvalRow:
     method: str
@@ -117,6 +124,15 @@ class EvalRow:
     scored_tokens: int = 0
     accuracy: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    # The weights it ran on: "fp32", a popc quantization scheme ("int4", "int8"), or a peer
+    # (another runtime's build: "ort-genai-int4").
+    weights: str = FP32
+
+    @property
+    def title(self) -> str:
+        if self.weights in PEERS:
+            return "onnxruntime-genai int4 (dense)"
+        return METHOD_TITLES[self.method] + ("" if self.weights == FP32 else f" {self.weights}")
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -125,7 +141,8 @@ class EvalRow:
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "title": METHOD_TITLES[self.method],
+            "title": self.title,
+            "weights": self.weights,
             "sparsity": self.sparsity,
             "retain": self.settings.retain,
             "candidate": self.settings.candidate,
@@ -173,6 +190,11 @@ class EvalPlan:
     batch: int = 8
     methods: Sequence[str] = METHODS
     device: str = "cpu"
+    # Quantization schemes ("int4", "int8"): popc's export of the same model in each (exported
+    # once into the bench cache, POP if DIR is POP) adds its dense and POP rows.
+    quant: Sequence[str] = ()
+    # Other runtimes' quantized builds scored the same way: "ort-genai-int4".
+    peers: Sequence[str] = ()
 
     @classmethod
     def full(cls, directory: str | Path, **overrides: Any) -> EvalPlan:
@@ -226,6 +248,9 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     started = time.perf_counter()
     if plan.batch < 1:
         raise PopcError("--batch must be at least 1")
+    bad = [q for q in plan.quant if q not in ("int4", "int8")] + [p for p in plan.peers if p not in PEERS]
+    if bad:
+        raise PopcError(f"unknown --quant / --peers {', '.join(bad)}; --quant takes int4,int8, --peers {', '.join(PEERS)}")
     unknown = [m for m in plan.methods if m not in METHODS]
     if unknown or not plan.methods:
         raise PopcError(f"--methods takes names from {', '.join(METHODS)}; got {', '.join(plan.methods) or 'none'}")
@@ -245,20 +270,32 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
             raise PopcError(f"--prompt must be in [2, {width}), got {prompt}")
     tasks = _choice_tasks(plan, model, progress)
 
+    own = (model.config.get("quant") or {}).get("scheme")
+    for row in rows:
+        row.weights = own or FP32
+    models: list[tuple[Any, list[EvalRow], int]] = [(model, rows, plan.batch)]
+    models += _quantized_models(plan, model, [q for q in plan.quant if q != own], gated, progress)
+    models += _peer_models(plan, model, progress)
+
     units = (len(windows) if windows is not None else 0) + sum(len(v) for v in tasks.values())
-    for number, row in enumerate(rows, 1):
-        row_started = time.perf_counter()
-        progress.stage(f"row {number}/{len(rows)}: {METHOD_TITLES[row.method]} @ {row.sparsity:.0%}")
-        progress.start(units)
-        if windows is not None:
-            logprobs = continuation_logprobs(model, windows, prompt, row.settings, plan.batch, progress)
-            row.ppl = float(math.exp(-logprobs.mean()))
-            row.scored_tokens = int(logprobs.size)
-        for name, items in tasks.items():
-            scores = choice_loglikelihoods(model, items, row.settings, plan.batch, progress)
-            correct = [int(np.argmax(s)) == it.answer for s, it in zip(scores, items)]
-            row.accuracy[name] = float(np.mean(correct))
-        row.seconds = time.perf_counter() - row_started
+    every = [row for _, group, _ in models for row in group]
+    number = 0
+    for scorer, group, batch in models:
+        for row in group:
+            number += 1
+            row_started = time.perf_counter()
+            progress.stage(f"row {number}/{len(every)}: {row.title} @ {row.sparsity:.0%}")
+            progress.start(units)
+            if windows is not None:
+                logprobs = continuation_logprobs(scorer, windows, prompt, row.settings, plan.batch, progress)
+                row.ppl = float(math.exp(-logprobs.mean()))
+                row.scored_tokens = int(logprobs.size)
+            for name, items in tasks.items():
+                scores = choice_loglikelihoods(scorer, items, row.settings, batch, progress)
+                correct = [int(np.argmax(s)) == it.answer for s, it in zip(scores, items)]
+                row.accuracy[name] = float(np.mean(correct))
+            row.seconds = time.perf_counter() - row_started
+    rows = every
 
     info = {
         "export": str(model.location.directory),
@@ -275,10 +312,63 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
         "tasks": {name: len(items) for name, items in tasks.items()},
         "chance": {name: float(np.mean([1 / len(it.answers) for it in items])) for name, items in tasks.items()},
         "seconds": time.perf_counter() - started,
+        "quant": {row.weights: None for row in rows},
     }
+    info["quant"] = {name: _scheme_config(model, name) for name in info["quant"]}
     if not model.has_pop_config:
         info["note"] = "dense export: only the dense row; export with --sparsity to evaluate POP and baselines"
     return EvalResult(rows, info)
+
+
+def _quantized_models(
+    plan: EvalPlan, model: Any, schemes: Sequence[str], gated: bool, progress: Progress
+) -> list[tuple[Any, list[EvalRow], int]]:
+    """popc's export of the same model in each scheme (POP where the plan's export is POP,
+    cached like ``popc bench``'s), with its dense and POP rows."""
+    from popc.bench.exports import _cached_export, model_spec
+    from popc.quantize import QuantScheme
+    from popc.runtime import load
+
+    out = []
+    spec = model_spec(model.config)
+    kind = "pop" if model.has_pop_config else "dense"
+    for name in schemes:
+        path = _cached_export(spec, model.config, kind, progress, QuantScheme.parse(name))
+        progress.stage(f"loading the {name} export {path}")
+        quantized = load(path, device=plan.device)
+        rows = [r for r in plan_rows(plan.sparsities, quantized.has_pop_config, gated)
+                if r.method in plan.methods and r.method in QUANT_METHODS]  # fmt: skip
+        for row in rows:
+            row.weights = name
+        out.append((quantized, rows, plan.batch))
+    return out
+
+
+def _peer_models(plan: EvalPlan, model: Any, progress: Progress) -> list[tuple[Any, list[EvalRow], int]]:
+    """onnxruntime-genai's int4 CPU build of the same model (its builder, cached like the
+    bench's peer), its logits through ONNX Runtime (:class:`popc.scoring.OnnxDecoder`), with
+    popc's tokenizer: one dense row. Questions one at a time (GroupQueryAttention reads
+    positions off the mask's length, so no left padding)."""
+    from popc.bench.exports import model_spec
+    from popc.bench.peers import genai_model
+    from popc.scoring import OnnxDecoder
+
+    out = []
+    for peer in plan.peers:
+        built = genai_model(model_spec(model.config), progress, precision="int4")
+        decoder = OnnxDecoder(built / "model.onnx", model.tokenizer, model.max_positions, model.pad_token_id)
+        out.append((decoder, [EvalRow("dense", 0.0, PopSettings(retain=1.0), 1.0, weights=peer)], 1))
+    return out
+
+
+def _scheme_config(model: Any, name: str) -> dict[str, Any] | None:
+    """popc.json's quant section of a scheme's rows (None: fp32, or a peer's own build)."""
+    from popc.quantize import QuantScheme
+
+    own = model.config.get("quant") or {}
+    if own.get("scheme") == name:
+        return own
+    return QuantScheme.parse(name).config() if name in ("int4", "int8") else None
 
 
 def _cpu_count() -> int:
@@ -308,23 +398,24 @@ def result_table(result: EvalResult):
     if tasks:
         table.add_column("mean acc", justify="right")
     table.add_column("s", justify="right")
-    dense_ppl = next((r.ppl for r in result.rows if r.method == "dense"), None)
+    reference = next((r for r in result.rows if r.method == "dense"), None)  # the plan's export, dense
+    dense_ppl = reference.ppl if reference else None
     for row in result.rows:
         s = row.settings
         cells = [
-            METHOD_TITLES[row.method],
+            row.title,
             f"{row.sparsity:.0%}",
             "dense" if row.method == "dense" else f"{s.retain:.3g} / {s.candidate:.3g} / {s.keep:.3g}",
             f"{row.weight_fraction:.2f}",
         ]
         if result.info["windows"]:
-            delta = "" if row.method == "dense" or not dense_ppl else f" ({row.ppl / dense_ppl - 1:+.0%})"
+            delta = "" if row is reference or not dense_ppl else f" ({row.ppl / dense_ppl - 1:+.0%})"
             cells.append(f"{row.ppl:.2f}{delta}")
         cells += [f"{row.accuracy[name]:.3f}" for name in tasks]
         if tasks:
             cells.append(f"{row.mean_accuracy:.3f}")
         cells.append(f"{row.seconds:.0f}")
-        table.add_row(*cells, end_section=row.method == "dense")
+        table.add_row(*cells, end_section=row.method == "dense" and row.weights == FP32)
     return table
 
 
@@ -346,15 +437,11 @@ def plot(result: EvalResult, path: str | Path) -> None:
         raise PopcError("nothing to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        for method in METHODS:
-            points = sorted(
-                (r.weight_fraction, r.ppl if key == "ppl" else r.mean_accuracy)
-                for r in result.rows if r.method == method
-            )
-            if not points:
-                continue
+        for method, weights in dict.fromkeys((r.method, r.weights) for r in result.rows):
+            group = [r for r in result.rows if (r.method, r.weights) == (method, weights)]
+            points = sorted((r.weight_fraction, r.ppl if key == "ppl" else r.mean_accuracy) for r in group)
             xs, ys = zip(*points)
-            ax.plot(xs, ys, "*" if method == "dense" else "o-", label=METHOD_TITLES[method], markersize=10 if method == "dense" else 6)
+            ax.plot(xs, ys, "*" if method == "dense" else "o-", label=group[0].title, markersize=10 if method == "dense" else 6)
         if key == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("FFN weight bytes read per decode step (fraction of dense)")

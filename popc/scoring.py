@@ -78,7 +78,11 @@ def make_windows(ids: Sequence[int], prefix: Sequence[int], window: int, count: 
 
 
 def continuation_logprobs(
-    model: Any, windows: np.ndarray, prompt: int, pop: PopSettings | None, batch: int = 8,
+    model: Any,
+    windows: np.ndarray,
+    prompt: int,
+    pop: PopSettings | None,
+    batch: int = 8,
     progress: Progress | None = None,
 ) -> np.ndarray:
     """Log-probabilities [N, W - prompt] of tokens ``[prompt, W)`` of each window, decode mode.
@@ -94,7 +98,9 @@ def continuation_logprobs(
     for start in range(0, count, batch):
         ids = windows[start : start + batch]
         rows = ids.shape[0]
-        _, state = model.step(ids[:, : prompt - 1], np.ones((rows, prompt - 1), np.int64), model.initial_state(rows), pop)
+        _, state = model.step(
+            ids[:, : prompt - 1], np.ones((rows, prompt - 1), np.int64), model.initial_state(rows), pop
+        )
         logits, _ = model.step(ids[:, prompt - 1 : -1], np.ones((rows, width - 1), np.int64), state, pop)
         out[start : start + rows] = token_logprobs(logits, ids[:, prompt:])
         progress.advance(rows)
@@ -136,7 +142,10 @@ def encode_item(tokenizer: Any, item: ChoiceItem, max_positions: int) -> Encoded
 
 
 def choice_loglikelihoods(
-    model: Any, items: Sequence[EncodedItem], pop: PopSettings | None, batch: int = 8,
+    model: Any,
+    items: Sequence[EncodedItem],
+    pop: PopSettings | None,
+    batch: int = 8,
     progress: Progress | None = None,
 ) -> list[np.ndarray]:
     """Per item, the summed log-likelihood of each answer, scored in decode mode; advances
@@ -175,3 +184,68 @@ def choice_loglikelihoods(
             offset += len(it.answers)
         progress.advance(len(group))
     return results
+
+
+# --------------------------------------------------------------------------- other runtimes' models
+
+
+class OnnxDecoder:
+    """Another exporter's plain ONNX decoder (onnxruntime-genai's model builder output:
+    ``input_ids``, ``attention_mask``, ``past_key_values.{i}.key|value`` -> ``logits``,
+    ``present.{i}.key|value``) behind the interface the scoring functions use (``step``,
+    ``initial_state``, ``tokenizer``, ``pad_token_id``, ``max_positions``), run with ONNX
+    Runtime directly, so it is scored on the same windows and questions as popc's rows.
+
+    Dense only (``pop`` is ignored). onnxruntime's GroupQueryAttention takes a multi-token
+    call over a non-empty cache for one sequence at a time, so such calls run row by row;
+    it also reads positions off the mask's length (no left padding): score questions with
+    ``batch=1``."""
+
+    def __init__(
+        self, model_path: Any, tokenizer: Any, max_positions: int, pad_token_id: int, threads: int | None = None
+    ):
+        import json
+        from pathlib import Path
+
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        path = Path(model_path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.tokenizer, self.max_positions, self.pad_token_id = tokenizer, max_positions, pad_token_id
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        decoder = {}
+        config_path = path.parent / "genai_config.json"
+        if config_path.is_file():
+            decoder = json.loads(config_path.read_text()).get("model", {}).get("decoder", {})
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        first = shapes[self.past_names[0]]
+        self.kv_heads = int(decoder.get("num_key_value_heads") or first[1])
+        self.head_size = int(decoder.get("head_size") or first[3])
+
+    def initial_state(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_size), np.float32) for _ in self.past_names]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list]:
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        feed.update(zip(self.past_names, state))
+        if "position_ids" in self.input_names:  # builds for other families take positions
+            past = state[0].shape[2]
+            feed["position_ids"] = np.broadcast_to(
+                np.arange(past, past + ids.shape[1], dtype=np.int64), ids.shape
+            ).copy()
+        out = self.session.run(["logits", *self.present_names], feed)
+        return out[0], out[1:]
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, state: Sequence[np.ndarray], pop: Any = None):
+        rows, length = ids.shape
+        if rows == 1 or length == 1 or state[0].shape[2] == 0:
+            return self._run(ids, mask, state)
+        parts = [self._run(ids[r : r + 1], mask[r : r + 1], [s[r : r + 1] for s in state]) for r in range(rows)]
+        logits = np.concatenate([p[0] for p in parts], axis=0)
+        presents = [np.concatenate([p[1][i] for p in parts], axis=0) for i in range(len(self.present_names))]
+        return logits, presents
