@@ -14,6 +14,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ from popc.cli import app
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
+from popc.quantize import QuantScheme
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +333,232 @@ def test_bench_with_peers(genai_tiny, monkeypatch, tmp_path):
     report.tables(result)
     report.write_json(result, tmp_path / "bench.json")
     assert report.read_json(tmp_path / "bench.json") == result
+
+
+# ---- quantized exports, the int4 peers, the bytes model on quantized weights ----------------
+def test_bytes_model_of_a_hand_built_quantized_graph(tmp_path):
+    """MatMulNBits' packed weights and scales are read whole; an untied GatherBlockQuantized
+    embedding (through a Reshape) is a lookup table, its scales too; POP rows carry their scales."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from popc.bench.bytes_model import bytes_model, weight_inventory
+
+    vocab, hidden, block, ffn = 100, 64, 32, 128
+
+    def init(name, shape, dtype=TensorProto.UINT8):
+        array = np.zeros(shape, helper.tensor_dtype_to_np_dtype(dtype))
+        return onnx.numpy_helper.from_array(array, name)
+
+    inits = [
+        init("embed.q4", [vocab, hidden // block, block // 2]), init("embed.scales", [vocab, hidden // block], 1),
+        init("head.q4", [vocab, hidden // block, block // 2]), init("head.scales", [vocab * hidden // block], 1),
+        onnx.numpy_helper.from_array(np.array([vocab, -1], np.int64), "shape"),
+        init("pop.0.gate_rows", [ffn, hidden // 2]), init("pop.0.gate_scales", [ffn, hidden // block], 1),
+        init("pop.0.up_rows", [ffn, hidden // 2]), init("pop.0.up_scales", [ffn, hidden // block], 1),
+        init("pop.0.down_rows", [ffn, hidden // 2]), init("pop.0.down_scales", [ffn, hidden // block], 1),
+        init("pop.0.static_score", [ffn], 1),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Reshape", ["embed.q4", "shape"], ["embed.table"]),
+        helper.make_node("GatherBlockQuantized", ["embed.table", "ids", "embed.scales"], ["x"], domain="com.microsoft",
+                         bits=4, block_size=block),
+        helper.make_node("PopSwiGLUQ", ["x", "pop.0.gate_rows", "pop.0.gate_scales", "pop.0.up_rows", "pop.0.up_scales",
+                                        "pop.0.down_rows", "pop.0.down_scales", "pop.0.static_score"], ["h"],
+                         domain="ai.popc"),
+        helper.make_node("MatMulNBits", ["h", "head.q4", "head.scales"], ["logits"], domain="com.microsoft",
+                         K=hidden, N=vocab, bits=4, block_size=block),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "q", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    inventory = weight_inventory(path)
+    packed_row, scales_row = hidden // 2, hidden // block * 4
+    assert inventory.tables == vocab * (packed_row + scales_row)
+    assert inventory.table_row_bytes == packed_row + scales_row  # one token's packed row and its scales
+    assert inventory.other == vocab * (packed_row + scales_row) + 16  # the LM head, and the Reshape's shape
+    rows = ffn * (hidden // 2 + hidden // block * 4)
+    assert inventory.ffn_rows == {"gate_rows": rows, "up_rows": rows, "down_rows": rows}
+    weights = bytes_model(None, path, ffn, [0.5], lambda s: PopSettings(0.125, 0.75, 0.375), quant="int4")
+    base = inventory.other + inventory.table_row_bytes
+    assert weights["dense-int4"].total == base + 3 * rows
+    # R ∪ C of the gate rows (0.875) and R ∪ kept of up and down (0.5), scales with their rows.
+    assert weights["pop-int4@0.5"].ffn == pytest.approx(3 * rows * (0.875 + 2 * 0.5) / 3)
+
+
+@pytest.fixture(scope="module")
+def quant_cache(tiny, tmp_path_factory):
+    """A private cache holding the tiny model's int4 POP export, made as the bench makes it."""
+    root = tmp_path_factory.mktemp("quant-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POPC_CACHE_DIR", str(root))
+        yield root
+
+
+def test_bench_quantized_variants(tiny, quant_cache, monkeypatch, tmp_path):
+    from popc.bench.bytes_model import weight_inventory
+
+    source, dense_dir, pop_dir = tiny
+    monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
+    stages = StageRecorder()
+    plan = BenchPlan(directory=pop_dir, dense=dense_dir, variants=["dense-ort", "pop-body", "llama.cpp-q4_0"],
+                     quant=["int4", "int8"], prompt_lengths=[8], batches=[1], repeats=1, warmup=0, decode_tokens=2,
+                     decode_prompt=8, threads=1, memory_batches=())  # fmt: skip
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-bench anywhere: the row is left out with a note
+    result = run_bench(plan, progress=stages)
+    expected = {"dense-ort", "pop-body", "dense-ort-int4", "pop-body-int4", "dense-ort-int8", "pop-body-int8"}
+    assert set(result.settings.variants) == expected
+    assert "no llama-bench found" in result.settings.skipped_variants["llama.cpp-q4_0"]
+    assert set(result.settings.quant) == {"int4", "int8"} and result.settings.quant["int4"]["bits"] == 4
+    # One export per kind and scheme, each keyed by its scheme; fp32 stays the user's.
+    assert result.exports["dense"] == str(dense_dir) and len({result.exports[k] for k in result.exports}) == 6
+    assert result.exports["pop-int4"] != result.exports["pop-int8"]
+    decode = {(r.variant, r.sparsity): r for r in result.decode}
+    dense, dense4, dense8 = decode[("dense-ort", 0.0)], decode[("dense-ort-int4", 0.0)], decode[("dense-ort-int8", 0.0)]
+    pop4 = decode[("pop-body-int4", 0.5)]
+    assert dense4.bytes_total < dense8.bytes_total < dense.bytes_total  # int4 < int8 < fp32 bytes per step
+    assert pop4.bytes_ffn < dense4.bytes_ffn and pop4.ideal_speedup > dense4.ideal_speedup > 1.0
+    assert dense4.speedup > 0 and pop4.best_peer is None  # no quantized peer ran
+    inventory = weight_inventory(Path(result.exports["pop-int4"]) / "model.onnx")
+    assert set(inventory.ffn_rows) == {"gate_rows", "up_rows", "down_rows"}  # scales travel with their rows
+    text = report.markdown(result)
+    assert "| dense ORT int4 | dense |" in text and "| POP (function bodies) int8 | 50% |" in text
+    assert BenchResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    # A second run reuses the cached quantized exports.
+    again = StageRecorder()
+    resolve_exports(plan.resolved(), again)
+    assert not any("exporting" in s for s in again.stages) and any("exporting the int4" in s for s in stages.stages)
+
+
+def test_a_quantized_directory_brings_its_scheme(tiny, quant_cache):
+    from popc.bench.exports import export_scheme
+
+    _, dense_dir, pop_dir = tiny
+    own = quant_cache / "own-int4"
+    export(ExportPlan(model=str(tiny[0]), out=own, quant=QuantScheme.parse("int4", block_size=64),
+                      pop=PopSettings(0.125, 0.75, 0.375)))  # fmt: skip
+    plan = BenchPlan(directory=own, dense=dense_dir, pop=pop_dir, variants=["dense-ort", "pop-body"]).resolved()
+    assert plan.quant == ("int4",) and "pop-body-int4" in plan.variants and "dense-ort-int4" in plan.variants
+    exports = resolve_exports(plan)
+    assert exports.pop == pop_dir and exports.quantized["int4"][1] == own  # the directory is the int4 POP export
+    twin = exports.quantized["int4"][0]
+    assert export_scheme(json.loads((twin / "popc.json").read_text())).block_size == 64  # same scheme as DIR
+    assert exports.path_of("dense-ort-int4") == twin and exports.path_of("pop-body") == pop_dir
+
+
+def test_quant_variants_by_default_and_by_name(tmp_path):
+    from popc.bench.plan import is_quantized, split_variant, with_quant
+
+    assert split_variant("pop-oplib-int4") == ("pop-oplib", "int4") and split_variant("ort-genai-int4")[1] is None
+    assert is_quantized("ort-genai-int4") and is_quantized("dense-ort-int8") and not is_quantized("dense-ort")
+    assert with_quant(["dense-ort", "hf-eager"], ["int4"], peers=True) == [
+        "dense-ort", "hf-eager", "dense-ort-int4", "ort-genai-int4", "llama.cpp-q4_0"
+    ]  # fmt: skip
+    assert with_quant(["pop-oplib"], ["int8"], peers=True) == ["pop-oplib", "pop-oplib-int8"]  # int4 peers only
+    quick = BenchPlan(directory=tmp_path, quant=["int4"]).resolved().variants
+    assert "pop-oplib-int4" in quick and "llama.cpp-q4_0" in quick and "dense-ort" in quick  # fp32 stays
+    assert ("ort-genai-int4" in quick) == genai_available()
+    assert "dense-ort-int4" not in BenchPlan(directory=tmp_path).resolved().variants  # only with --quant
+    assert BenchPlan(directory=tmp_path, variants=["pop-oplib-int8"]).resolved().quant == ("int8",)
+    with pytest.raises(PopcError, match="--quant"):
+        BenchPlan(directory=tmp_path, quant=["int3"]).resolved()
+
+
+def test_genai_int4_peer(tiny, quant_cache, monkeypatch):
+    pytest.importorskip("onnxruntime_genai")
+    from popc.bench.bytes_model import model_bytes
+
+    source, dense_dir, pop_dir = tiny
+    built = genai_model(str(source), precision="int4")
+    marker = json.loads((built / "popc-genai.json").read_text())
+    assert marker["precision"] == "int4" and built.name.startswith("genai-int4-")
+    # The builder's own CPU defaults: 4 bits, blocks of 32, accuracy level 4.
+    assert marker["matmul_nbits"] == {"bits": [4], "block_size": [32], "accuracy_level": [4]}
+    assert genai_model(str(source), precision="int4") == built and genai_model(str(source)) != built
+    assert 0 < model_bytes(built / "model.onnx").total
+    monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
+    plan = BenchPlan(directory=pop_dir, dense=dense_dir, variants=["dense-ort", "ort-genai-int4", "dense-ort-int4"],
+                     prompt_lengths=[8], batches=[1], repeats=1, warmup=0, decode_tokens=2, decode_prompt=8,
+                     threads=1, memory_batches=())  # fmt: skip
+    result = run_bench(plan)
+    row = result.decode_row("dense-ort-int4", 0.0, 1)
+    assert result.fastest_decode_quant_peer[1].variant == "ort-genai-int4" and row.best_peer == "ort-genai-int4"
+    assert result.decode_row("dense-ort", 0.0, 1).best_peer is None  # fp32 rows: fp32 peers only
+    assert result.decode_row("ort-genai-int4", 0.0, 1).bytes_total == model_bytes(built / "model.onnx").total
+    assert "| fastest quantized peer |" in report.markdown(result)
+
+
+# ---- llama.cpp: its JSON, and the peer where llama-bench is (or is not) found ------------------
+LLAMA_BENCH_JSON = """build: 4d8b6c0f (5890) with cc (GCC) for x86_64-linux-gnu
+[
+  {
+    "build_commit": "4d8b6c0f", "build_number": 5890, "cpu_info": "AMD EPYC", "gpu_info": "", "backends": "CPU",
+    "model_filename": "smollm2.Q4_0.gguf", "model_type": "llama ?B Q4_0", "model_size": 85779584,
+    "model_n_params": 134515008, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "type_k": "f16",
+    "n_prompt": 512, "n_gen": 0, "n_depth": 0, "test_time": "2026-12-01T16:00:00Z",
+    "avg_ns": 512000000, "stddev_ns": 2000000, "avg_ts": 1000.0, "stddev_ts": 4.0,
+    "samples_ns": [510000000, 512000000, 514000000], "samples_ts": [1003.9, 1000.0, 996.1]
+  },
+  {
+    "build_commit": "4d8b6c0f", "build_number": 5890, "model_type": "llama ?B Q4_0", "n_threads": 2,
+    "n_prompt": 0, "n_gen": 64, "n_depth": 64, "avg_ns": 320000000, "stddev_ns": 6400000,
+    "avg_ts": 200.0, "stddev_ts": 4.0, "samples_ns": [313600000, 320000000, 326400000]
+  }
+]
+"""
+
+
+def test_llama_bench_json_parses_into_rows():
+    from popc.bench import llama_cpp
+
+    records = llama_cpp.parse_bench_json(LLAMA_BENCH_JSON)  # the build line before the array is skipped
+    assert [(r.n_prompt, r.n_gen, r.n_depth, r.threads) for r in records] == [(512, 0, 0, 2), (0, 64, 64, 2)]
+    ttft, decode = llama_cpp.rows_of(records)
+    assert [(r.variant, r.prompt) for r in ttft] == [("llama.cpp-q4_0", 512)]
+    assert ttft[0].ms.median == pytest.approx(512.0) and ttft[0].ms.low == pytest.approx(510.0)
+    assert len(decode) == 1 and decode[0].batch == 1 and decode[0].sparsity == 0.0
+    assert decode[0].ms_per_step.median == pytest.approx(5.0) and decode[0].ms_per_step.high == pytest.approx(5.1)
+    assert decode[0].ms_per_step.samples == []  # not round-robin with popc's variants: never paired
+    command = llama_cpp.bench_command(Path("llama-bench"), Path("m.gguf"), 2, [16, 512], 64, 3, depth=64)
+    assert command[1:] == ["-m", "m.gguf", "-t", "2", "-p", "16,512", "-n", "64", "-r", "3", "-o", "json", "-d", "64"]
+    with pytest.raises(PopcError, match="no JSON"):
+        llama_cpp.parse_bench_json("error: failed to load model")
+    with pytest.raises(PopcError, match="no test results"):
+        llama_cpp.parse_bench_json("[]")
+
+
+def test_llama_cpp_peer_not_found_and_found(tiny, monkeypatch, tmp_path):
+    from popc.bench import llama_cpp
+
+    monkeypatch.setenv("POPC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin") + ":/usr/bin:/bin")
+    assert llama_cpp.find_tool("llama-bench") is None
+    with pytest.raises(llama_cpp.NotFound, match="benchmarks/llama_cpp.py build"):
+        llama_cpp.LlamaCppPeer.prepare("smollm2-135m")
+    # A llama-bench on PATH (here a stand-in printing the recorded JSON) is found and its rows join the bench.
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "llama-bench"
+    (tmp_path / "out.json").write_text(LLAMA_BENCH_JSON)
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = --help ] && echo '-d, --n-depth' && exit 0\necho \"$@\" > {tmp_path}/args\n"
+                    f"cat {tmp_path}/out.json\n")  # fmt: skip
+    fake.chmod(0o755)
+    assert llama_cpp.find_tool("llama-bench") == fake
+    monkeypatch.setattr(llama_cpp, "q4_0_gguf", lambda spec, progress=None: tmp_path / "m.Q4_0.gguf")
+    _, dense_dir, pop_dir = tiny
+    monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
+    plan = BenchPlan(directory=pop_dir, dense=dense_dir, variants=["dense-ort", "llama.cpp-q4_0"], prompt_lengths=[8],
+                     batches=[1, 2], repeats=1, warmup=0, decode_tokens=2, decode_prompt=8, threads=1,
+                     memory_batches=())  # fmt: skip
+    result = run_bench(plan)
+    assert "-t 1 -p 8 -n 64 -r 1 -o json -d 8" in (tmp_path / "args").read_text()  # the bench's threads, prompts, context
+    assert "llama.cpp-q4_0" in result.settings.variants and not result.settings.skipped_variants
+    row = result.decode_row("llama.cpp-q4_0", 0.0, 1)
+    assert row.ms_per_step.median == pytest.approx(5.0) and result.decode_row("llama.cpp-q4_0", 0.0, 2) is None
+    assert result.fastest_decode_quant_peer[1].variant == "llama.cpp-q4_0"
+    # The stand-in answers with the recorded 512-token test: no dense ORT row at 512 to compare with.
+    assert result.ttft("llama.cpp-q4_0", 512).ms.median == pytest.approx(512.0)
+    text = report.markdown(result)
+    assert "| llama.cpp Q4_0 | dense |" in text and "llama-bench's own" in text

@@ -352,3 +352,64 @@ def test_real_downloads(popc_cache: Path) -> None:
     assert len(text) > 300_000 and "bushfire" in text
     items = datasets.load_task("emoji_movie", limit=5)
     assert len(items) == 5 and all(len(i.choices) == 5 for i in items)
+
+
+# --------------------------------------------------------------------------- quantized rows and peers
+
+
+@pytest.fixture(scope="module")
+def genai_fp32(exports, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """onnxruntime-genai's fp32 build of the tiny Llama (a private cache)."""
+    pytest.importorskip("onnxruntime_genai")
+    from popc.bench.peers import genai_model
+
+    source = Path(load(exports["dense"]).config["source"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POPC_CACHE_DIR", str(tmp_path_factory.mktemp("genai-cache")))
+        return genai_model(str(source))
+
+
+def test_onnx_decoder_scores_like_popc(exports, genai_fp32) -> None:
+    """A genai build through scoring.OnnxDecoder gives popc's dense scores: same windows, same
+    questions (its row-by-row calls and the state it forks included)."""
+    from popc.scoring import OnnxDecoder
+
+    model = load(exports["dense"])
+    decoder = OnnxDecoder(genai_fp32 / "model.onnx", model.tokenizer, model.max_positions, model.pad_token_id, threads=1)
+    windows = _windows(model)
+    expected = continuation_logprobs(model, windows, 16, None, batch=3)
+    got = continuation_logprobs(decoder, windows, 16, None, batch=3)  # a 3-row decode call: split per row
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    items = [encode_item(model.tokenizer, it, model.max_positions) for it in datasets.parse_task(TASK)]
+    for a, b in zip(choice_loglikelihoods(decoder, items, None, batch=1), choice_loglikelihoods(model, items, None)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_quantized_rows_and_the_genai_int4_peer(exports, text_file, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    monkeypatch.setenv("POPC_CACHE_DIR", str(tmp_path / "cache"))
+    stages = StageRecorder()
+    plan = EvalPlan(exports["pop"], text=text_file, tasks=[], windows=2, window=48, methods=["dense", "pop", "griffin"],
+                    quant=["int4", "int8"], peers=["ort-genai-int4"])  # fmt: skip
+    result = run_eval(plan, stages)
+    rows = [(r.method, r.weights) for r in result.rows]
+    assert rows == [("dense", "fp32"), ("pop", "fp32"), ("griffin", "fp32"), ("dense", "int4"), ("pop", "int4"),
+                    ("dense", "int8"), ("pop", "int8"), ("dense", "ort-genai-int4")]  # fmt: skip
+    assert any("exporting the int4 pop model" in s for s in stages.stages)
+    assert {r.scored_tokens for r in result.rows} == {result.rows[0].scored_tokens}  # the same windows
+    fp32 = result.rows[0].ppl
+    for row in result.rows[3:]:
+        assert math.isfinite(row.ppl) and abs(row.ppl / fp32 - 1) < 0.1, (row.title, row.ppl, fp32)
+    assert result.info["quant"]["int4"]["block_size"] == 32 and result.info["quant"]["fp32"] is None
+    assert result.to_json()["rows"][-1]["title"] == "onnxruntime-genai int4 (dense)"
+    # The cached exports and build are reused, and the CLI takes the same options.
+    out = tmp_path / "eval.json"
+    cli = CliRunner().invoke(app, ["eval", str(exports["pop"]), "--text", str(text_file), "--windows", "2", "--window",
+                                   "48", "--tasks", "none", "--methods", "dense", "--quant", "int4", "--peers",
+                                   "ort-genai-int4", "--json", str(out)])  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert "exporting" not in cli.output and "building" not in cli.output
+    assert [r["weights"] for r in json.loads(out.read_text())["rows"]] == ["fp32", "int4", "ort-genai-int4"]
+    assert "dense int4" in cli.output and "onnxruntime-genai int4" in cli.output
+    with pytest.raises(PopcError, match="--quant"):
+        run_eval(EvalPlan(exports["pop"], text="", tasks=[], quant=["int3"]))
