@@ -205,16 +205,37 @@ inline void prefetch(const DenseRows<WT>& rows, int64_t ch, int64_t H) {
 
 static_assert(kQuantStreams == kStreams, "quant_rows.h works on the walk's four streams");
 
+// Quantized rows: dequantizing is the costly part, so one or two rows of X (one pass of the
+// pair loop) dequantize in registers, and more rows dequantize the four weight rows once into
+// an L1-resident float buffer that the float kernel then applies to every row.
+constexpr int kQuantInRegisterRows = 2;
+
+template <class ST>
+inline const float* const* dequant4(bool use_avx2, const QuantRows<ST>& rows, int64_t H, const QuantRow<ST>* w,
+                                    const float** out) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(kStreams * H));
+  for (int s = 0; s < kStreams; ++s) {
+    out[s] = buffer.data() + s * H;
+    dequant_row(use_avx2, rows.bits, rows.block, w[s], H, buffer.data() + s * H);
+  }
+  return out;
+}
+
 template <class ST>
 inline void dot4(bool use_avx2, const QuantRows<ST>& rows, const float* x, int64_t H, uint64_t mask,
                  const QuantRow<ST>* w, float* out) {
-  quant_dot_x4(use_avx2, rows.bits, rows.block, x, H, mask, w, out);
+  if (__builtin_popcountll(mask) <= kQuantInRegisterRows) return quant_dot_x4(use_avx2, rows.bits, rows.block, x, H, mask, w, out);
+  const float* f[kStreams];
+  rows_dot_x4(use_avx2, x, H, mask, dequant4(use_avx2, rows, H, w, f), out);
 }
 
 template <class ST>
 inline void axpy4(bool use_avx2, const QuantRows<ST>& rows, float* y, int64_t H, uint64_t mask,
                   const QuantRow<ST>* w, const float* z) {
-  quant_axpy_x4(use_avx2, rows.bits, rows.block, y, H, mask, w, z);
+  if (__builtin_popcountll(mask) <= kQuantInRegisterRows) return quant_axpy_x4(use_avx2, rows.bits, rows.block, y, H, mask, w, z);
+  const float* f[kStreams];
+  rows_axpy_x4(use_avx2, y, H, mask, dequant4(use_avx2, rows, H, w, f), z);
 }
 
 template <class ST>

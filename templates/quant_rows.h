@@ -8,10 +8,12 @@
 // and the quantized gathers (quant_kernels_cpu.cc) use them:
 //   quant_dot_x4:  out[i * 4 + s] = x_i . w_s          (gate / up rows; GatherMatMulTQ)
 //   quant_axpy_x4: y_i += sum_s z[i * 4 + s] * w_s     (down rows; GatherMatMulQ)
-// Weights are dequantized in registers exactly as the function bodies dequantize them,
-// (q - zp) * s with one rounding: the AVX2 path computes q * s - zp * s by one FMA, and zp * s is
-// exact (zp a power of two). Activations stay float (no int8 activation quantization), so the
-// kernels match the bodies to float summation order.
+// Two rows of X and more: weights are dequantized in registers exactly as the function bodies
+// dequantize them, (q - zp) * s with one rounding (q * s - zp * s by one FMA; zp * s is exact,
+// zp a power of two). One row (batch 1, the gathers): the scale and zero point leave the inner
+// loop (per block, s * (x . q - zp * sum x) and y += (z s) q - zp z s), one FMA per weight
+// vector; that reassociation costs a few float ulps against the bodies. Activations stay float
+// (no int8 activation quantization).
 //
 // AVX2: int4, 8 elements = 4 bytes broadcast to the 8 lanes, each lane shifted right by its
 // nibble's offset (vpsrlvd) and masked: no shuffles, and the elements come out in their natural
@@ -104,6 +106,21 @@ POPC_AVX2 inline __m256 qload8(const uint8_t* q, int64_t h, __m256 s, __m256 zs)
   return _mm256_fmsub_ps(_mm256_cvtepi32_ps(n), s, zs);
 }
 
+// Elements [h, h + 8) of a row's integers q (0 .. 2^bits - 1) as floats, unscaled.
+template <int Bits>
+POPC_AVX2 inline __m256 qint8(const uint8_t* q, int64_t h) {
+  __m256i n;
+  if constexpr (Bits == 4) {
+    uint32_t v;
+    std::memcpy(&v, q + (h >> 1), 4);
+    n = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    n = _mm256_and_si256(n, _mm256_set1_epi32(0xF));
+  } else {
+    n = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + h)));
+  }
+  return _mm256_cvtepi32_ps(n);
+}
+
 // One block's scale of each of the four rows, and zp times it.
 template <int Bits, class ST>
 struct BlockScales {
@@ -132,13 +149,23 @@ POPC_AVX2 void quant_dot_x4_avx2(const float* x, int64_t H, uint64_t mask, const
       const BlockScales<Bits, ST> c(w, b);
       const int64_t end = (b + 1) * block;
       if (i == j) {
+        // One row (batch 1): the scales leave the inner loop. Per block and row,
+        // s * (sum x q - zp * sum x): one FMA per weight vector, the zero point and the scale
+        // once per block (sum x shared by the four rows).
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0, xs = d0;
         for (int64_t h = b * block; h < end; h += 8) {
           const __m256 v = _mm256_loadu_ps(xi + h);
-          a0 = _mm256_fmadd_ps(v, qload8<Bits>(q0, h, c.s0, c.z0), a0);
-          a1 = _mm256_fmadd_ps(v, qload8<Bits>(q1, h, c.s1, c.z1), a1);
-          a2 = _mm256_fmadd_ps(v, qload8<Bits>(q2, h, c.s2, c.z2), a2);
-          a3 = _mm256_fmadd_ps(v, qload8<Bits>(q3, h, c.s3, c.z3), a3);
+          xs = _mm256_add_ps(xs, v);
+          d0 = _mm256_fmadd_ps(v, qint8<Bits>(q0, h), d0);
+          d1 = _mm256_fmadd_ps(v, qint8<Bits>(q1, h), d1);
+          d2 = _mm256_fmadd_ps(v, qint8<Bits>(q2, h), d2);
+          d3 = _mm256_fmadd_ps(v, qint8<Bits>(q3, h), d3);
         }
+        const __m256 zx = _mm256_mul_ps(xs, _mm256_set1_ps(static_cast<float>(1 << (Bits - 1))));
+        a0 = _mm256_fmadd_ps(c.s0, _mm256_sub_ps(d0, zx), a0);
+        a1 = _mm256_fmadd_ps(c.s1, _mm256_sub_ps(d1, zx), a1);
+        a2 = _mm256_fmadd_ps(c.s2, _mm256_sub_ps(d2, zx), a2);
+        a3 = _mm256_fmadd_ps(c.s3, _mm256_sub_ps(d3, zx), a3);
       } else {
         for (int64_t h = b * block; h < end; h += 8) {
           const __m256 v = _mm256_loadu_ps(xi + h), u = _mm256_loadu_ps(xj + h);
@@ -182,6 +209,25 @@ POPC_AVX2 void quant_axpy_x4_avx2(float* y, int64_t H, uint64_t mask, const Quan
     const __m256 s2 = _mm256_set1_ps(zi[2]), s3 = _mm256_set1_ps(zi[3]);
     const __m256 t0 = _mm256_set1_ps(zj[0]), t1 = _mm256_set1_ps(zj[1]);
     const __m256 t2 = _mm256_set1_ps(zj[2]), t3 = _mm256_set1_ps(zj[3]);
+    if (i == j) {
+      // One row (batch 1): y += sum_s (z_s s_s) q_s - zp sum_s z_s s_s, the products once per block.
+      const __m256 zp = _mm256_set1_ps(static_cast<float>(1 << (Bits - 1)));
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __m256 c0 = _mm256_mul_ps(s0, scale8(w[0].s + b)), c1 = _mm256_mul_ps(s1, scale8(w[1].s + b));
+        const __m256 c2 = _mm256_mul_ps(s2, scale8(w[2].s + b)), c3 = _mm256_mul_ps(s3, scale8(w[3].s + b));
+        const __m256 shift = _mm256_mul_ps(zp, _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+        const int64_t end = (b + 1) * block;
+        for (int64_t h = b * block; h < end; h += 8) {
+          __m256 acc = _mm256_sub_ps(_mm256_loadu_ps(yi + h), shift);
+          acc = _mm256_fmadd_ps(c0, qint8<Bits>(q0, h), acc);
+          acc = _mm256_fmadd_ps(c1, qint8<Bits>(q1, h), acc);
+          acc = _mm256_fmadd_ps(c2, qint8<Bits>(q2, h), acc);
+          acc = _mm256_fmadd_ps(c3, qint8<Bits>(q3, h), acc);
+          _mm256_storeu_ps(yi + h, acc);
+        }
+      }
+      continue;
+    }
     for (int64_t b = 0; b < blocks; ++b) {
       const BlockScales<Bits, ST> c(w, b);
       const int64_t end = (b + 1) * block;
