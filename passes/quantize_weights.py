@@ -216,6 +216,7 @@ class PopFfnToQuantized(pattern.RewriteRuleClassBase):
             _outputs=2,
             bits=scheme.bits,
             block_size=scheme.block_size,
+            accuracy_level=scheme.accuracy_level,
             **attributes,
         )
         for new, old in zip(outputs, (y, partition_out)):  # graph outputs keep their declared types
