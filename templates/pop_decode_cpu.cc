@@ -11,6 +11,7 @@
 //   * a stream that skips rows prefetches the next row it needs (the gap ends the
 //     hardware prefetcher's stream).
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -238,6 +239,26 @@ inline void axpy4(bool use_avx2, const QuantRows<ST>& rows, float* y, int64_t H,
   rows_axpy_x4(use_avx2, y, H, mask, dequant4(use_avx2, rows, H, w, f), z);
 }
 
+// The gate and up dots of a step: on float X, or (quantized rows, int8x) on prepare's int8 X.
+template <class WT>
+inline void gate_up_dot4(bool use_avx2, const DenseRows<WT>& rows, const PopDecodePlan& p, bool, int64_t H,
+                         uint64_t mask, const WT* const* w, float* out) {
+  dot4(use_avx2, rows, p.xf.data(), H, mask, w, out);
+}
+
+template <class ST>
+inline void gate_up_dot4(bool use_avx2, const QuantRows<ST>& rows, const PopDecodePlan& p, bool int8x, int64_t H,
+                         uint64_t mask, const QuantRow<ST>* w, float* out) {
+  if (!int8x) return dot4(use_avx2, rows, p.xf.data(), H, mask, w, out);
+  const QuantX x{p.xq.data(), p.xs.data(), p.x_lane_s.data(), p.x_lane_zp.data(), H, rows.block};
+  quant_dot_x4_i8(use_avx2, rows.bits, x, mask, w, out);
+}
+
+template <class Rows>
+struct IsQuantRows : std::false_type {};
+template <class ST>
+struct IsQuantRows<QuantRows<ST>> : std::true_type {};
+
 template <class ST>
 inline void prefetch(const QuantRows<ST>& rows, int64_t ch, int64_t H) {
   prefetch_quant_row(rows.row(ch, H), H, rows.bits, rows.block);
@@ -289,6 +310,19 @@ bool CpuPopDecode<T, Rows>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrow
   p.nrows = nrows;
   p.xf.resize(static_cast<size_t>(nrows * H));
   widen(X + row0 * H, nrows * H, p.xf.data());
+  if constexpr (IsQuantRows<Rows>::value) {
+    if (accuracy_level >= 4) {
+      const int64_t block = Wg.block;
+      p.xq.resize(static_cast<size_t>(nrows * H));
+      p.xs.resize(static_cast<size_t>(nrows * (H / block)));
+      p.x_lane_s.resize(static_cast<size_t>(nrows * (H / 4)));
+      p.x_lane_zp.resize(static_cast<size_t>(nrows * (H / 4)));
+      for (int64_t i = 0; i < nrows; ++i)
+        quantize_x_row(p.xf.data() + i * H, H, block, Wg.bits, use_avx2, p.xq.data() + i * H,
+                       p.xs.data() + i * (H / block), p.x_lane_s.data() + i * (H / 4),
+                       p.x_lane_zp.data() + i * (H / 4));
+    }
+  }
   p.gate_rows.assign(static_cast<size_t>(D), 0);
   p.seen.assign(static_cast<size_t>(D), 0);
   int64_t stamped = -1;  // the last sequence whose ids were checked for duplicates
@@ -316,11 +350,12 @@ bool CpuPopDecode<T, Rows>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrow
 
 template <class T, class Rows>
 void CpuPopDecode<T, Rows>::gate(PopDecodePlan& p, int64_t begin, int64_t end) const {
+  const bool int8x = accuracy_level >= 4;
   float dots[kPopRowsPerGroup * kStreams];
   walk_streams(p.gate_list.data(), begin, end, Wg, H, 0, stream_steps(begin, end), [&](int64_t, const int32_t* ch) {
                  typename Rows::Row w[kStreams];
                  const uint64_t mask = step_rows(Wg, H, ch, p.gate_rows.data(), w);
-                 dot4(use_avx2, Wg, p.xf.data(), H, mask, w, dots);
+                 gate_up_dot4(use_avx2, Wg, p, int8x, H, mask, w, dots);
                  for (int s = 0; s < kStreams; ++s) {
                    if (ch[s] < 0) continue;
                    for (uint64_t m = p.gate_rows[ch[s]]; m; m &= m - 1) {
@@ -365,6 +400,7 @@ template <class T, class Rows>
 void CpuPopDecode<T, Rows>::updown(const PopDecodePlan& p, int64_t begin, int64_t end, float* out) const {
   // Blocks of steps: up rows (z = act * x.Wu) for a block, then the block's down rows (out += z Wd).
   const int64_t nrows = p.nrows;
+  const bool int8x = accuracy_level >= 4;
   thread_local std::vector<float> z;  // [block steps, nrows, kStreams]
   z.resize(static_cast<size_t>(kUpDownBlock * nrows * kStreams));
   float dots[kPopRowsPerGroup * kStreams];
@@ -374,7 +410,7 @@ void CpuPopDecode<T, Rows>::updown(const PopDecodePlan& p, int64_t begin, int64_
     walk_streams(p.keep_list.data(), begin, end, Wu, H, t0, t1, [&](int64_t t, const int32_t* ch) {
                    typename Rows::Row w[kStreams];
                    const uint64_t mask = step_rows(Wu, H, ch, p.keep_rows.data(), w);
-                   dot4(use_avx2, Wu, p.xf.data(), H, mask, w, dots);
+                   gate_up_dot4(use_avx2, Wu, p, int8x, H, mask, w, dots);
                    float* zt = z.data() + (t - t0) * nrows * kStreams;
                    for (uint64_t m = mask; m; m &= m - 1) {
                      const int i = lowest_bit(m);

@@ -73,7 +73,7 @@ void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& 
   const auto [R, K] = decode_split(cfg, RC);
   auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
   const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, xs[0] * xs[1], xs[1], H, D, RC, R, K,
-                                  activation, use_avx2};
+                                  activation, use_avx2, 0};
   run_pop_decode(ctx, job, op);
 }
 

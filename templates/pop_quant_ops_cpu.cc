@@ -5,6 +5,7 @@
 //   GatherMatMulTQ(X [.., H], Wq uint8 [N, H*bits/8], Ws [N, H/block_size], I int64 [.., K]) -> [.., K]
 //   GatherMatMulQ (Z [.., K], Wq, Ws, I) -> [.., H]
 //   PopSwiGLUDecodeQ / PopGeGLUDecodeQ (X, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds) -> Y
+//       (accuracy_level >= 4: the gate and up dots on X rounded to int8 per block)
 //   PopSwiGLUQ / PopGeGLUQ (X, token_mask, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds,
 //       static_score) -> (Y, partition_out): the whole FFN, float32 only. Prefill dequantizes the
 //       three matrices into float scratch (kept per calling thread, reused by every layer and
@@ -29,13 +30,18 @@ inline constexpr ONNXTensorElementDataType kUint8 = ONNX_TENSOR_ELEMENT_DATA_TYP
 
 // bits and block_size as the node has them (the functions' defaults 4 and 32 otherwise); they are
 // checked at each call, where a bad value can be an ORT error rather than a failed session.
+// accuracy_level (the decode ops and the whole FFN; default 0): >= 4 takes the decode's gate and up
+// dots on X rounded to int8 (as the bodies' DecodeActivations); anything below 4 (1..3 included,
+// as MatMulNBits takes levels below 4 in float on the CPU) keeps X in float. Never an error.
 struct QuantAttrs {
-  int64_t bits = 4, block = 32;
+  int64_t bits = 4, block = 32, accuracy_level = 0;
   explicit QuantAttrs(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo k(info);
     try { bits = k.GetAttribute<int64_t>("bits"); } catch (const Ort::Exception&) {}
     try { block = k.GetAttribute<int64_t>("block_size"); } catch (const Ort::Exception&) {}
+    try { accuracy_level = k.GetAttribute<int64_t>("accuracy_level"); } catch (const Ort::Exception&) {}
   }
+  int level() const { return accuracy_level >= 4 ? 4 : 0; }
 };
 
 // Checks one quantized matrix (Wq, Ws) for rows of H elements; returns its rows N. `shapes` ends
@@ -144,7 +150,8 @@ void pop_decode_q(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue
   const auto [R, K] = decode_split(config.GetTensorData<int64_t>(), RC);
   const popc::CpuPopDecode<T, popc::QuantRows<T>> job{
       static_cast<const T*>(x.GetTensorRawData()), I, quant_rows<T>(w[0], w[1], attrs), quant_rows<T>(w[2], w[3], attrs),
-      quant_rows<T>(w[4], w[5], attrs), y, xs[0] * xs[1], xs[1], H, D, RC, R, K, activation, use_avx2};
+      quant_rows<T>(w[4], w[5], attrs), y, xs[0] * xs[1], xs[1], H, D, RC, R, K, activation, use_avx2,
+      attrs.level()};
   run_pop_decode(ctx, job, op);
 }
 

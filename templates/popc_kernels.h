@@ -83,6 +83,11 @@ struct PopDecodePlan {
   std::vector<std::vector<int32_t>> kept;  // [nrows] each row's kept channels (select's output)
   std::vector<float> partial;          // [tasks, nrows, H] partial sums of Y
   std::vector<int32_t> seen;           // [D] scratch
+  // accuracy_level >= 4 on quantized rows: X rounded to int8 per block (quant_rows.h's QuantX).
+  std::vector<int8_t> xq;              // [nrows, H]
+  std::vector<float> xs;               // [nrows, H / block]
+  std::vector<float> x_lane_s;         // [nrows, H / 4]
+  std::vector<int32_t> x_lane_zp;      // [nrows, H / 4]
 };
 
 // How the decode walk reaches a weight row (its one generalisation point: the walk, the
@@ -125,6 +130,9 @@ struct CpuPopDecode {
   int64_t rows, seq, H, D, RC, R, K;
   int activation;
   bool use_avx2;
+  // Quantized rows (MatMulNBits' levels): >= 4 takes the gate and up dots with X rounded to int8
+  // per block (the bodies' Int8Activations); below 4, float X. Dense rows ignore it.
+  int accuracy_level = 0;
   // Phases of one group of rows (each phase's calls are independent and may run in parallel):
   // prepare(row0, nrows) -> gate(gate_list slice) x tasks -> select(row) x nrows -> gather_kept
   // -> updown(keep_list slice, partial of that task) x tasks -> finish(tasks).

@@ -131,8 +131,12 @@ def quant_weights(rng, D: int, H: int, bits: int, block: int, dtype=np.float32) 
 WEIGHTS = ["Wgq", "Wgs", "Wuq", "Wus", "Wdq", "Wds"]
 
 
-def decode_model(op: str, weights: dict, bits: int, block: int, approximate: str | None = None, dtype=np.float32):
+def decode_model(
+    op: str, weights: dict, bits: int, block: int, approximate: str | None = None, dtype=np.float32, level=None
+):
+    """``level``: the node's accuracy_level (None: no attribute, the default 0)."""
     attributes = {"bits": bits, "block_size": block} | ({"approximate": approximate} if approximate else {})
+    attributes |= {} if level is None else {"accuracy_level": level}
     node = helper.make_node(op, ["X", "P", "C", *WEIGHTS], ["Y"], domain=DOMAIN, **attributes)
     inputs = [helper.make_tensor_value_info("X", elem_of(dtype), ["b", "s", "h"]),
               helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "rc"]),
@@ -160,19 +164,26 @@ DECODE_CASES = [
 ]
 
 
+# accuracy_level: none (the default, float X), 4 (gate and up dots on int8 X), and 2 (below 4: float X).
+LEVELS = pytest.mark.parametrize("level", [None, 4], ids=["level0", "level4"])
+
+
 @PATHS
+@LEVELS
 @pytest.mark.parametrize("rows", [1, 3, 70], ids=["b1", "b3", "b70"])
 @pytest.mark.parametrize("op,approximate,bits,block,split", DECODE_CASES)
-def test_fused_decode_q_equals_function_body(library, path, op, approximate, bits, block, split, rows, avx2):
+def test_fused_decode_q_equals_function_body(library, path, op, approximate, bits, block, split, rows, level, avx2):
     path(avx2)
     rng = np.random.default_rng(rows * 7 + bits + block)
     H, D = 128, 101  # D odd: the channel union's slices end ragged across the 4 streams
     weights = quant_weights(rng, D, H, bits, block)
-    m = decode_model(op, weights, bits, block, approximate)
+    m = decode_model(op, weights, bits, block, approximate, level=level)
     batch, seq = (rows, 1) if rows != 3 else (1, 3)  # b3: three tokens of one sequence
     retain, candidate, keep = SPLITS[split]
+    x = rng.standard_normal((batch, seq, H)).astype(np.float32)
+    x[0, 0, block : 2 * block] = 0  # an all-zero block (int8 X: scale 0, taken as 1)
     feed = {
-        "X": rng.standard_normal((batch, seq, H)).astype(np.float32),
+        "X": x,
         "P": np.stack([rng.permutation(D)[: retain + candidate] for _ in range(batch)]).astype(np.int64),
         "C": np.array([retain, candidate, keep, 0], np.int64),
     }
@@ -181,14 +192,39 @@ def test_fused_decode_q_equals_function_body(library, path, op, approximate, bit
 
 
 @PATHS
+@pytest.mark.parametrize("level", [4, 2, 7], ids=["level4", "level2", "level7"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
 @pytest.mark.parametrize("rows", [1, 3], ids=["b1", "b3"])
-def test_fused_decode_q_fp16(library, path, bits, rows, avx2):
+def test_fused_decode_q_int8_x_ragged_chunks(library, path, bits, rows, level, avx2):
+    """H = 80 in blocks of 16: two whole chunks of 32 and a block of 16 (the AVX2 int8 dot's
+    tail); levels 1..3 run as 0, levels above 4 as 4 (the body's test is level >= 4)."""
     path(avx2)
-    rng = np.random.default_rng(5 + rows)
+    rng = np.random.default_rng(17 + bits + rows)
+    H, D = 80, 64
+    m = decode_model("PopSwiGLUDecodeQ", quant_weights(rng, D, H, bits, 16), bits, 16, level=level)
+    x = rng.standard_normal((rows, 1, H)).astype(np.float32)
+    x[-1, 0, 64:] = 0  # the tail block all zero
+    x[0, 0, :16] *= 1e-3  # a block of small values: fine int8 steps
+    feed = {"X": x, "P": np.stack([rng.permutation(D)[:40] for _ in range(rows)]).astype(np.int64),
+            "C": np.array([12, 28, 14, 0], np.int64)}  # fmt: skip
+    (expected,), (got,) = both(m, library, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@PATHS
+@LEVELS
+@pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 3], ids=["b1", "b3"])
+def test_fused_decode_q_fp16(library, path, bits, rows, level, avx2):
+    path(avx2)
+    # level 4: the body rounds its int8 X back to float16 (CastLike) while the kernel's integer dots
+    # take s_x q_x exactly, a float16 rounding apart: a near-tie at the top-K can flip (level 4's
+    # data with level 0's seed, b3-int8: a relative gap of 1.5e-4 at the K-th candidate), so its
+    # own seed.
+    rng = np.random.default_rng(5 + rows + (40 if level == 4 else 0))
     H, D = 64, 96
     weights = quant_weights(rng, D, H, bits, 32, np.float16)
-    m = decode_model("PopSwiGLUDecodeQ", weights, bits, 32, dtype=np.float16)
+    m = decode_model("PopSwiGLUDecodeQ", weights, bits, 32, dtype=np.float16, level=level)
     feed = {
         "X": rng.standard_normal((rows, 1, H)).astype(np.float16),
         "P": np.stack([rng.permutation(D)[:56] for _ in range(rows)]).astype(np.int64),
@@ -200,9 +236,9 @@ def test_fused_decode_q_fp16(library, path, bits, rows, avx2):
 
 
 # ---- PopSwiGLUQ / PopGeGLUQ: the whole FFN -----------------------------------------------------
-def ffn_model(op: str, weights: dict, static_score: np.ndarray, bits: int, block: int) -> onnx.ModelProto:
-    node = helper.make_node(op, ["X", "M", "P", "C", *WEIGHTS, "S"], ["Y", "P_out"], domain=DOMAIN, bits=bits,
-                            block_size=block)  # fmt: skip
+def ffn_model(op: str, weights: dict, static_score: np.ndarray, bits: int, block: int, level=None) -> onnx.ModelProto:
+    attributes = {"bits": bits, "block_size": block} | ({} if level is None else {"accuracy_level": level})
+    node = helper.make_node(op, ["X", "M", "P", "C", *WEIGHTS, "S"], ["Y", "P_out"], domain=DOMAIN, **attributes)
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "s", "h"]),
               helper.make_tensor_value_info("M", TensorProto.FLOAT, ["b", "s"]),
               helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "rc"]),
@@ -223,14 +259,20 @@ def optimized_op_types(m: onnx.ModelProto, library, tmp_path) -> list[str]:
 
 
 @PATHS
+@LEVELS
 @pytest.mark.parametrize("static", [0, 1], ids=["scored", "static"])
-@pytest.mark.parametrize("bits,block", [(4, 32), (8, 64)], ids=["int4-32", "int8-64"])
+@pytest.mark.parametrize(
+    "bits,block", [(4, 32), (8, 64), (4, 16), (8, 16)], ids=["int4-32", "int8-64", "int4-16", "int8-16"]
+)
 @pytest.mark.parametrize("op", ["PopSwiGLUQ", "PopGeGLUQ"])
-def test_whole_ffn_q_equals_function_body_at_prefill_and_decode(library, path, tmp_path, op, bits, block, static, avx2):
+def test_whole_ffn_q_equals_function_body_at_prefill_and_decode(
+    library, path, tmp_path, op, bits, block, static, level, avx2
+):
+    """level 4: the decode step's gate and up dots on int8 X; the prefill stays float."""
     path(avx2)
     rng = np.random.default_rng(11 + bits)
     B, T, H, D = 3, 7, 64, 97
-    m = ffn_model(op, quant_weights(rng, D, H, bits, block), rng.random(D).astype(np.float32), bits, block)
+    m = ffn_model(op, quant_weights(rng, D, H, bits, block), rng.random(D).astype(np.float32), bits, block, level)
     mask = np.ones((B, T), np.float32)
     mask[1, :3] = 0  # left padding
     config = np.array([16, 40, 20, static], np.int64)
