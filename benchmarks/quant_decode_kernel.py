@@ -8,7 +8,11 @@ step reads are counted from the rows each layer's call touches (the union over i
 partitions for the gate, of the kept channels for up and down), quantized bytes including the
 scales. Effective GB/s = those bytes / median step time.
 
-    .venv/bin/python benchmarks/quant_decode_kernel.py [--batches 1,4] [--threads 2]
+    .venv/bin/python benchmarks/quant_decode_kernel.py [--batches 1,4] [--threads 2] [--accuracy-level 0,4]
+
+accuracy_level 4 takes the gate and up dots with X rounded to int8 per block (integer dot
+products); 0 keeps X in float. The row counts come from the float gate (level 4's top-K may keep
+a few other channels, as many of them).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def functions() -> list[onnx.FunctionProto]:
     return protos
 
 
-def build(layers: list[dict], quant: QuantScheme | None) -> onnx.ModelProto:
+def build(layers: list[dict], quant: QuantScheme | None, level: int = 0) -> onnx.ModelProto:
     nodes, inits, outputs = [], [], []
     for i, w in enumerate(layers):
         if quant is None:
@@ -58,7 +62,7 @@ def build(layers: list[dict], quant: QuantScheme | None) -> onnx.ModelProto:
             nodes.append(
                 helper.make_node(
                     "PopSwiGLUDecodeQ", ["X", "P", "C", *names], [f"Y{i}"], domain=DOMAIN,
-                    bits=quant.bits, block_size=quant.block_size,
+                    bits=quant.bits, block_size=quant.block_size, accuracy_level=level,
                 )
             )  # fmt: skip
         outputs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None))
@@ -69,7 +73,11 @@ def build(layers: list[dict], quant: QuantScheme | None) -> onnx.ModelProto:
          helper.make_tensor_value_info("C", TensorProto.INT64, [4])],
         outputs, initializer=inits,
     )  # fmt: skip
-    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [
+        helper.make_opsetid("", 20),
+        helper.make_opsetid(DOMAIN, VERSION),
+        helper.make_opsetid("com.microsoft", 1),
+    ]
     model = helper.make_model(graph, opset_imports=opsets, functions=functions())
     model.ir_version = 10
     return model
@@ -111,6 +119,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--bits", default="4,8", help="quantized variants to time (4, 8)")
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument(
+        "--accuracy-level",
+        default="0,4",
+        help="accuracy_level values of the quantized variants (0: float X, 4: int8 X)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.5, help="timing per variant and batch")
     args = parser.parse_args()
@@ -140,7 +153,8 @@ def main() -> None:
             for key in ("g", "u", "d"):
                 w[key + "q"] = quantize_rows(w[key + "f"], scheme)
         row_bytes = H * bits // 8 + (H // scheme.block_size) * 4
-        variants[f"int{bits} (block {scheme.block_size})"] = (build(layers, scheme), row_bytes)
+        for level in (int(v) for v in args.accuracy_level.split(",")):
+            variants[f"int{bits} (block {scheme.block_size}) level {level}"] = (build(layers, scheme, level), row_bytes)
 
     table = Table(title=f"PopSwiGLUDecode(Q), H={H}, D={D}, {args.layers} layers, (R, C, K)=({R}, {C}, {K}), "
                         f"{args.threads} threads")  # fmt: skip
