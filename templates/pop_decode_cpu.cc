@@ -234,7 +234,9 @@ inline void dot4(bool use_avx2, const QuantRows<ST>& rows, const float* x, int64
 template <class ST>
 inline void axpy4(bool use_avx2, const QuantRows<ST>& rows, float* y, int64_t H, uint64_t mask,
                   const QuantRow<ST>* w, const float* z) {
-  if (__builtin_popcountll(mask) <= kQuantInRegisterRows) return quant_axpy_x4(use_avx2, rows.bits, rows.block, y, H, mask, w, z);
+  // AVX2 takes every count in registers (quant_rows.h: pairs, and quads from three rows up).
+  if (use_avx2 || __builtin_popcountll(mask) <= kQuantInRegisterRows)
+    return quant_axpy_x4(use_avx2, rows.bits, rows.block, y, H, mask, w, z);
   const float* f[kStreams];
   rows_axpy_x4(use_avx2, y, H, mask, dequant4(use_avx2, rows, H, w, f), z);
 }
@@ -281,6 +283,14 @@ inline uint64_t step_rows(const Rows& rows, int64_t H, const int32_t* ch, const 
 // list[begin + s * stride + t] from each stream s that still has one. `visit(t, ch)` gets
 // the step and its kStreams channels (-1 where a stream has run out; stream 0 never has).
 // A stream whose next channel is not the adjacent row prefetches that row a step ahead.
+// Quantized rows (a few hundred bytes each, their scales in a second array) go by faster than
+// the hardware prefetcher ramps up: each stream prefetches its row kQuantLookahead steps ahead,
+// gap or not (the first steps of a walk prefetch theirs before it starts).
+template <class Rows>
+struct Lookahead { static constexpr int64_t steps = 1; static constexpr bool always = false; };
+template <class ST>
+struct Lookahead<QuantRows<ST>> { static constexpr int64_t steps = 4; static constexpr bool always = true; };
+
 template <class Rows, typename Visit>
 inline void walk_streams(const int32_t* list, int64_t begin, int64_t end, const Rows& rows, int64_t H,
                          int64_t t_begin, int64_t t_end, Visit&& visit) {
@@ -289,12 +299,17 @@ inline void walk_streams(const int32_t* list, int64_t begin, int64_t end, const 
     const int64_t k = begin + s * stride + t;
     return (t < stride && k < end) ? list[k] : -1;
   };
+  constexpr int64_t ahead = Lookahead<Rows>::steps;
+  if constexpr (Lookahead<Rows>::always)
+    for (int64_t t = t_begin; t < std::min(t_end, t_begin + ahead); ++t)
+      for (int s = 0; s < kStreams; ++s)
+        if (const int32_t ch = at(s, t); ch >= 0) prefetch(rows, ch, H);
   for (int64_t t = t_begin; t < t_end; ++t) {
     int32_t ch[kStreams];
     for (int s = 0; s < kStreams; ++s) {
       ch[s] = at(s, t);
-      const int32_t next = at(s, t + 1);
-      if (next >= 0 && next != ch[s] + 1) prefetch(rows, next, H);
+      const int32_t next = at(s, t + ahead);
+      if (next >= 0 && (Lookahead<Rows>::always || next != ch[s] + 1)) prefetch(rows, next, H);
     }
     visit(t, ch);
   }

@@ -254,6 +254,55 @@ POPC_AVX2 void quant_axpy_x4_avx2(float* y, int64_t H, uint64_t mask, const Quan
   }
 }
 
+// Rows of X four at a time (four and more rows in the mask; a remainder of one to three takes the
+// pair loop): each weight vector converted once feeds four FMAs. Per block, row r and stream s,
+// c = z_rs s_s (in an L1 table, FMA memory operands) and y_r += sum_s c q_s - zp sum_s c: no
+// dequantized buffer, the scale folded into z.
+template <int Bits, class ST>
+POPC_AVX2 void quant_axpy_x4_quad_avx2(float* y, int64_t H, uint64_t mask, const QuantRow<ST>* w, int64_t block,
+                                       const float* z) {
+  const uint8_t *q0 = w[0].q, *q1 = w[1].q, *q2 = w[2].q, *q3 = w[3].q;
+  const int64_t blocks = H / block;
+  const float zp = static_cast<float>(1 << (Bits - 1));
+  alignas(32) float c[4][kQuantStreams][8];
+  while (__builtin_popcountll(mask) >= 4) {
+    int r[4];
+    for (int k = 0; k < 4; ++k) r[k] = __builtin_ctzll(mask), mask &= mask - 1;
+    float *y0 = y + r[0] * H, *y1 = y + r[1] * H, *y2 = y + r[2] * H, *y3 = y + r[3] * H;
+    for (int64_t b = 0; b < blocks; ++b) {
+      float shift[4];
+      for (int k = 0; k < 4; ++k) {
+        shift[k] = 0.0f;
+        for (int s = 0; s < kQuantStreams; ++s) {
+          const float v = z[r[k] * kQuantStreams + s] * Elem<ST>::to_float(w[s].s[b]);
+          shift[k] += v;
+          _mm256_store_ps(c[k][s], _mm256_set1_ps(v));
+        }
+      }
+      const __m256 h0 = _mm256_set1_ps(zp * shift[0]), h1 = _mm256_set1_ps(zp * shift[1]);
+      const __m256 h2 = _mm256_set1_ps(zp * shift[2]), h3 = _mm256_set1_ps(zp * shift[3]);
+      const int64_t end = (b + 1) * block;
+      for (int64_t h = b * block; h < end; h += 8) {
+        __m256 a0 = _mm256_sub_ps(_mm256_loadu_ps(y0 + h), h0), a1 = _mm256_sub_ps(_mm256_loadu_ps(y1 + h), h1);
+        __m256 a2 = _mm256_sub_ps(_mm256_loadu_ps(y2 + h), h2), a3 = _mm256_sub_ps(_mm256_loadu_ps(y3 + h), h3);
+#define POPC_QUAD_STREAM(s, qs)                                  \
+  {                                                              \
+    const __m256 k = qint8<Bits>(qs, h);                         \
+    a0 = _mm256_fmadd_ps(_mm256_load_ps(c[0][s]), k, a0);        \
+    a1 = _mm256_fmadd_ps(_mm256_load_ps(c[1][s]), k, a1);        \
+    a2 = _mm256_fmadd_ps(_mm256_load_ps(c[2][s]), k, a2);        \
+    a3 = _mm256_fmadd_ps(_mm256_load_ps(c[3][s]), k, a3);        \
+  }
+        POPC_QUAD_STREAM(0, q0) POPC_QUAD_STREAM(1, q1) POPC_QUAD_STREAM(2, q2) POPC_QUAD_STREAM(3, q3)
+#undef POPC_QUAD_STREAM
+        _mm256_storeu_ps(y0 + h, a0), _mm256_storeu_ps(y1 + h, a1);
+        _mm256_storeu_ps(y2 + h, a2), _mm256_storeu_ps(y3 + h, a3);
+      }
+    }
+  }
+  if (mask) quant_axpy_x4_avx2<Bits>(y, H, mask, w, block, z);
+}
+
 template <int Bits, class ST>
 POPC_AVX2 void dequant_row_avx2(const QuantRow<ST>& r, int64_t H, int64_t block, float* out) {
   const __m256 zp = _mm256_set1_ps(static_cast<float>(1 << (Bits - 1)));
@@ -367,10 +416,12 @@ void quant_dot_x4_i8_portable(const QuantX& x, uint64_t mask, const QuantRow<ST>
 }
 
 #if POPC_X86
+inline int block_shift(int64_t block) { return __builtin_ctzll(static_cast<uint64_t>(block)); }  // a power of two
+
 // Chunk c's (elements [32c, 32c + 32)) weight scales over the 8 lanes.
 template <int Bits, class ST>
 POPC_AVX2 inline __m256 chunk_scales(const ST* s, int64_t c, int64_t block) {
-  if (block >= kXChunk) return scale8(s + c * kXChunk / block);
+  if (block >= kXChunk) return scale8(s + ((c * kXChunk) >> block_shift(block)));
   __m128 two;  // blocks of 16: the chunk's two scales
   if constexpr (std::is_same_v<ST, float>) {
     two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + 2 * c)));
@@ -498,6 +549,11 @@ inline void quant_axpy_x4(bool use_avx2, int bits, int64_t block, float* y, int6
                           const QuantRow<ST>* w, const float* z) {
 #if POPC_X86
   if (use_avx2) {
+    if (__builtin_popcountll(mask) >= 4) {  // rows four at a time, the rest in pairs
+      if (bits == 4) quant_axpy_x4_quad_avx2<4>(y, H, mask, w, block, z);
+      else quant_axpy_x4_quad_avx2<8>(y, H, mask, w, block, z);
+      return;
+    }
     if (bits == 4) quant_axpy_x4_avx2<4>(y, H, mask, w, block, z);
     else quant_axpy_x4_avx2<8>(y, H, mask, w, block, z);
     return;
