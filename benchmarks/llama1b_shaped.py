@@ -2,6 +2,8 @@
 
     python benchmarks/llama1b_shaped.py                       # the full 16 layers (~5 GB fp32)
     python benchmarks/llama1b_shaped.py --sparsities 0.25,0.5,0.75 --batches 1,4 --repeats 5
+    python benchmarks/llama1b_shaped.py --quant int4 --variants dense-ort-int4,pop-oplib-int4 \
+        --json benchmarks/results/llama1b-shaped-int4.json --markdown benchmarks/results/llama1b-shaped-int4.md
     python benchmarks/llama1b_shaped.py --layers 1 --repeats 1 --batches 1 --out-dir /tmp/l1b
                                             # smoke test: 1 layer (~1.3 GB), 3-5 minutes on 2 cores
 
@@ -264,6 +266,9 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="dense-ort,pop-oplib", help="popc bench --variants (default: dense-ort,pop-oplib)"
     )
+    parser.add_argument(
+        "--quant", default="", help="popc bench --quant: int4 and/or int8 twins of the variants, e.g. int4"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per run (default: 32)")
@@ -345,6 +350,7 @@ def bench(work: Path, args: argparse.Namespace):  # noqa: ANN201 - popc.bench.Be
         prompt_lengths=args.prompt_lengths, batches=args.batches, sparsities=args.sparsities,
         repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
         decode_prompt=args.decode_prompt, threads=args.threads,
+        quant=[q.strip() for q in args.quant.split(",") if q.strip()],
     )  # fmt: skip
     with console_progress(console) as progress:
         progress.stage("popc bench")
