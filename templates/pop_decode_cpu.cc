@@ -11,6 +11,8 @@
 //   * a stream that skips rows prefetches the next row it needs (the gap ends the
 //     hardware prefetcher's stream).
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -355,9 +357,13 @@ bool CpuPopDecode<T, Rows>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrow
     }
     stamped = b;
   }
-  p.gate_list.clear();
-  for (int64_t ch = 0; ch < D; ++ch)
-    if (p.gate_rows[ch]) p.gate_list.push_back(static_cast<int32_t>(ch));
+  p.gate_list.resize(static_cast<size_t>(D));
+  int64_t gates = 0;  // branch-free: the channels are a random subset
+  for (int64_t ch = 0; ch < D; ++ch) {
+    p.gate_list[gates] = static_cast<int32_t>(ch);
+    gates += p.gate_rows[ch] != 0;
+  }
+  p.gate_list.resize(static_cast<size_t>(gates));
   p.act.resize(static_cast<size_t>(nrows * D));
   p.kept.resize(static_cast<size_t>(nrows));
   return true;
@@ -383,22 +389,34 @@ void CpuPopDecode<T, Rows>::gate(PopDecodePlan& p, int64_t begin, int64_t end) c
 
 template <class T, class Rows>
 void CpuPopDecode<T, Rows>::select(PopDecodePlan& p, int64_t i) const {
-  // Retained ids plus the top-K candidates by |activation|, ties to the lower position (as ONNX TopK).
+  // Retained ids plus the top-K candidates by |activation|, ties to the lower position (as ONNX
+  // TopK). Only the set matters (updown walks keep_list in channel order): the K-th largest |a|
+  // t by nth_element on the candidates' |a| (contiguous floats, not an indirect comparator),
+  // then every candidate above t and, in position order, those equal to t until there are K.
   const int64_t* ids = P + ((p.row0 + i) / seq) * RC;
   const float* a = p.act.data() + i * D;
-  thread_local std::vector<int64_t> candidates;
-  candidates.clear();
-  for (int64_t j = R; j < RC; ++j) candidates.push_back(j);
-  auto before = [&](int64_t x, int64_t y) {
-    const float fx = std::fabs(a[ids[x]]), fy = std::fabs(a[ids[y]]);
-    return fx > fy || (fx == fy && x < y);
-  };
-  if (K < static_cast<int64_t>(candidates.size()))
-    std::nth_element(candidates.begin(), candidates.begin() + K, candidates.end(), before);
   std::vector<int32_t>& kept = p.kept[i];
-  kept.clear();
-  for (int64_t j = 0; j < R; ++j) kept.push_back(static_cast<int32_t>(ids[j]));
-  for (int64_t t = 0; t < K; ++t) kept.push_back(static_cast<int32_t>(ids[candidates[t]]));
+  const int64_t C = RC - R;
+  kept.resize(static_cast<size_t>(R + std::max<int64_t>(0, std::min(K, C))));
+  for (int64_t j = 0; j < R; ++j) kept[j] = static_cast<int32_t>(ids[j]);
+  if (K <= 0) return;
+  if (K >= C) {  // every candidate
+    for (int64_t j = 0; j < C; ++j) kept[R + j] = static_cast<int32_t>(ids[R + j]);
+    return;
+  }
+  thread_local std::vector<float> key, order;
+  key.resize(static_cast<size_t>(C));
+  for (int64_t j = 0; j < C; ++j) key[j] = std::fabs(a[ids[R + j]]);
+  order.assign(key.begin(), key.end());
+  std::nth_element(order.begin(), order.begin() + (K - 1), order.end(), std::greater<float>());
+  const float t = order[K - 1];
+  int64_t above = 0;
+  for (int64_t j = 0; j < C; ++j) above += key[j] > t;
+  int64_t ties = K - above, n = R;  // candidates equal to t to take, lowest positions first
+  for (int64_t j = 0; j < C; ++j) {
+    const float k = key[j];
+    if (k > t || (k == t && ties-- > 0)) kept[n++] = static_cast<int32_t>(ids[R + j]);
+  }
 }
 
 template <class T, class Rows>
@@ -406,9 +424,13 @@ void CpuPopDecode<T, Rows>::gather_kept(PopDecodePlan& p) const {
   p.keep_rows.assign(static_cast<size_t>(D), 0);
   for (int64_t i = 0; i < p.nrows; ++i)
     for (const int32_t ch : p.kept[i]) p.keep_rows[ch] |= uint64_t{1} << i;
-  p.keep_list.clear();
-  for (int64_t ch = 0; ch < D; ++ch)
-    if (p.keep_rows[ch]) p.keep_list.push_back(static_cast<int32_t>(ch));
+  p.keep_list.resize(static_cast<size_t>(D));
+  int64_t kept = 0;  // branch-free: the channels are a random subset
+  for (int64_t ch = 0; ch < D; ++ch) {
+    p.keep_list[kept] = static_cast<int32_t>(ch);
+    kept += p.keep_rows[ch] != 0;
+  }
+  p.keep_list.resize(static_cast<size_t>(kept));
 }
 
 template <class T, class Rows>
