@@ -20,8 +20,8 @@ from popc.reference.pop_online import (
     pop_ffn,
     top_indices,
 )
-from popc.reference.quantized import fake_quantize_model
 from popc.reference.pop_prefill import PARTITION_SOURCES, SkipReference, continuation_nll, ffn_input_norm
+from popc.reference.quantized import fake_quantize_model
 
 __all__ = [
     "PARTITION_SOURCES",
