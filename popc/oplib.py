@@ -60,6 +60,7 @@ SOURCES = (
     "popc_kernels.h",
     "cpu_simd.h",
     "quant_rows.h",
+    "quant_rows_i8.h",
     "popc_kernels_cpu.cc",
     "pop_decode_cpu.cc",
     "quant_kernels_cpu.cc",

@@ -18,7 +18,7 @@
 
 #include "cpu_simd.h"
 #include "popc_kernels.h"
-#include "quant_rows.h"
+#include "quant_rows_i8.h"
 
 namespace popc {
 
