@@ -15,6 +15,7 @@ reads the model-wide ``pop_config`` input. The op bodies live in ``templates/pop
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -143,17 +144,20 @@ class PopRewriteState:
         ordered += [self.partitions[key][0] for key in sorted(self.partitions)]
         graph.inputs.clear()
         graph.inputs.extend([*ordered, self.config])
-        _add_functions(model)
+        add_functions(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
-def _add_functions(model: ir.Model) -> None:
+def add_functions(model: ir.Model, functions: Sequence = POP_FUNCTIONS, domains: tuple[str, ...] = (DOMAIN,)) -> None:
+    """Add onnxscript ``functions`` to ``model`` as model-local functions, each importing
+    ``domains`` (version 1 unless it names one), and import popc's domain in the model."""
     import onnx
 
-    for function in POP_FUNCTIONS:
+    for function in functions:
         proto = function.to_function_proto()
-        if not any(o.domain == DOMAIN for o in proto.opset_import):
-            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+        for domain in domains:
+            if not any(o.domain == domain for o in proto.opset_import):
+                proto.opset_import.append(onnx.helper.make_opsetid(domain, VERSION if domain == DOMAIN else 1))
         ir_function = ir.serde.deserialize_function(proto)
         model.functions[ir_function.identifier()] = ir_function
     model.opset_imports[DOMAIN] = VERSION

@@ -28,8 +28,11 @@ import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import MatchResult, pattern
 
+from popc.passes.pop_online import add_functions
 from popc.quantize import QuantScheme, quantize_rows
 from popc.templates.ops import DOMAIN
+from popc.templates.pop_ffn import POP_FUNCTIONS
+from popc.templates.pop_ffn_quant import POP_QUANT_FUNCTIONS
 
 MSFT = "com.microsoft"
 
@@ -244,7 +247,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         embedding = pattern.RewriteRuleSet([EmbeddingToGatherBlockQuantized.rule(state)])
         rewriter.rewrite(model, pattern_rewrite_rules=embedding)
         if state.counts.get("PopSwiGLUToQuantized") or state.counts.get("PopGeGLUToQuantized"):
-            _add_quantized_functions(model)
+            # The rewriter drops functions no node calls, so the helpers the Q ops share with
+            # the float ops (PopPartition, PopSelect, ...) are added back with them.
+            add_functions(model, [*POP_FUNCTIONS, *POP_QUANT_FUNCTIONS], domains=(DOMAIN, MSFT))
         model.opset_imports.setdefault(MSFT, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         self.counts = state.counts
@@ -252,19 +257,3 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             raise ValueError("quantization found no weight to quantize in this graph")
         return ir.passes.PassResult(model, modified=True)
 
-
-def _add_quantized_functions(model: ir.Model) -> None:
-    import onnx
-
-    from popc.templates.pop_ffn import POP_FUNCTIONS
-    from popc.templates.pop_ffn_quant import POP_QUANT_FUNCTIONS
-
-    # The rewriter drops functions no node calls, so the helpers the Q ops share with the
-    # float ops (PopPartition, PopSelect, ...) are added back with them.
-    for function in [*POP_FUNCTIONS, *POP_QUANT_FUNCTIONS]:
-        proto = function.to_function_proto()
-        for domain in (DOMAIN, MSFT):
-            if not any(o.domain == domain for o in proto.opset_import):
-                proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-        ir_function = ir.serde.deserialize_function(proto)
-        model.functions[ir_function.identifier()] = ir_function
