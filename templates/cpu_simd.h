@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "popc_kernels.h"
@@ -161,6 +162,16 @@ inline float row_dot(bool use_avx2, const float* x, const WT* w, int64_t n) {
   if (use_avx2) return dot_avx2(x, w, n);
 #endif
   return dot(x, w, n);
+}
+
+// The next one or two rows of a row mask, taken out of it: (i, j) with j = i when only one
+// is left (the x2 kernels feed each loaded weight vector to both).
+inline std::pair<int, int> take_row_pair(uint64_t& mask) {
+  const int i = __builtin_ctzll(mask);
+  mask &= mask - 1;
+  const int j = mask ? __builtin_ctzll(mask) : i;
+  if (mask) mask &= mask - 1;
+  return {i, j};
 }
 
 // Prefetch a whole weight row (used when the next row is not the adjacent one).

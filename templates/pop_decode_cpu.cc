@@ -73,10 +73,7 @@ POPC_AVX2 void dot_x4_avx2(const float* x, int64_t H, uint64_t mask, const WT* c
   using E = Elem<WT>;
   const WT *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
   while (mask) {
-    const int i = lowest_bit(mask);
-    mask &= mask - 1;
-    const int j = mask ? lowest_bit(mask) : i;  // the second row of the pair (i again when alone)
-    if (mask) mask &= mask - 1;
+    const auto [i, j] = take_row_pair(mask);
     const float *xi = x + i * H, *xj = x + j * H;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t h = 0;
@@ -124,10 +121,7 @@ POPC_AVX2 void axpy_x4_avx2(float* y, int64_t H, uint64_t mask, const WT* const*
   using E = Elem<WT>;
   const WT *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
   while (mask) {
-    const int i = lowest_bit(mask);
-    mask &= mask - 1;
-    const int j = mask ? lowest_bit(mask) : i;
-    if (mask) mask &= mask - 1;
+    const auto [i, j] = take_row_pair(mask);
     float *yi = y + i * H, *yj = y + j * H;
     const float *zi = z + i * kStreams, *zj = z + j * kStreams;
     const __m256 s0 = _mm256_set1_ps(zi[0]), s1 = _mm256_set1_ps(zi[1]);

@@ -31,6 +31,13 @@ inline int gelu_activation(const OrtKernelInfo* info, const char* fallback) {
   return approximate == "tanh" ? popc::kGeluTanh : popc::kGeluErf;
 }
 
+// ONNX Runtime's float32 MatMul as an op a kernel can invoke (the whole-FFN prefills).
+inline Ort::Op float_matmul_op(const OrtKernelInfo* info) {
+  const char* type_names[] = {"T"};
+  const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  return Ort::Op::Create(info, "MatMul", "", 13, type_names, types, 1, nullptr, 0, 2, 1);
+}
+
 // One decode step of a validated CpuPopDecode job (any row layout) on the thread pool.
 // Batch decode reads the union of what its rows need; even when that union is every channel
 // the streamed kernel stays (ONNX Runtime's GEMM, invoked without its pre-packed weights,

@@ -192,9 +192,7 @@ struct CpuPopFfnKernel {
 
   explicit CpuPopFfnKernel(const OrtKernelInfo* info) {
     if constexpr (GeGLU) activation = gelu_activation(info, "tanh");  // the function's default
-    const char* type_names[] = {"T"};
-    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    matmul = Ort::Op::Create(info, "MatMul", "", 13, type_names, types, 1, nullptr, 0, 2, 1);
+    matmul = float_matmul_op(info);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {

@@ -141,10 +141,7 @@ POPC_AVX2 void quant_dot_x4_avx2(const float* x, int64_t H, uint64_t mask, const
   const uint8_t *q0 = w[0].q, *q1 = w[1].q, *q2 = w[2].q, *q3 = w[3].q;
   const int64_t blocks = H / block;
   while (mask) {
-    const int i = __builtin_ctzll(mask);
-    mask &= mask - 1;
-    const int j = mask ? __builtin_ctzll(mask) : i;  // the second row of the pair (i again when alone)
-    if (mask) mask &= mask - 1;
+    const auto [i, j] = take_row_pair(mask);
     const float *xi = x + i * H, *xj = x + j * H;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -201,10 +198,7 @@ POPC_AVX2 void quant_axpy_x4_avx2(float* y, int64_t H, uint64_t mask, const Quan
   const uint8_t *q0 = w[0].q, *q1 = w[1].q, *q2 = w[2].q, *q3 = w[3].q;
   const int64_t blocks = H / block;
   while (mask) {
-    const int i = __builtin_ctzll(mask);
-    mask &= mask - 1;
-    const int j = mask ? __builtin_ctzll(mask) : i;
-    if (mask) mask &= mask - 1;
+    const auto [i, j] = take_row_pair(mask);
     float *yi = y + i * H, *yj = y + j * H;
     const float *zi = z + i * kQuantStreams, *zj = z + j * kQuantStreams;
     const __m256 s0 = _mm256_set1_ps(zi[0]), s1 = _mm256_set1_ps(zi[1]);

@@ -164,10 +164,7 @@ POPC_AVX2 void quant_dot_x4_i8_avx2(const QuantX& x, uint64_t mask, const QuantR
   const int64_t H = x.H, block = x.block, chunks = H / kXChunk;
   const uint8_t *q0 = w[0].q, *q1 = w[1].q, *q2 = w[2].q, *q3 = w[3].q;
   while (mask) {
-    const int i = __builtin_ctzll(mask);
-    mask &= mask - 1;
-    const int j = mask ? __builtin_ctzll(mask) : i;  // the second row of the pair (i again when alone)
-    if (mask) mask &= mask - 1;
+    const auto [i, j] = take_row_pair(mask);
     const int8_t *xi = x.q + i * H, *xj = x.q + j * H;
     const float *si = x.lane_s + i * (H / 4), *sj = x.lane_s + j * (H / 4);
     const int32_t *zi = x.lane_zp + i * (H / 4), *zj = x.lane_zp + j * (H / 4);
