@@ -1,0 +1,1 @@
+"""``popc serve``: an OpenAI-compatible server over one export, with continuous batching."""

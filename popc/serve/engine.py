@@ -1,0 +1,220 @@
+"""The serving engine: continuous batching over one export.
+
+One thread owns the ONNX Runtime session. Each turn it admits waiting requests (each
+prefilled alone, then joined to the running batch), runs one decode step for every
+running sequence together, hands each its new text, and drops the finished and the
+cancelled at once. Submitters never wait for a slot: a full queue is refused at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from popc.errors import PopcError
+from popc.pop import PopSettings
+from popc.runtime import PopcModel
+from popc.serve.batch import RunningBatch
+from popc.serve.sequence import Event, Handle, Request, Running, TextStream, Usage
+
+
+class QueueFull(PopcError):
+    """The waiting queue is at ``max_queue``: retry later (HTTP 429)."""
+
+
+class BadRequest(PopcError):
+    """A request the model cannot serve as asked (HTTP 400)."""
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    prompt_tokens: int  # totals since start
+    generated_tokens: int
+    finished: int
+    failed: int
+
+
+class Engine:
+    """Serve one :class:`PopcModel`; ``submit`` from any thread, events arrive on the engine's."""
+
+    def __init__(self, model: PopcModel, max_batch: int = 8, max_queue: int = 64, pop: PopSettings | None = None):
+        if max_batch < 1:
+            raise PopcError(f"--max-batch must be at least 1, got {max_batch}")
+        if max_queue < 0:
+            raise PopcError(f"--max-queue must be at least 0, got {max_queue}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batch = RunningBatch(model, pop)
+        self.running: list[Running] = []
+        self.waiting: collections.deque[Handle] = collections.deque()
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.totals = collections.Counter()
+        self.thread = threading.Thread(target=self._loop, name="popc-engine", daemon=True)
+
+    # ---- the submitter's side -------------------------------------------------------------
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+
+    def check(self, request: Request) -> None:
+        """Refuse what cannot be served: an empty prompt, a prompt longer than the context,
+        ``max_tokens`` outside 1 .. context - prompt."""
+        length = len(request.prompt_ids)
+        context = self.model.max_positions
+        if length == 0:
+            raise BadRequest("the prompt is empty")
+        if length >= context:
+            raise BadRequest(f"the prompt is {length} tokens; this model's context is {context} tokens")
+        if not 1 <= request.max_tokens <= context - length:
+            raise BadRequest(
+                f"max_tokens must be between 1 and {context - length} (the context of {context} tokens "
+                f"less the prompt's {length}), got {request.max_tokens}"
+            )
+
+    def submit(self, request: Request) -> Handle:
+        self.check(request)
+        handle = Handle(request)
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            free_slots = max(0, self.max_batch - len(self.running))
+            if len(self.waiting) >= self.max_queue + free_slots:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            self.waiting.append(handle)
+            self.lock.notify_all()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            return EngineStats(
+                waiting=len(self.waiting),
+                running=len(self.running),
+                prompt_tokens=self.totals["prompt_tokens"],
+                generated_tokens=self.totals["generated_tokens"],
+                finished=self.totals["finished"],
+                failed=self.totals["failed"],
+            )
+
+    # ---- the engine's thread --------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.lock.wait()
+                if self.stopping:
+                    break
+            try:
+                self._admit()
+                if self.running:
+                    self._step()
+            except Exception as error:  # a failed step fails its sequences, never the server
+                self._fail_all(f"{type(error).__name__}: {error}")
+        self._fail_all("the server is shutting down", reason="cancelled")
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            with self.lock:
+                if not self.waiting:
+                    return
+                handle = self.waiting.popleft()
+            if handle.cancelled.is_set():
+                self._finish_handle(handle, [], "cancelled")
+                continue
+            request = handle.request
+            try:
+                logits, row = self.batch.prefill_row(request.prompt_ids)
+            except Exception as error:
+                self._finish_handle(handle, [], "error", f"{type(error).__name__}: {error}")
+                continue
+            self.totals["prompt_tokens"] += len(request.prompt_ids)
+            sequence = Running(handle, TextStream(self.model.decode, request.stop))
+            if self._emit(sequence, int(request.sampling.pick(logits[None])[0])):
+                self._finish(sequence)
+                continue
+            self.batch.join(row)
+            self.running.append(sequence)
+
+    def _step(self) -> None:
+        # Rows whose client left since the last step go first.
+        self._leave([i for i, s in enumerate(self.running) if s.handle.cancelled.is_set()], "cancelled")
+        if not self.running:
+            return
+        if self.batch.length + 1 >= self.model.max_positions:
+            self.batch.compact()  # slots index the rotary tables: cut the padding first
+        last = np.array([[s.generated[-1]] for s in self.running], np.int64)
+        logits = self.batch.decode(last, copy=False)
+        done = []
+        for index, sequence in enumerate(self.running):
+            token = int(sequence.request.sampling.pick(logits[index : index + 1, -1])[0])
+            if self._emit(sequence, token):
+                done.append(index)
+        self._leave(done, None)
+
+    def _emit(self, sequence: Running, token: int) -> bool:
+        """Record a new token and send its text; True when the sequence is finished."""
+        now = time.perf_counter()
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+        request = sequence.request
+        eos = token in self.model.eos_token_ids
+        sequence.generated.append(token)  # an EOS is counted, not shown
+        self.totals["generated_tokens"] += 1
+        text = "" if eos else sequence.stream.push(token)
+        finished = eos or sequence.stream.stopped or len(sequence.generated) >= request.max_tokens
+        if text and not finished:
+            request.on_event(Event(text=text, token_ids=[token]))
+        elif finished:
+            sequence.pending = text  # sent with the final event
+        return finished
+
+    def _leave(self, indices: list[int], reason: str | None) -> None:
+        if not indices:
+            return
+        leaving = [self.running[i] for i in indices]
+        self.batch.leave(indices)
+        self.running = [s for i, s in enumerate(self.running) if i not in set(indices)]
+        for sequence in leaving:
+            self._finish(sequence, reason)
+
+    def _finish(self, sequence: Running, reason: str | None = None) -> None:
+        request = sequence.request
+        text = sequence.pending
+        if reason is None:
+            eos = bool(sequence.generated) and sequence.generated[-1] in self.model.eos_token_ids
+            reason = "stop" if eos or sequence.stream.stopped else "length"
+            text += sequence.stream.flush()
+        self._finish_handle(sequence.handle, sequence.generated, reason, text=text)
+
+    def _finish_handle(
+        self, handle: Handle, generated: list[int], reason: str, error: str | None = None, text: str = ""
+    ) -> None:
+        self.totals["finished" if reason != "error" else "failed"] += 1
+        usage = Usage(len(handle.request.prompt_ids), len(generated))
+        handle.request.on_event(Event(text=text, finish_reason=reason, usage=usage, error=error))
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        running, self.running = self.running, []
+        with self.lock:
+            waiting = list(self.waiting) if reason != "error" else []
+            if reason != "error":
+                self.waiting.clear()
+        self.batch = RunningBatch(self.model, self.batch.pop)
+        for sequence in running:
+            self._finish_handle(sequence.handle, sequence.generated, reason, message if reason == "error" else None)
+        for handle in waiting:
+            self._finish_handle(handle, [], reason)
