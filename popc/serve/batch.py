@@ -13,6 +13,10 @@ exports rotate keys by slot index (GroupQueryAttention's rotary), so a row moved
 slots has its cached keys rotated by ``d`` more: ``R(a + d) k = R(d) R(a) k``, the
 rotation read off the graph's own cos/sin tables, so attention sees the same relative
 positions as before the move.
+
+Since joins right-align and leaves cut, the batch is exactly as long as its longest
+sequence, so a slot index never outgrows the rotary tables (the engine admits no
+sequence whose prompt plus ``max_tokens`` exceeds the context).
 """
 
 from __future__ import annotations
@@ -189,8 +193,3 @@ class RunningBatch(BoundSteps):
         kv = {name: self._shift(name, array[keep][:, :, cut:], -cut) for name, array in kv.items()}
         other = {name: array[keep] for name, array in other.items()}
         self._install(mask[:, cut:], kv, other)
-
-    def compact(self) -> None:
-        """Cut common leading padding (before the cache would outgrow the rotary tables)."""
-        if self.rows:
-            self.leave([])

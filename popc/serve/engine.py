@@ -154,8 +154,6 @@ class Engine:
         self._leave([i for i, s in enumerate(self.running) if s.handle.cancelled.is_set()], "cancelled")
         if not self.running:
             return
-        if self.batch.length + 1 >= self.model.max_positions:
-            self.batch.compact()  # slots index the rotary tables: cut the padding first
         last = np.array([[s.generated[-1]] for s in self.running], np.int64)
         logits = self.batch.decode(last, copy=False)
         done = []
@@ -192,7 +190,6 @@ class Engine:
             self._finish(sequence, reason)
 
     def _finish(self, sequence: Running, reason: str | None = None) -> None:
-        request = sequence.request
         text = sequence.pending
         if reason is None:
             eos = bool(sequence.generated) and sequence.generated[-1] in self.model.eos_token_ids
