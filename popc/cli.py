@@ -1,4 +1,4 @@
-"""The ``popc`` command line: export, run, info, eval, analyze, bench, doctor.
+"""The ``popc`` command line: export, run, info, eval, analyze, bench, serve, doctor.
 
 Every command is registered with :func:`command`, which turns any error into one line on
 stderr and a non-zero exit (the traceback only with ``--debug``), and Ctrl-C into exit 130.
@@ -475,6 +475,32 @@ def bench(
         out = Console(width=220)
     for table in report.tables(result):
         out.print(table)
+
+
+@command(interrupted="the server stopped")
+def serve(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="An export directory or its .onnx file.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together at most.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot at most; more get HTTP 429.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 routes.")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default: DIR's name).")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve with Ray Serve replicas instead of one process.")] = False,
+    replicas: Annotated[int, typer.Option(help="--ray: how many replicas.")] = 1,
+) -> None:
+    """Serve an export over an OpenAI-compatible HTTP API (completions, chat, streaming), with continuous batching."""
+    options = dict(host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
+                   api_key=api_key, model_name=model_name)
+    if ray:
+        from popc.serve.ray_app import run as run_ray
+
+        run_ray(directory, replicas=replicas, **options)
+        return
+    from popc.serve.server import serve as serve_http
+
+    serve_http(directory, **options)
 
 
 @command()
