@@ -58,7 +58,7 @@ def test_rows_joining_and_leaving_see_the_logits_they_get_alone(exports, variant
     steps = {0: 5, 1: 12, 2: 9, 3: 12}  # the first leaves early: the rest are cut left
     joins = {0: [0], 2: [1], 3: [2], 6: [3]}
     references = [alone(model, prompt, steps[i]) for i, prompt in enumerate(prompts)]
-    batch = RunningBatch(model, headroom=3)  # small: the shared buffers also grow mid-run
+    batch = RunningBatch(model, max_rows=4, headroom=3)  # small: the buffers also grow mid-run
     running: list[list[int]] = []  # [sequence, steps done]
     worst = 0.0
     for turn in range(40):
@@ -68,9 +68,12 @@ def test_rows_joining_and_leaving_see_the_logits_they_get_alone(exports, variant
             running.append([sequence, 0])
             worst = max(worst, float(np.abs(logits - references[sequence][1][0]).max()))
         finished = [i for i, (sequence, done) in enumerate(running) if done >= steps[sequence]]
-        batch.leave(finished)
-        running = [entry for i, entry in enumerate(running) if i not in finished]
-        assert batch.length == max((len(prompts[s]) + d for s, d in running), default=0)
+        order = batch.leave(finished)
+        running = [running[old] for old in order]
+        if turn % 3 == 2:
+            batch.cut()  # every row's leading padding: all rows move left
+        longest = max((len(prompts[s]) + d for s, d in running), default=0)
+        assert longest <= batch.length < longest + 16
         if not running and turn > max(joins):
             break
         if not running:

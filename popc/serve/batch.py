@@ -4,8 +4,12 @@ they finish, without re-prefilling anyone.
 Every decode step runs the batch's rows as one left-padded batch (as ``generate_ids``
 does for a fixed batch). A joining sequence is prefilled alone, then its KV cache and POP
 partitions are spliced in as a new row, right-aligned to the batch's current length; a
-leaving row is dropped, and when every remaining row starts with padding the common
-padding is cut away.
+leaving row's place is taken by the last row, and once every remaining row starts with
+enough padding, the common padding is cut away.
+
+Fused exports keep each layer's keys and values in one buffer of ``max_rows`` rows whose
+first rows are bound as the graph's in-place cache (a numpy view shared with ONNX
+Runtime), so a join writes one row and a leave moves at most as many rows as left.
 
 Moving a row along the cache changes its slot indices. Unfused exports number positions
 by real tokens (the attention mask's cumulative sum), so nothing else changes. Fused
@@ -14,8 +18,8 @@ slots has its cached keys rotated by ``d`` more: ``R(a + d) k = R(d) R(a) k``, t
 rotation read off the graph's own cos/sin tables, so attention sees the same relative
 positions as before the move.
 
-Since joins right-align and leaves cut, the batch is exactly as long as its longest
-sequence, so a slot index never outgrows the rotary tables (the engine admits no
+Joins right-align, so the batch is as long as its longest sequence plus the padding not
+yet cut; a step that would pass the rotary tables' end cuts first (the engine admits no
 sequence whose prompt plus ``max_tokens`` exceeds the context).
 """
 
@@ -85,11 +89,16 @@ class KeyRotation:
 class RunningBatch(BoundSteps):
     """A :class:`BoundSteps` whose rows come and go between decode steps."""
 
-    def __init__(self, model: PopcModel, pop: PopSettings | None = None, headroom: int = 64):
+    def __init__(self, model: PopcModel, pop: PopSettings | None = None, max_rows: int = 8, headroom: int = 64):
         super().__init__(model, pop)
         self.pop = pop
+        self.max_rows = max_rows
         self.headroom = headroom
         self.rows = 0
+        self.slots = 0
+        # Fused exports: past key/value name -> [max_rows, heads, slots, dim]; rows [:self.rows]
+        # are bound as the in-place cache. Every other state value is held as ONNX Runtime's.
+        self.store: dict[str, np.ndarray] = {}
         self.rotation = KeyRotation(model.location.model_path) if self.shared_cache else None
 
     @property
@@ -112,84 +121,129 @@ class RunningBatch(BoundSteps):
             if meta.name in single.kv_buffers:
                 kv[meta.name] = single.kv_buffers[meta.name].numpy()[:, :, :length].copy()
             elif meta.name.startswith(KV_PREFIX):
-                kv[meta.name] = value.numpy()
+                kv[meta.name] = np.array(value.numpy())
             else:
-                other[meta.name] = value.numpy()
+                other[meta.name] = np.array(value.numpy())
+        # Copies: an OrtValue's numpy() is a view of memory freed with the OrtValue.
         return logits[0, -1], RowState(length, kv, other)
 
-    # ---- membership ------------------------------------------------------------------------
-    def _current(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The batch's KV ([rows, heads, length, dim], padding included) and other state."""
-        kv, other = {}, {}
-        for meta, value in zip(self.model.state_inputs, self.state or []):
-            if meta.name in self.kv_buffers:  # a CPU OrtValue's numpy() shares its memory
-                kv[meta.name] = self.kv_buffers[meta.name].numpy()[:, :, : self.length]
-            elif meta.name.startswith(KV_PREFIX):
-                kv[meta.name] = value.numpy()
-            else:
-                other[meta.name] = value.numpy()
-        return kv, other
+    # ---- state bookkeeping -----------------------------------------------------------------
+    def _shift(self, name: str, array: np.ndarray, offset: int) -> np.ndarray:
+        """``array`` (slots on axis 2) as it reads ``offset`` slots later: keys re-rotated."""
+        if self.rotation is not None and name.endswith(".key"):
+            return self.rotation.rotate(name, array, offset)
+        return array.copy()  # the caller may write it over overlapping slots
 
-    def _shift(self, name: str, keys_or_values: np.ndarray, offset: int) -> np.ndarray:
-        if self.rotation is None or not name.endswith(".key"):
-            return keys_or_values
-        return self.rotation.rotate(name, keys_or_values, offset)
+    def _held(self) -> dict[str, np.ndarray]:
+        """Every state value ONNX Runtime holds (not the store), copied out as numpy."""
+        return {
+            meta.name: np.array(value.numpy())
+            for meta, value in zip(self.model.state_inputs, self.state or [])
+            if meta.name not in self.store
+        }
 
-    def _install(self, mask: np.ndarray, kv: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> None:
-        """Make (mask, kv, other) the batch's state; fused exports get fresh shared buffers."""
+    def _bind(self, held: dict[str, np.ndarray]) -> None:
+        """Rebuild the state list: views of the store's first rows, then the held values."""
         value = self.ort.OrtValue.ortvalue_from_numpy
-        self.rows, length = mask.shape
-        self.attention_mask = np.ascontiguousarray(mask, np.int64)
-        self.kv_buffers = {}
+        self.kv_buffers = {name: value(array[: self.rows]) for name, array in self.store.items()}
         self._decode_binding = None
-        if self.shared_cache:
-            self.slots = length + self.headroom
-            for name, array in kv.items():
-                buffer = np.zeros((self.rows, array.shape[1], self.slots, array.shape[3]), np.float32)
-                buffer[:, :, :length] = array
-                self.kv_buffers[name] = value(buffer)  # shares the numpy memory
-        state = []
-        for meta in self.model.state_inputs:
-            if meta.name in self.kv_buffers:
-                state.append(self.kv_buffers[meta.name])
-            else:
-                array = kv[meta.name] if meta.name in kv else other[meta.name]
-                state.append(value(np.ascontiguousarray(array)))
-        self.state = state
+        self.state = [
+            self.kv_buffers[meta.name] if meta.name in self.kv_buffers else value(np.ascontiguousarray(held[meta.name]))
+            for meta in self.model.state_inputs
+        ]
 
+    def _allocate(self, batch: int, slots: int, keep: int = 0) -> None:
+        """(Re)allocate the store with ``slots`` slots, keeping the first ``keep`` (BoundSteps
+        calls this when a decode step outruns the buffers)."""
+        for name in list(self.store) or [m.name for m in self.model.state_inputs if m.name.startswith(KV_PREFIX)]:
+            shape = (self.max_rows, self.model.num_kv_heads, slots, self.model.head_dim)
+            array = np.zeros(shape, np.float32)
+            if keep and name in self.store:
+                array[:, :, :keep] = self.store[name][:, :, :keep]
+            self.store[name] = array
+        self.slots = slots
+        if self.rows:
+            self._bind(self._held())
+
+    # ---- membership ------------------------------------------------------------------------
     def join(self, row: RowState) -> int:
         """Add a prefilled sequence as the last row; returns its row index."""
-        if self.rows == 0:
-            mask = np.ones((1, row.length), np.int64)
-            self._install(mask, row.kv, row.other)
-            return 0
-        kv, other = self._current()
-        length = max(self.length, row.length)
-        grow, place = length - self.length, length - row.length
+        if self.rows >= self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        held = self._held()
+        old, length = self.length, max(self.length, row.length)
+        grow, place = length - old, length - row.length
+        if self.shared_cache and length + 1 > self.slots:
+            self._allocate(self.max_rows, length + self.headroom, keep=old)
         mask = np.zeros((self.rows + 1, length), np.int64)
-        mask[:-1, grow:] = self.attention_mask
+        if self.rows:
+            mask[:-1, grow:] = self.attention_mask
         mask[-1, place:] = 1
-        joined_kv = {}
-        for name, array in kv.items():
-            rows, heads, _, dim = array.shape
-            out = np.zeros((rows + 1, heads, length, dim), np.float32)
-            out[:-1, :, grow:] = self._shift(name, array, grow)
-            out[-1:, :, place:] = self._shift(name, row.kv[name], place)
-            joined_kv[name] = out
-        joined_other = {name: np.concatenate([array, row.other[name]]) for name, array in other.items()}
-        self._install(mask, joined_kv, joined_other)
+        for name, array in self.store.items():
+            if grow and self.rows:  # the new row is longer: everyone else moves right
+                array[: self.rows, :, grow:length] = self._shift(name, array[: self.rows, :, :old], grow)
+            array[self.rows, :, place:length] = self._shift(name, row.kv[name], place)[0]
+        for name, kv in row.kv.items():
+            if name in self.store:
+                continue
+            if not self.rows:
+                held[name] = kv
+                continue
+            rows, heads, _, dim = held[name].shape
+            joined = np.zeros((rows + 1, heads, length, dim), np.float32)
+            joined[:-1, :, grow:] = held[name]
+            joined[-1:, :, place:] = kv
+            held[name] = joined
+        for name, value in row.other.items():
+            held[name] = np.concatenate([held[name], value]) if self.rows else value
+        self.rows += 1
+        self.attention_mask = mask
+        self._bind(held)
         return self.rows - 1
 
-    def leave(self, rows: list[int]) -> None:
-        """Drop ``rows``; cut the padding every remaining row starts with."""
-        keep = [r for r in range(self.rows) if r not in set(rows)]
-        if not keep:
+    def leave(self, rows: list[int]) -> list[int]:
+        """Drop ``rows``: the last rows move into their places. Returns the old row index of
+        each new row, for the caller to reorder what it keeps per row."""
+        leaving = set(rows)
+        remaining = [r for r in range(self.rows) if r not in leaving]
+        count = len(remaining)
+        order = list(range(count))
+        movers = [r for r in remaining if r >= count]
+        for hole, mover in zip([r for r in sorted(leaving) if r < count], movers):
+            order[hole] = mover
+        if not count:
             self.rows, self.attention_mask, self.state = 0, None, None
             self.kv_buffers, self._decode_binding = {}, None
+            return []
+        held = {name: value[order] for name, value in self._held().items()}
+        for array in self.store.values():
+            for new, old in enumerate(order):
+                if new != old:
+                    array[new, :, : self.length] = array[old, :, : self.length]
+        self.rows = count
+        self.attention_mask = self.attention_mask[order]
+        self._bind(held)
+        self.cut(minimum=max(16, self.length // 8))
+        return order
+
+    def cut(self, minimum: int = 1) -> None:
+        """Drop the padding every row starts with, when it is at least ``minimum`` slots."""
+        if not self.rows:
             return
-        kv, other = self._current()
-        mask = self.attention_mask[keep]
-        cut = int(np.argmax(mask.any(axis=0)))  # leading columns that are padding in every row
-        kv = {name: self._shift(name, array[keep][:, :, cut:], -cut) for name, array in kv.items()}
-        other = {name: array[keep] for name, array in other.items()}
-        self._install(mask[:, cut:], kv, other)
+        padding = int(np.argmax(self.attention_mask.any(axis=0)))
+        if padding < minimum:
+            return
+        kept = self.length - padding
+        held = self._held()
+        for name, array in self.store.items():
+            array[: self.rows, :, :kept] = self._shift(name, array[: self.rows, :, padding : self.length], -padding)
+        for name in held:
+            if name.startswith(KV_PREFIX):
+                held[name] = held[name][:, :, padding:]
+        self.attention_mask = self.attention_mask[:, padding:]
+        self._bind(held)
+
+    def decode(self, next_ids: np.ndarray, copy: bool = True) -> np.ndarray:
+        if self.length + 1 >= self.model.max_positions:
+            self.cut()  # slots index the rotary tables: make room first
+        return super().decode(next_ids, copy)

@@ -51,7 +51,7 @@ class Engine:
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.batch = RunningBatch(model, pop)
+        self.batch = RunningBatch(model, pop, max_rows=max_batch)
         self.running: list[Running] = []
         self.waiting: collections.deque[Handle] = collections.deque()
         self.lock = threading.Condition()
@@ -184,8 +184,8 @@ class Engine:
         if not indices:
             return
         leaving = [self.running[i] for i in indices]
-        self.batch.leave(indices)
-        self.running = [s for i, s in enumerate(self.running) if i not in set(indices)]
+        order = self.batch.leave(indices)
+        self.running = [self.running[old] for old in order]
         for sequence in leaving:
             self._finish(sequence, reason)
 
@@ -210,7 +210,7 @@ class Engine:
             waiting = list(self.waiting) if reason != "error" else []
             if reason != "error":
                 self.waiting.clear()
-        self.batch = RunningBatch(self.model, self.batch.pop)
+        self.batch = RunningBatch(self.model, self.batch.pop, max_rows=self.max_batch)
         for sequence in running:
             self._finish_handle(sequence.handle, sequence.generated, reason, message if reason == "error" else None)
         for handle in waiting:
