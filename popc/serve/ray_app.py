@@ -107,7 +107,11 @@ def replica_id() -> str:
 
 
 def default_model_name(directory: str | Path) -> str:
-    return Path(directory).resolve().name
+    """The id clients name in ``model``: the export directory's name (as ``popc serve``'s)."""
+    from popc.artifact import read_export
+
+    location, _ = read_export(directory)
+    return Path(location.directory).resolve().name
 
 
 @functools.cache
@@ -232,6 +236,8 @@ def run(
     deletes only popc's application; otherwise it starts a local Ray and shuts it down.
     """
     say = print_fn or (lambda message: print(message, file=sys.stderr, flush=True))
+    if not 0 <= port <= 65535:
+        raise PopcError(f"--port must be in 0..65535, got {port}")
     try:
         import ray
         from ray import serve
@@ -239,11 +245,13 @@ def run(
         raise PopcError("popc serve --ray needs Ray Serve: pip install 'popc[ray]'") from error
     application = build_deployment(directory, replicas, max_batch, max_queue, threads, api_key, model_name)
 
-    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     started_ray = False
     deployed = False
+    previous = None
     try:
         started_ray = connect()
+        if _main_thread():  # after ray.init, which installs its own SIGTERM handler
+            previous = signal.signal(signal.SIGTERM, _terminate)
         cpus = ray.cluster_resources().get("CPU", 0)
         wanted = replicas * float(threads or 1)
         if wanted > cpus:
@@ -264,6 +272,7 @@ def run(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _take_down(started_ray and not os.environ.get("RAY_ADDRESS"), deployed)
+        say("popc serve: stopped")
 
 
 def _take_down(own_cluster: bool, deployed: bool) -> None:
