@@ -69,12 +69,25 @@ class SamplingOptions:
         probs /= probs.sum(-1, keepdims=True)
         chosen = []
         for row in probs:
-            order = np.argsort(-row)
-            cumulative = np.cumsum(row[order])
-            keep = order[: int(np.searchsorted(cumulative, self.top_p) + 1)]
-            weights = row[keep] / row[keep].sum()
-            chosen.append(self.rng.choice(keep, p=weights))
+            keep = self._nucleus(row)
+            cumulative = np.cumsum(row[keep])  # an inverse-CDF draw (rng.choice checks p at length)
+            at = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+            chosen.append(keep[min(at, keep.size - 1)])
         return np.asarray(chosen)
+
+    def _nucleus(self, row: np.ndarray) -> np.ndarray:
+        """The most probable tokens whose mass first reaches ``top_p``, most probable first.
+        Sorting a 50k-token vocabulary costs milliseconds per row; the nucleus is nearly
+        always among the top few hundred, so those are sorted first."""
+        if self.top_p >= 1:
+            return np.arange(row.size)  # every token: no order needed
+        for size in (256, row.size):
+            top = np.argpartition(-row, size - 1)[:size] if size < row.size else np.arange(row.size)
+            order = top[np.argsort(-row[top], kind="stable")]
+            cumulative = np.cumsum(row[order])
+            if cumulative[-1] >= self.top_p or size == row.size:
+                return order[: int(np.searchsorted(cumulative, self.top_p) + 1)]
+        raise AssertionError("unreachable")
 
 
 def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None):
