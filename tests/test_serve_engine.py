@@ -17,8 +17,8 @@ from popc.errors import PopcError
 from popc.export import ExportPlan, export
 from popc.runtime import SamplingOptions
 from popc.serve.batch import RunningBatch
-from popc.serve.engine import BadRequest, Engine, QueueFull
-from popc.serve.sequence import Request, TextStream
+from popc.serve.engine import BadRequest, Engine, QueueFull, prefill_groups
+from popc.serve.sequence import Handle, Request, TextStream
 
 # (family, fused graph, POP): fused caches are re-rotated when a row moves; Gemma-3 adds
 # sliding-window layers with their own rotary tables; the unfused graph counts positions.
@@ -56,14 +56,14 @@ def test_rows_joining_and_leaving_see_the_logits_they_get_alone(exports, variant
     lengths = (7, 19, 4, 11)  # the second joins longer than the batch: the first row moves right
     prompts = [[int(t) for t in rng.integers(6, 200, n)] for n in lengths]
     steps = {0: 5, 1: 12, 2: 9, 3: 12}  # the first leaves early: the rest are cut left
-    joins = {0: [0], 2: [1], 3: [2], 6: [3]}
+    joins = {0: [0], 2: [1, 2], 6: [3]}
     references = [alone(model, prompt, steps[i]) for i, prompt in enumerate(prompts)]
     batch = RunningBatch(model, max_rows=4, headroom=3)  # small: the buffers also grow mid-run
     running: list[list[int]] = []  # [sequence, steps done]
     worst = 0.0
     for turn in range(40):
-        for sequence in joins.get(turn, []):
-            logits, row = batch.prefill_row(prompts[sequence])
+        together = joins.get(turn, [])  # prefilled in one left-padded call, then split
+        for sequence, (logits, row) in zip(together, batch.prefill_rows([prompts[s] for s in together]) if together else []):
             batch.join(row)
             running.append([sequence, 0])
             worst = max(worst, float(np.abs(logits - references[sequence][1][0]).max()))
@@ -87,6 +87,14 @@ def test_rows_joining_and_leaving_see_the_logits_they_get_alone(exports, variant
     assert worst < 1e-4
 
 
+def test_prefill_groups_keep_padding_bounded():
+    lengths = [3, 100, 4, 90, 5, 2000, 80]
+    handles = [Handle(Request([7] * n, max_tokens=1)) for n in lengths]
+    groups = [[len(h.request.prompt_ids) for h in group] for group in prefill_groups(handles)]
+    assert groups == [[3, 4, 5], [80, 90, 100], [2000]]
+    assert sorted(sum(groups, [])) == sorted(lengths)
+
+
 def collect(engine: Engine, request: Request) -> tuple[threading.Event, dict]:
     done, result = threading.Event(), {"text": []}
 
@@ -107,12 +115,12 @@ def test_concurrent_requests_get_what_generate_gives(exports, pop):
     rng = np.random.default_rng(2)
     prompts = [[int(t) for t in rng.integers(6, 200, n)] for n in (5, 30, 12, 3, 21)]
     expected = [model.generate(p, max_new_tokens=10).generated_ids for p in prompts]
-    engine = Engine(model, max_batch=3, max_queue=8).start()  # five requests, three slots
+    engine = Engine(model, max_batch=3, max_queue=8)  # five requests, three rows
+    # Queued before the engine starts: the first three are prefilled at once, 5 and 12
+    # tokens together (left-padded), 30 alone; the last two join as rows free up.
+    waits = [collect(engine, Request(prompt, max_tokens=10)) for prompt in prompts]
+    engine.start()
     try:
-        waits = []
-        for prompt in prompts:
-            waits.append(collect(engine, Request(prompt, max_tokens=10)))
-            time.sleep(0.01)
         for done, _ in waits:
             assert done.wait(30)
     finally:

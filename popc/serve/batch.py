@@ -110,22 +110,31 @@ class RunningBatch(BoundSteps):
         return 0 if self.attention_mask is None else int(self.attention_mask.shape[1])
 
     # ---- a sequence's own prefill --------------------------------------------------------
-    def prefill_row(self, prompt_ids: list[int]) -> tuple[np.ndarray, RowState]:
-        """Prefill one prompt alone: its last position's logits [vocab] and its state."""
-        single = BoundSteps(self.model, self.pop, capacity=len(prompt_ids))
-        ids = np.asarray([prompt_ids], np.int64)
-        logits = single.prefill(ids, np.ones_like(ids))
-        length = len(prompt_ids)
-        kv, other = {}, {}
-        for meta, value in zip(self.model.state_inputs, single.state):
-            if meta.name in single.kv_buffers:
-                kv[meta.name] = single.kv_buffers[meta.name].numpy()[:, :, :length].copy()
-            elif meta.name.startswith(KV_PREFIX):
-                kv[meta.name] = np.array(value.numpy())
-            else:
-                other[meta.name] = np.array(value.numpy())
-        # Copies: an OrtValue's numpy() is a view of memory freed with the OrtValue.
-        return logits[0, -1], RowState(length, kv, other)
+    def prefill_rows(self, prompts: list[list[int]]) -> list[tuple[np.ndarray, RowState]]:
+        """Prefill prompts together (left-padded, one graph call), apart from the batch: each
+        one's last position's logits [vocab] and its state, as if it had run alone."""
+        longest = max(len(p) for p in prompts)
+        ids = np.full((len(prompts), longest), self.model.pad_token_id, np.int64)
+        mask = np.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt) :] = prompt
+            mask[row, longest - len(prompt) :] = 1
+        together = BoundSteps(self.model, self.pop, capacity=longest)
+        logits = together.prefill(ids, mask)
+        # Copies throughout: an OrtValue's numpy() is a view of memory freed with it.
+        values = {meta.name: np.array(value.numpy()) for meta, value in zip(self.model.state_inputs, together.state)}
+        rows = []
+        for row, prompt in enumerate(prompts):
+            padding = longest - len(prompt)
+            kv, other = {}, {}
+            for name, array in values.items():
+                if name.startswith(KV_PREFIX):
+                    # Its tokens start at slot `padding`: as a row of its own they start at 0.
+                    kv[name] = self._shift(name, array[row : row + 1, :, padding:longest], -padding)
+                else:
+                    other[name] = array[row : row + 1]
+            rows.append((logits[row, -1], RowState(len(prompt), kv, other)))
+        return rows
 
     # ---- state bookkeeping -----------------------------------------------------------------
     def _shift(self, name: str, array: np.ndarray, offset: int) -> np.ndarray:

@@ -127,27 +127,32 @@ class Engine:
         self._fail_all("the server is shutting down", reason="cancelled")
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch:
-            with self.lock:
-                if not self.waiting:
-                    return
+        """Prefill what waits, as many as there are free rows, in groups of similar length."""
+        admitted: list[Handle] = []
+        with self.lock:
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch:
                 handle = self.waiting.popleft()
-            if handle.cancelled.is_set():
-                self._finish_handle(handle, [], "cancelled")
-                continue
-            request = handle.request
+                if handle.cancelled.is_set():
+                    self._finish_handle(handle, [], "cancelled")
+                else:
+                    admitted.append(handle)
+        for group in prefill_groups(admitted):
+            prompts = [handle.request.prompt_ids for handle in group]
             try:
-                logits, row = self.batch.prefill_row(request.prompt_ids)
+                prefilled = self.batch.prefill_rows(prompts)
             except Exception as error:
-                self._finish_handle(handle, [], "error", f"{type(error).__name__}: {error}")
+                for handle in group:
+                    self._finish_handle(handle, [], "error", f"{type(error).__name__}: {error}")
                 continue
-            self.totals["prompt_tokens"] += len(request.prompt_ids)
-            sequence = Running(handle, TextStream(self.model.decode, request.stop))
-            if self._emit(sequence, int(request.sampling.pick(logits[None])[0])):
-                self._finish(sequence)
-                continue
-            self.batch.join(row)
-            self.running.append(sequence)
+            for handle, (logits, row) in zip(group, prefilled):
+                request = handle.request
+                self.totals["prompt_tokens"] += len(request.prompt_ids)
+                sequence = Running(handle, TextStream(self.model.decode, request.stop))
+                if self._emit(sequence, int(request.sampling.pick(logits[None])[0])):
+                    self._finish(sequence)
+                    continue
+                self.batch.join(row)
+                self.running.append(sequence)
 
     def _step(self) -> None:
         # Rows whose client left since the last step go first.
@@ -215,3 +220,21 @@ class Engine:
             self._finish_handle(sequence.handle, sequence.generated, reason, message if reason == "error" else None)
         for handle in waiting:
             self._finish_handle(handle, [], reason)
+
+
+def prefill_groups(handles: list[Handle], waste: float = 1.5, tokens: int = 4096) -> list[list[Handle]]:
+    """Split requests into prefill groups of similar prompt length: a group's padded size
+    (rows x longest prompt) stays within ``waste`` x its real tokens and ``tokens`` in all
+    (one prompt alone may be longer)."""
+    groups: list[list[Handle]] = []
+    real = 0
+    for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
+        length = len(handle.request.prompt_ids)  # the longest so far: the order is ascending
+        padded = (len(groups[-1]) + 1) * length if groups else 0
+        if groups and padded <= waste * (real + length) and padded <= tokens:
+            groups[-1].append(handle)
+            real += length
+        else:
+            groups.append([handle])
+            real = length
+    return groups
