@@ -29,6 +29,7 @@ from popc.runtime import SamplingOptions
 from popc.serve.engine import BadRequest, Engine, QueueFull
 from popc.serve.metrics import ServerMetrics
 from popc.serve.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,
     OpenAIError,
@@ -165,7 +166,9 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
         except PopcError as error:
             raise bad_request(str(error)) from None
 
-    def submit(prompt_ids: list[int], max_tokens: int, body: Sampling, prompt_param: str) -> Generation:
+    def submit(
+        prompt_ids: list[int], max_tokens: int, body: Sampling, prompt_param: str, limit_param: str = "max_tokens"
+    ) -> Generation:
         started = time.perf_counter()
         if len(prompt_ids) >= model.max_positions:
             raise bad_request(
@@ -180,7 +183,7 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
             raise OpenAIError(429, f"The server is busy: {error}. Retry shortly.", type="requests",
                               code="rate_limit_exceeded") from None
         except BadRequest as error:
-            raise bad_request(str(error), param="max_tokens" if "max_tokens" in str(error) else prompt_param) from None
+            raise bad_request(str(error), param=limit_param if "max_tokens" in str(error) else prompt_param) from None
         return generation
 
     async def respond(http: HttpRequest, generation: Generation, shape: ResponseShape, stream: bool) -> Response:
@@ -212,7 +215,8 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
             if any(not 0 <= i < vocab_size for i in prompt):
                 raise bad_request(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
             prompt_ids = list(prompt)
-        generation = submit(prompt_ids, body.max_tokens if body.max_tokens is not None else 16, body, "prompt")
+        max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        generation = submit(prompt_ids, max_tokens, body, "prompt")
         return await respond(http, generation, ResponseShape(False, model_id, body.include_usage), bool(body.stream))
 
     @v1.post("/chat/completions")
@@ -223,7 +227,8 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
         messages = [message.as_template_input(i) for i, message in enumerate(body.messages)]
         prompt_ids = apply_chat_template(model.tokenizer, messages)
         max_tokens = body.max_new_tokens(model.max_positions - len(prompt_ids))
-        generation = submit(prompt_ids, max_tokens, body, "messages")
+        limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        generation = submit(prompt_ids, max_tokens, body, "messages", limit_param)
         return await respond(http, generation, ResponseShape(True, model_id, body.include_usage), bool(body.stream))
 
     created = int(time.time())

@@ -7,10 +7,9 @@ from pathlib import Path
 from popc.errors import PopcError
 
 
-def model_name_for(model, directory: str | Path) -> str:  # noqa: ANN001 - a PopcModel
-    """The id clients name in ``model``: the export directory's name."""
-    location = getattr(model, "location", None)
-    return Path(location.directory).name if location is not None else Path(directory).resolve().name
+def model_name_for(model) -> str:  # noqa: ANN001 - a PopcModel
+    """The id clients name in ``model``: the export directory's name (as the Ray replicas')."""
+    return Path(model.location.directory).resolve().name
 
 
 def serve(
@@ -24,7 +23,10 @@ def serve(
     model_name: str | None = None,
 ) -> None:
     """Serve one export until interrupted (Ctrl-C / SIGTERM stop uvicorn, then the engine)."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        raise PopcError("popc serve needs the serve extra: pip install 'popc[serve]'") from None
 
     import popc
     from popc.serve.app import build_app
@@ -35,7 +37,7 @@ def serve(
     model = popc.load(directory, threads=threads)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue).start()
     try:
-        app = build_app(engine, model_name or model_name_for(model, directory), api_key=api_key)
+        app = build_app(engine, model_name or model_name_for(model), api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         engine.close()
