@@ -292,6 +292,28 @@ def test_api_key(models):
         assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
 
 
+def test_failures_are_500_and_the_server_keeps_serving(models):
+    with serving(models["dense"]) as server:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "temperature": 0}
+
+        def broken_decode(*args, **kwargs):
+            raise RuntimeError("a broken step")
+
+        server.engine.batch.decode = broken_decode  # the engine fails the batch, then starts a fresh one
+        error = assert_openai_error(server.post("/v1/completions", body), 500)
+        assert error["type"] == "server_error" and "a broken step" in error["message"]
+        server.engine.batch.decode = broken_decode
+        streamed = server.post("/v1/completions", {**body, "stream": True})
+        assert streamed.status_code == 200 and '"server_error"' in streamed.text and "[DONE]" not in streamed.text
+        submit = server.engine.submit
+        server.engine.submit = lambda request: 1 / 0  # a bug in the HTTP layer's path
+        error = assert_openai_error(server.post("/v1/completions", body), 500)
+        assert "ZeroDivisionError" in error["message"]
+        server.engine.submit = submit
+        assert server.post("/v1/completions", body).json()["usage"]["completion_tokens"] == 5
+        assert_openai_error(server.post("/v1/completions", b"\xff\xfe"), 400)
+
+
 # ---- disconnects and overload ---------------------------------------------------------------
 def test_disconnect_mid_stream_frees_the_slot(models):
     with serving(models["dense"], step_delay=0.01) as server:
