@@ -160,6 +160,15 @@ def test_completion_streams_the_same_text(dense, models):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.generated_ids)
 
 
+def test_stop_string_ends_the_text_before_it(dense, models):
+    model = models["dense"]
+    text = greedy(model, model.encode(PROMPTS[0]), 12).text
+    stop = text[3:5]
+    reply = dense.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=stop)
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].text == text[: text.find(stop)] and stop not in reply.choices[0].text
+
+
 def test_prompt_as_token_ids(dense, models):
     ids = models["dense"].encode(PROMPTS[1])
     expected = greedy(models["dense"], ids, 6)
