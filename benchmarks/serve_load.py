@@ -108,7 +108,8 @@ class Server:
     def stop(self, timeout: float = 60) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGINT)  # popc serve (and its Ray) shut down cleanly
+        # SIGTERM, not SIGINT: a shell's background jobs ignore SIGINT. popc serve (and its Ray) stop cleanly.
+        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
