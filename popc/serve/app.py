@@ -210,7 +210,8 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
         body.refuse_unsupported()
         prompt = body.single_prompt()
         if isinstance(prompt, str):
-            prompt_ids = [int(i) for i in model.tokenizer(prompt)["input_ids"]]
+            with engine.tokenizer_lock:
+                prompt_ids = [int(i) for i in model.tokenizer(prompt)["input_ids"]]
         else:
             if any(not 0 <= i < vocab_size for i in prompt):
                 raise bad_request(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
@@ -225,7 +226,8 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
         check_model(body)
         body.refuse_unsupported()
         messages = [message.as_template_input(i) for i, message in enumerate(body.messages)]
-        prompt_ids = apply_chat_template(model.tokenizer, messages)
+        with engine.tokenizer_lock:
+            prompt_ids = apply_chat_template(model.tokenizer, messages)
         max_tokens = body.max_new_tokens(model.max_positions - len(prompt_ids))
         limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         generation = submit(prompt_ids, max_tokens, body, "messages", limit_param)

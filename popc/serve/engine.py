@@ -57,6 +57,9 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.totals = collections.Counter()
+        # The engine decodes while the event loop encodes: one tokenizer call at a time
+        # (Hugging Face's fast tokenizers refuse concurrent use with "Already borrowed").
+        self.tokenizer_lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="popc-engine", daemon=True)
 
     # ---- the submitter's side -------------------------------------------------------------
@@ -147,12 +150,16 @@ class Engine:
             for handle, (logits, row) in zip(group, prefilled):
                 request = handle.request
                 self.totals["prompt_tokens"] += len(request.prompt_ids)
-                sequence = Running(handle, TextStream(self.model.decode, request.stop))
+                sequence = Running(handle, TextStream(self._decode, request.stop))
                 if self._emit(sequence, int(request.sampling.pick(logits[None])[0])):
                     self._finish(sequence)
                     continue
                 self.batch.join(row)
                 self.running.append(sequence)
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.model.decode(ids)
 
     def _step(self) -> None:
         # Rows whose client left since the last step go first.
