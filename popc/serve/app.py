@@ -183,7 +183,7 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
             raise OpenAIError(429, f"The server is busy: {error}. Retry shortly.", type="requests",
                               code="rate_limit_exceeded") from None
         except BadRequest as error:
-            raise bad_request(str(error), param=limit_param if "max_tokens" in str(error) else prompt_param) from None
+            raise bad_request(str(error), param=limit_param if error.field == "max_tokens" else prompt_param) from None
         return generation
 
     async def respond(http: HttpRequest, generation: Generation, shape: ResponseShape, stream: bool) -> Response:

@@ -27,7 +27,11 @@ class QueueFull(PopcError):
 
 
 class BadRequest(PopcError):
-    """A request the model cannot serve as asked (HTTP 400)."""
+    """A request the model cannot serve as asked (HTTP 400); ``field`` is what to change."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -80,13 +84,14 @@ class Engine:
         length = len(request.prompt_ids)
         context = self.model.max_positions
         if length == 0:
-            raise BadRequest("the prompt is empty")
+            raise BadRequest("the prompt is empty", "prompt")
         if length >= context:
-            raise BadRequest(f"the prompt is {length} tokens; this model's context is {context} tokens")
+            raise BadRequest(f"the prompt is {length} tokens; this model's context is {context} tokens", "prompt")
         if not 1 <= request.max_tokens <= context - length:
             raise BadRequest(
                 f"max_tokens must be between 1 and {context - length} (the context of {context} tokens "
-                f"less the prompt's {length}), got {request.max_tokens}"
+                f"less the prompt's {length}), got {request.max_tokens}",
+                "max_tokens",
             )
 
     def submit(self, request: Request) -> Handle:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from popc.errors import PopcError
+from popc.serve.server import default_model_name
 
 APP_NAME = "popc"
 DEPLOYMENT_NAME = "PopcEngine"
@@ -104,14 +105,6 @@ def replica_id() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # noqa: BLE001 - not inside a replica (or an older Ray): any stable id
         return f"pid-{os.getpid()}"
-
-
-def default_model_name(directory: str | Path) -> str:
-    """The id clients name in ``model``: the export directory's name (as ``popc serve``'s)."""
-    from popc.artifact import read_export
-
-    location, _ = read_export(directory)
-    return Path(location.directory).resolve().name
 
 
 @functools.cache

@@ -7,9 +7,12 @@ from pathlib import Path
 from popc.errors import PopcError
 
 
-def model_name_for(model) -> str:  # noqa: ANN001 - a PopcModel
-    """The id clients name in ``model``: the export directory's name (as the Ray replicas')."""
-    return Path(model.location.directory).resolve().name
+def default_model_name(directory: str | Path) -> str:
+    """The id clients name in ``model``: the export directory's name (here and in Ray replicas)."""
+    from popc.artifact import read_export
+
+    location, _ = read_export(directory)
+    return Path(location.directory).resolve().name
 
 
 def serve(
@@ -37,7 +40,7 @@ def serve(
     model = popc.load(directory, threads=threads)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue).start()
     try:
-        app = build_app(engine, model_name or model_name_for(model), api_key=api_key)
+        app = build_app(engine, model_name or default_model_name(directory), api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         engine.close()
