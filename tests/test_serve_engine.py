@@ -134,6 +134,26 @@ def test_concurrent_requests_get_what_generate_gives(exports, pop):
     assert (stats.finished, stats.failed, stats.running, stats.waiting) == (5, 0, 0, 0)
 
 
+def test_sequences_that_fill_the_context_share_a_batch_with_short_ones(exports):
+    model = exports["llama", True, True]
+    context = model.max_positions
+    rng = np.random.default_rng(3)
+    long_prompt = [int(t) for t in rng.integers(6, 200, context - 12)]
+    short_prompt = [int(t) for t in rng.integers(6, 200, 3)]
+    requests = [(long_prompt, 12), (short_prompt, 30), (short_prompt[:2], 9)]  # the first ends at the context
+    expected = [model.generate(p, max_new_tokens=n).generated_ids for p, n in requests]
+    engine = Engine(model, max_batch=3)
+    waits = [collect(engine, Request(p, max_tokens=n)) for p, n in requests]
+    engine.start()
+    try:
+        for done, _ in waits:
+            assert done.wait(30)
+    finally:
+        engine.close()
+    for (_, result), tokens in zip(waits, expected):
+        assert result["error"] is None and "".join(result["text"]) == model.decode(tokens)
+
+
 def test_bad_requests_and_a_full_queue_are_refused_at_once(exports):
     model = exports["llama", True, False]
     engine = Engine(model, max_batch=1, max_queue=1)  # not started: nothing leaves the queue
