@@ -109,6 +109,18 @@ def collect(engine: Engine, request: Request) -> tuple[threading.Event, dict]:
     return done, result
 
 
+def serve_all(engine: Engine, requests: list[Request]) -> list[dict]:
+    """Queue ``requests`` before the engine starts, run them all, return their results."""
+    waits = [collect(engine, request) for request in requests]
+    engine.start()
+    try:
+        for done, _ in waits:
+            assert done.wait(30)
+    finally:
+        engine.close()
+    return [result for _, result in waits]
+
+
 @pytest.mark.parametrize("pop", [False, True], ids=["dense", "pop"])
 def test_concurrent_requests_get_what_generate_gives(exports, pop):
     model = exports["llama", True, pop]
@@ -118,14 +130,8 @@ def test_concurrent_requests_get_what_generate_gives(exports, pop):
     engine = Engine(model, max_batch=3, max_queue=8)  # five requests, three rows
     # Queued before the engine starts: the first three are prefilled at once, 5 and 12
     # tokens together (left-padded), 30 alone; the last two join as rows free up.
-    waits = [collect(engine, Request(prompt, max_tokens=10)) for prompt in prompts]
-    engine.start()
-    try:
-        for done, _ in waits:
-            assert done.wait(30)
-    finally:
-        engine.close()
-    for (_, result), prompt, tokens in zip(waits, prompts, expected):
+    results = serve_all(engine, [Request(prompt, max_tokens=10) for prompt in prompts])
+    for result, prompt, tokens in zip(results, prompts, expected):
         assert result["reason"] in ("stop", "length") and result["error"] is None
         assert result["usage"].prompt_tokens == len(prompt)
         assert result["usage"].completion_tokens == len(tokens)
@@ -142,15 +148,8 @@ def test_sequences_that_fill_the_context_share_a_batch_with_short_ones(exports):
     short_prompt = [int(t) for t in rng.integers(6, 200, 3)]
     requests = [(long_prompt, 12), (short_prompt, 30), (short_prompt[:2], 9)]  # the first ends at the context
     expected = [model.generate(p, max_new_tokens=n).generated_ids for p, n in requests]
-    engine = Engine(model, max_batch=3)
-    waits = [collect(engine, Request(p, max_tokens=n)) for p, n in requests]
-    engine.start()
-    try:
-        for done, _ in waits:
-            assert done.wait(30)
-    finally:
-        engine.close()
-    for (_, result), tokens in zip(waits, expected):
+    results = serve_all(Engine(model, max_batch=3), [Request(p, max_tokens=n) for p, n in requests])
+    for result, tokens in zip(results, expected):
         assert result["error"] is None and "".join(result["text"]) == model.decode(tokens)
 
 
