@@ -5,7 +5,6 @@ gives."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -174,12 +173,23 @@ def test_bad_requests_and_a_full_queue_are_refused_at_once(exports):
 
 def test_a_cancelled_request_frees_its_slot_and_others_go_on(exports):
     model = exports["llama", True, True]
-    engine = Engine(model, max_batch=2).start()
+    engine = Engine(model, max_batch=2)  # both submitted before it starts: no race with its thread
+    queued_done, queued = collect(engine, Request([9, 10], max_tokens=5))
+    queued["handle"].cancel()  # cancelled while waiting: never prefilled
+    running_done, running = collect(engine, Request([9, 10, 11], max_tokens=100))
+    forward = running["handle"].request.on_event
+
+    def cancel_at_first_text(event) -> None:  # a client leaving mid-stream
+        forward(event)
+        if event.text:
+            running["handle"].cancel()
+
+    running["handle"].request.on_event = cancel_at_first_text
+    engine.start()
     try:
-        long_done, long_result = collect(engine, Request([9, 10, 11], max_tokens=100))
-        time.sleep(0.05)
-        long_result["handle"].cancel()
-        assert long_done.wait(10) and long_result["reason"] == "cancelled"
+        assert queued_done.wait(10) and queued["reason"] == "cancelled"
+        assert running_done.wait(10) and running["reason"] == "cancelled"
+        assert running["usage"].completion_tokens < 100
         short = collect(engine, Request([12, 13], max_tokens=4))
         assert short[0].wait(10) and short[1]["reason"] in ("stop", "length")
         assert engine.stats().running == 0
