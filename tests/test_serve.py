@@ -325,7 +325,7 @@ def test_failures_are_500_and_the_server_keeps_serving(models):
 
 # ---- disconnects and overload ---------------------------------------------------------------
 def test_disconnect_mid_stream_frees_the_slot(models):
-    with serving(models["dense"], step_delay=0.01) as server:
+    with serving(models["dense"], step_delay=0.02) as server:
         body = {"model": "tiny", "prompt": "tell me a story", "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.Client(timeout=TIMEOUT) as client:
             with client.stream("POST", server.url + "/v1/completions", json=body) as response:
@@ -341,7 +341,7 @@ def test_disconnect_mid_stream_frees_the_slot(models):
 
 
 def test_disconnect_while_waiting_for_a_plain_response_frees_the_slot(models):
-    with serving(models["dense"], step_delay=0.01) as server:
+    with serving(models["dense"], step_delay=0.02) as server:
         body = {"model": "tiny", "prompt": "tell me a story", "max_tokens": 100, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
             server.post("/v1/completions", body, timeout=0.2)
