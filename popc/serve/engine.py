@@ -18,7 +18,7 @@ import numpy as np
 from popc.errors import PopcError
 from popc.pop import PopSettings
 from popc.runtime import PopcModel
-from popc.serve.batch import RunningBatch
+from popc.serve.batch import RowState, RunningBatch
 from popc.serve.sequence import Event, Handle, Request, Running, TextStream, Usage
 
 
@@ -57,6 +57,7 @@ class Engine:
         self.max_queue = max_queue
         self.batch = RunningBatch(model, pop, max_rows=max_batch)
         self.running: list[Running] = []
+        self.prefilling = 0  # admitted, not yet running nor finished: counted as running
         self.waiting: collections.deque[Handle] = collections.deque()
         self.lock = threading.Condition()
         self.stopping = False
@@ -111,7 +112,7 @@ class Engine:
         with self.lock:
             return EngineStats(
                 waiting=len(self.waiting),
-                running=len(self.running),
+                running=len(self.running) + self.prefilling,
                 prompt_tokens=self.totals["prompt_tokens"],
                 generated_tokens=self.totals["generated_tokens"],
                 finished=self.totals["finished"],
@@ -144,6 +145,7 @@ class Engine:
                     self._finish_handle(handle, [], "cancelled")
                 else:
                     admitted.append(handle)
+            self.prefilling = len(admitted)
         for group in prefill_groups(admitted):
             prompts = [handle.request.prompt_ids for handle in group]
             try:
@@ -151,16 +153,26 @@ class Engine:
             except Exception as error:
                 for handle in group:
                     self._finish_handle(handle, [], "error", f"{type(error).__name__}: {error}")
+                    self.prefilling -= 1
                 continue
             for handle, (logits, row) in zip(group, prefilled):
-                request = handle.request
-                self.totals["prompt_tokens"] += len(request.prompt_ids)
-                sequence = Running(handle, TextStream(self._decode, request.stop))
-                if self._emit(sequence, int(request.sampling.pick(logits[None])[0])):
-                    self._finish(sequence)
-                    continue
-                self.batch.join(row)
-                self.running.append(sequence)
+                try:
+                    self._start(handle, logits, row)
+                except Exception as error:  # this one fails; the rest of the group goes on
+                    self._finish_handle(handle, [], "error", f"{type(error).__name__}: {error}")
+                finally:
+                    self.prefilling -= 1
+
+    def _start(self, handle: Handle, logits: np.ndarray, row: RowState) -> None:
+        """A prefilled request's first token; then it joins the batch unless already done."""
+        request = handle.request
+        self.totals["prompt_tokens"] += len(request.prompt_ids)
+        sequence = Running(handle, TextStream(self._decode, request.stop))
+        if self._emit(sequence, int(request.sampling.pick(logits[None])[0])):
+            self._finish(sequence)
+        else:
+            self.batch.join(row)
+            self.running.append(sequence)
 
     def _decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -202,9 +214,9 @@ class Engine:
             return
         leaving = [self.running[i] for i in indices]
         order = self.batch.leave(indices)
-        self.running = [self.running[old] for old in order]
-        for sequence in leaving:
+        for sequence in leaving:  # finished (and counted) before they stop counting as running
             self._finish(sequence, reason)
+        self.running = [self.running[old] for old in order]
 
     def _finish(self, sequence: Running, reason: str | None = None) -> None:
         text = sequence.pending
@@ -223,6 +235,7 @@ class Engine:
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
         running, self.running = self.running, []
+        self.prefilling = 0
         with self.lock:
             waiting = list(self.waiting) if reason != "error" else []
             if reason != "error":
