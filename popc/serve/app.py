@@ -65,7 +65,7 @@ class Generation:
 
     async def next(self) -> Event:
         at, event = await self.queue.get()
-        if self.first_at is None and (event.text or event.finish_reason):
+        if self.first_at is None and (event.token_ids or event.finish_reason):  # the first token, shown or not
             self.first_at = at
         if event.finish_reason in ("stop", "length") and event.usage is not None:
             self.metrics.observe_request(self.first_at, at, self.started, event.usage.completion_tokens)

@@ -203,9 +203,9 @@ class Engine:
         self.totals["generated_tokens"] += 1
         text = "" if eos else sequence.stream.push(token)
         finished = eos or sequence.stream.stopped or len(sequence.generated) >= request.max_tokens
-        if text and not finished:
+        if not finished:  # every token, text or not (held back): its time is the token's
             request.on_event(Event(text=text, token_ids=[token]))
-        elif finished:
+        else:
             sequence.pending = text  # sent with the final event
         return finished
 

@@ -24,8 +24,9 @@ class Usage:
 
 @dataclass
 class Event:
-    """What a request receives, from the engine's thread: new text each step, then a last
-    event with ``finish_reason`` ("stop", "length", "cancelled" or "error") and ``usage``."""
+    """What a request receives, from the engine's thread: one event per new token (its text
+    may be empty while a partial character or a possible stop string is held back), then a
+    last event with ``finish_reason`` ("stop", "length", "cancelled" or "error") and ``usage``."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
