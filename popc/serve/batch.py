@@ -2,10 +2,11 @@
 they finish, without re-prefilling anyone.
 
 Every decode step runs the batch's rows as one left-padded batch (as ``generate_ids``
-does for a fixed batch). A joining sequence is prefilled alone, then its KV cache and POP
-partitions are spliced in as a new row, right-aligned to the batch's current length; a
-leaving row's place is taken by the last row, and once every remaining row starts with
-enough padding, the common padding is cut away.
+does for a fixed batch). A joining sequence is prefilled apart from the batch (with
+whoever joins with it), then its KV cache and POP partitions are spliced in as a new row,
+right-aligned to the batch's current length; a leaving row's place is taken by the last
+row, and once every remaining row starts with enough padding, the common padding is cut
+away.
 
 Fused exports keep each layer's keys and values in one buffer of ``max_rows`` rows whose
 first rows are bound as the graph's in-place cache (a numpy view shared with ONNX

@@ -1,16 +1,16 @@
 """The serving engine: continuous batching over one export.
 
-One thread owns the ONNX Runtime session. Each turn it admits waiting requests (each
-prefilled alone, then joined to the running batch), runs one decode step for every
-running sequence together, hands each its new text, and drops the finished and the
-cancelled at once. Submitters never wait for a slot: a full queue is refused at once.
+One thread owns the ONNX Runtime session. Each turn it admits waiting requests (those
+that waited together prefilled together, apart from the running batch, then joined to
+it), runs one decode step for every running sequence together, hands each its new text,
+and drops the finished and the cancelled at once. Submitters never wait for a slot: a
+full queue is refused at once.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,9 +194,6 @@ class Engine:
 
     def _emit(self, sequence: Running, token: int) -> bool:
         """Record a new token and send its text; True when the sequence is finished."""
-        now = time.perf_counter()
-        if sequence.first_token_at is None:
-            sequence.first_token_at = now
         request = sequence.request
         eos = token in self.model.eos_token_ids
         sequence.generated.append(token)  # an EOS is counted, not shown

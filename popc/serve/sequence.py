@@ -5,7 +5,6 @@ beginning held back until it resolves)."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,7 +49,6 @@ class Handle:
     def __init__(self, request: Request):
         self.request = request
         self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -101,7 +99,6 @@ class Running:
     handle: Handle
     stream: TextStream
     generated: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
     pending: str = ""  # the last step's text, sent with the final event
 
     @property
