@@ -81,13 +81,20 @@ class SamplingOptions:
         always among the top few hundred, so those are sorted first."""
         if self.top_p >= 1:
             return np.arange(row.size)  # every token: no order needed
-        for size in (256, row.size):
-            top = np.argpartition(-row, size - 1)[:size] if size < row.size else np.arange(row.size)
-            order = top[np.argsort(-row[top], kind="stable")]
-            cumulative = np.cumsum(row[order])
-            if cumulative[-1] >= self.top_p or size == row.size:
-                return order[: int(np.searchsorted(cumulative, self.top_p) + 1)]
-        raise AssertionError("unreachable")
+        if row.size > 256:
+            top = np.argpartition(-row, 255)[:256]
+            if (nucleus := self._mass_reaching_top_p(row, top)) is not None:
+                return nucleus
+        return self._mass_reaching_top_p(row, np.arange(row.size), whole=True)
+
+    def _mass_reaching_top_p(self, row: np.ndarray, tokens: np.ndarray, whole: bool = False) -> np.ndarray | None:
+        """``tokens`` by falling probability, cut where their mass reaches ``top_p``; None
+        when their whole mass falls short (and they are not the whole vocabulary)."""
+        order = tokens[np.argsort(-row[tokens], kind="stable")]
+        cumulative = np.cumsum(row[order])
+        if cumulative[-1] < self.top_p and not whole:
+            return None
+        return order[: int(np.searchsorted(cumulative, self.top_p) + 1)]
 
 
 def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None):
@@ -205,13 +212,16 @@ class PopcModel:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise PopcError("this model's tokenizer has no chat template; drop --chat")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
+            return self.chat_ids([{"role": "user", "content": prompt}])
         return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """A conversation -> token ids through the tokenizer's chat template, ready for the
+        assistant's turn."""
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -315,6 +315,18 @@ inline int64_t stream_steps(int64_t begin, int64_t end) { return (end - begin + 
 
 }  // namespace
 
+// The channels some row uses (a non-zero row mask), in channel order. Branch-free: the
+// channels are a random subset, so a branch per channel would mispredict half the time.
+inline void list_used_channels(const std::vector<uint64_t>& row_masks, std::vector<int32_t>& list) {
+  list.resize(row_masks.size());
+  int64_t used = 0;
+  for (size_t ch = 0; ch < row_masks.size(); ++ch) {
+    list[used] = static_cast<int32_t>(ch);
+    used += row_masks[ch] != 0;
+  }
+  list.resize(static_cast<size_t>(used));
+}
+
 template <class T, class Rows>
 bool CpuPopDecode<T, Rows>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrows) const {
   p.row0 = row0;
@@ -351,13 +363,7 @@ bool CpuPopDecode<T, Rows>::prepare(PopDecodePlan& p, int64_t row0, int64_t nrow
     }
     stamped = b;
   }
-  p.gate_list.resize(static_cast<size_t>(D));
-  int64_t gates = 0;  // branch-free: the channels are a random subset
-  for (int64_t ch = 0; ch < D; ++ch) {
-    p.gate_list[gates] = static_cast<int32_t>(ch);
-    gates += p.gate_rows[ch] != 0;
-  }
-  p.gate_list.resize(static_cast<size_t>(gates));
+  list_used_channels(p.gate_rows, p.gate_list);
   p.act.resize(static_cast<size_t>(nrows * D));
   p.kept.resize(static_cast<size_t>(nrows));
   return true;
@@ -418,13 +424,7 @@ void CpuPopDecode<T, Rows>::gather_kept(PopDecodePlan& p) const {
   p.keep_rows.assign(static_cast<size_t>(D), 0);
   for (int64_t i = 0; i < p.nrows; ++i)
     for (const int32_t ch : p.kept[i]) p.keep_rows[ch] |= uint64_t{1} << i;
-  p.keep_list.resize(static_cast<size_t>(D));
-  int64_t kept = 0;  // branch-free: the channels are a random subset
-  for (int64_t ch = 0; ch < D; ++ch) {
-    p.keep_list[kept] = static_cast<int32_t>(ch);
-    kept += p.keep_rows[ch] != 0;
-  }
-  p.keep_list.resize(static_cast<size_t>(kept));
+  list_used_channels(p.keep_rows, p.keep_list);
 }
 
 template <class T, class Rows>

@@ -305,13 +305,16 @@ def test_failures_are_500_and_the_server_keeps_serving(models):
     with serving(models["dense"]) as server:
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "temperature": 0}
 
-        def broken_decode(*args, **kwargs):
+        batch = server.engine.batch
+
+        def broken_decode(*args, **kwargs):  # one broken step; the engine fails the batch and goes on
+            del batch.decode
             raise RuntimeError("a broken step")
 
-        server.engine.batch.decode = broken_decode  # the engine fails the batch, then starts a fresh one
+        batch.decode = broken_decode
         error = assert_openai_error(server.post("/v1/completions", body), 500)
         assert error["type"] == "server_error" and "a broken step" in error["message"]
-        server.engine.batch.decode = broken_decode
+        batch.decode = broken_decode
         streamed = server.post("/v1/completions", {**body, "stream": True})
         assert streamed.status_code == 200 and '"server_error"' in streamed.text and "[DONE]" not in streamed.text
         submit = server.engine.submit

@@ -227,7 +227,7 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
         body.refuse_unsupported()
         messages = [message.as_template_input(i) for i, message in enumerate(body.messages)]
         with engine.tokenizer_lock:
-            prompt_ids = apply_chat_template(model.tokenizer, messages)
+            prompt_ids = chat_ids(model, messages)
         max_tokens = body.max_new_tokens(model.max_positions - len(prompt_ids))
         limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         generation = submit(prompt_ids, max_tokens, body, "messages", limit_param)
@@ -272,16 +272,13 @@ async def parse(http: HttpRequest, kind: type[pydantic.BaseModel]) -> Any:
         raise from_validation_error(error) from None
 
 
-def apply_chat_template(tokenizer, messages: list[dict[str, str]]) -> list[int]:  # noqa: ANN001 - HF tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+def chat_ids(model, messages: list[dict[str, str]]) -> list[int]:  # noqa: ANN001 - a PopcModel
+    if not getattr(model.tokenizer, "chat_template", None):
         raise bad_request("this model's tokenizer has no chat template; use /v1/completions", param="messages")
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return model.chat_ids(messages)
     except Exception as error:  # noqa: BLE001 - a template may refuse a conversation (role order...)
         raise bad_request(f"the chat template refused these messages: {error}", param="messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
 
 
 async def cancel_on_disconnect(http: HttpRequest, generation: Generation) -> None:

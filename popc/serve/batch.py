@@ -222,8 +222,7 @@ class RunningBatch(BoundSteps):
         for hole, mover in zip([r for r in sorted(leaving) if r < count], movers):
             order[hole] = mover
         if not count:
-            self.rows, self.attention_mask, self.state = 0, None, None
-            self.kv_buffers, self._decode_binding = {}, None
+            self.clear()
             return []
         held = {name: value[order] for name, value in self._held().items()}
         for array in self.store.values():
@@ -235,6 +234,11 @@ class RunningBatch(BoundSteps):
         self._bind(held)
         self.cut(minimum=max(16, self.length // 8))
         return order
+
+    def clear(self) -> None:
+        """No rows (the store's memory is kept for the next join)."""
+        self.rows, self.attention_mask, self.state = 0, None, None
+        self.kv_buffers, self._decode_binding = {}, None
 
     def cut(self, minimum: int = 1) -> None:
         """Drop the padding every row starts with, when it is at least ``minimum`` slots."""

@@ -237,7 +237,7 @@ class Engine:
             waiting = list(self.waiting) if reason != "error" else []
             if reason != "error":
                 self.waiting.clear()
-        self.batch = RunningBatch(self.model, self.batch.pop, max_rows=self.max_batch)
+        self.batch.clear()
         for sequence in running:
             self._finish_handle(sequence.handle, sequence.generated, reason, message if reason == "error" else None)
         for handle in waiting:
