@@ -321,7 +321,9 @@ def eval_(
     windows: Annotated[Optional[int], typer.Option(help="Perplexity windows, spread over the text; 0 skips perplexity. [default: 8; --full 24]")] = None,
     window: Annotated[int, typer.Option(help="Tokens per perplexity window (capped at the model's context).")] = 256,
     prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens per window (default: half the window).")] = None,
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated rows: dense,pop,griffin,dynamic,static. [default: all]")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated rows: dense,pop,griffin,dynamic,static,pop-output,dynamic-output. [default: the first five; --sweep: all]")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Comma list of extra rows with exact regions R/C/K (fractions), each optionally :output or :static, e.g. 0.125/0.75/0.375:output.")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Every method over a grid of splits at each sparsity, each timed (decode ms/token, op library) and placed on the KL-vs-cost Pareto front. [defaults: sparsities 0.25,0.5,0.75, 160 windows (20k tokens), no questions]")] = False,
     batch: Annotated[int, typer.Option(help="Windows / questions per graph call.")] = 8,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of accuracy/perplexity vs FFN weight bytes.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -331,8 +333,9 @@ def eval_(
     """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost.
 
     The defaults take a few minutes on a CPU; --full runs the whole matrix. Options given override either."""
-    from popc.eval import EvalPlan, result_table, run_eval
+    from popc.eval import METHODS, EvalPlan, parse_split, result_table, run_eval
     from popc.eval import plot as write_plot
+    from popc.sweep import SWEEP_DEFAULTS, sweep_plot, sweep_table
 
     check_outputs(as_json=as_json, plot=plot)
     if limit is not None and limit < 1:
@@ -347,7 +350,11 @@ def eval_(
         "windows": windows,
         "methods": parse_list(methods, "--methods"),
     }
-    options = {key: value for key, value in matrix.items() if value is not None}
+    if full and sweep:
+        raise PopcError("--full and --sweep are two different matrices; choose one")
+    options = {**(SWEEP_DEFAULTS | {"methods": METHODS} if sweep else {})}
+    options.update({key: value for key, value in matrix.items() if value is not None})
+    options.update(splits=[parse_split(s) for s in parse_list(split, "--split") or ()], sweep=sweep)
     options.update(text="" if windows == 0 else text, window=window, prompt=prompt, batch=batch, device=device)
     options.update(quant=parse_list(quant, "--quant") or (), peers=parse_list(peers, "--peers") or ())
     plan = EvalPlan.full(directory, **options) if full else EvalPlan(directory, **options)
@@ -359,11 +366,11 @@ def eval_(
         except OSError as error:
             raise PopcError(f"cannot write --json {as_json}: {error}") from None
     if plot is not None:
-        write_plot(result, plot)
+        (sweep_plot if sweep else write_plot)(result, plot)
     out = Console()
     if not out.is_terminal:  # a pipe or file: don't squeeze the table into 80 columns
         out = Console(width=200)
-    out.print(result_table(result))
+    out.print(sweep_table(result) if sweep else result_table(result))
     info = result.info
     console.print(
         f"[dim]{info['windows']} windows of {info['window']} tokens ({info['prompt']} prompt), "

@@ -12,6 +12,7 @@ matrix the README reports.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import time
@@ -24,6 +25,7 @@ import numpy as np
 
 from popc import datasets
 from popc.errors import PopcError
+from popc.fidelity import Fidelity, score_windows
 from popc.pop import PopSettings
 from popc.progress import Progress, or_silent
 
@@ -39,14 +41,20 @@ from popc.scoring import (  # noqa: F401
 )
 from popc.textfile import read_text_file
 
-METHODS = ("dense", "pop", "griffin", "dynamic", "static")
+METHODS = ("dense", "pop", "griffin", "dynamic", "static", "pop-output", "dynamic-output")
 METHOD_TITLES = {
     "dense": "dense",
     "pop": "POP",
     "griffin": "GRIFFIN-style (c=0)",
     "dynamic": "per-token dynamic (r=0, c=1)",
     "static": "static structured",
+    # The same selections with output-aware scores (activation x |down row|), see templates/pop_ffn.py.
+    "pop-output": "POP, output-aware",
+    "dynamic-output": "per-token dynamic, output-aware",
+    "split": "split",  # a --split row: the regions as given
 }
+# A row's default: the paper's five (the output-aware twins cost a row each; ask for them).
+DEFAULT_METHODS = METHODS[:5]
 # Defaults: every method at one sparsity, sized to take a few minutes on 2 CPU cores.
 DEFAULT_SPARSITIES = (0.5,)
 DEFAULT_WINDOW = 256
@@ -88,6 +96,8 @@ def method_settings(method: str, sparsity: float) -> PopSettings:
         return PopSettings(retain=0.0, candidate=1.0, keep=budget)
     if method == "static":  # partition from weight magnitudes, no context
         return PopSettings(retain=budget, candidate=0.0, keep=0.0, static=True)
+    if method in ("pop-output", "dynamic-output"):
+        return dataclasses.replace(method_settings(method.removesuffix("-output"), sparsity), score="output")
     raise PopcError(f"unknown eval method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -127,12 +137,20 @@ class EvalRow:
     # The weights it ran on: "fp32", a popc quantization scheme ("int4", "int8"), or a peer
     # (another runtime's build: "ort-genai-int4").
     weights: str = FP32
+    fidelity: Fidelity | None = None  # KL to dense, top-1 agreement, intervals (with ppl)
+    ms_per_token: float | None = None  # --sweep: measured decode cost
+    front: list[str] = field(default_factory=list)  # --sweep: the Pareto fronts it is on
+    reproduce: str | None = None  # --sweep: the popc eval command that scores this row alone
 
     @property
     def title(self) -> str:
         if self.weights in PEERS:
             return "onnxruntime-genai int4 (dense)"
-        return METHOD_TITLES[self.method] + ("" if self.weights == FP32 else f" {self.weights}")
+        title = METHOD_TITLES[self.method]
+        if self.method == "split":
+            score = self.settings.score if not self.settings.static else "static"
+            title = f"split ({score})"
+        return title + ("" if self.weights == FP32 else f" {self.weights}")
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -148,7 +166,12 @@ class EvalRow:
             "candidate": self.settings.candidate,
             "keep": self.settings.keep,
             "static": self.settings.static,
+            "score": self.settings.score,
             "weight_fraction": self.weight_fraction,
+            "ms_per_token": self.ms_per_token,
+            "front": self.front,
+            "reproduce": self.reproduce,
+            "fidelity": self.fidelity.to_json() if self.fidelity else None,
             "ppl": self.ppl,
             "scored_tokens": self.scored_tokens,
             "accuracy": self.accuracy,
@@ -157,19 +180,47 @@ class EvalRow:
         }
 
 
-def plan_rows(sparsities: Sequence[float], has_pop: bool, gated: bool = True) -> list[EvalRow]:
-    """Dense first, then each method at each sparsity (POP exports only)."""
+def plan_rows(
+    sparsities: Sequence[float],
+    has_pop: bool,
+    gated: bool = True,
+    methods: Sequence[str] = METHODS,
+    splits: Sequence[PopSettings] = (),
+    sweep: bool = False,
+) -> list[EvalRow]:
+    """Dense first, then each method at each sparsity (POP exports only): one row each, or
+    with ``sweep`` every point of :func:`popc.sweep.sweep_points`; then the ``splits``."""
     for sparsity in sparsities:  # checked on a dense export too: a wrong option is never ignored
         if not 0.0 < sparsity < 1.0:
             raise PopcError(f"--sparsities must be in (0, 1), got {sparsity}")
-    rows = [EvalRow("dense", 0.0, PopSettings(retain=1.0), 1.0)]
+    rows = [EvalRow("dense", 0.0, PopSettings(retain=1.0), 1.0)] if "dense" in methods else []
     if not has_pop:
+        if splits or sweep:
+            raise PopcError("--split and --sweep need a POP export (popc export --sparsity S): a dense one has no regions")
         return rows
-    for method in METHODS[1:]:
-        for sparsity in sparsities:
-            settings = method_settings(method, sparsity)
-            rows.append(EvalRow(method, sparsity, settings, weight_fraction(settings, gated)))
+    if sweep:
+        from popc.sweep import sweep_points
+
+        points = sweep_points(sparsities, [m for m in methods if m != "dense"], gated)
+    else:
+        points = [(m, s, method_settings(m, s)) for m in methods if m != "dense" for s in sparsities]
+    points += [("split", split.sparsity, split) for split in splits]
+    rows += [EvalRow(method, sparsity, settings, weight_fraction(settings, gated)) for method, sparsity, settings in points]
     return rows
+
+
+def parse_split(text: str) -> PopSettings:
+    """``R/C/K`` fractions, optionally ``:output`` (output-aware scores) or ``:static``."""
+    body, _, score = text.strip().partition(":")
+    try:
+        retain, candidate, keep = (float(v) for v in body.split("/"))
+    except ValueError:
+        raise PopcError(f"--split takes R/C/K fractions (e.g. 0.125/0.75/0.375[:output]), got {text!r}") from None
+    if score not in ("", "activation", "output", "static"):
+        raise PopcError(f"--split score must be activation, output or static, got {score!r} in {text!r}")
+    if score == "static":
+        return PopSettings(retain=retain, candidate=candidate, keep=keep, static=True)
+    return PopSettings(retain=retain, candidate=candidate, keep=keep, score=score or "activation")
 
 
 # --------------------------------------------------------------------------- driver
@@ -188,8 +239,12 @@ class EvalPlan:
     window: int = DEFAULT_WINDOW
     prompt: int | None = None  # default: window // 2
     batch: int = 8
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     device: str = "cpu"
+    splits: Sequence[PopSettings] = ()  # extra rows with these exact regions (--split)
+    # Every method over a grid of splits, each timed (decode ms/token, op library) and
+    # placed on the KL-vs-cost Pareto front (popc.sweep).
+    sweep: bool = False
     # Quantization schemes ("int4", "int8"): popc's export of the same model in each (exported
     # once into the bench cache, POP if DIR is POP) adds its dense and POP rows.
     quant: Sequence[str] = ()
@@ -252,14 +307,16 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     if bad:
         raise PopcError(f"unknown --quant / --peers {', '.join(bad)}; --quant takes int4,int8, --peers {', '.join(PEERS)}")
     unknown = [m for m in plan.methods if m not in METHODS]
-    if unknown or not plan.methods:
+    if unknown or not (plan.methods or plan.splits):
         raise PopcError(f"--methods takes names from {', '.join(METHODS)}; got {', '.join(plan.methods) or 'none'}")
-    plan_rows(plan.sparsities, has_pop=False)  # the sparsities are checked before the model loads
+    if plan.sweep and (plan.quant or plan.peers or plan.text == ""):
+        raise PopcError("--sweep scores one export's rows on perplexity text: drop --quant / --peers / --windows 0")
+    plan_rows(plan.sparsities, has_pop=False, methods=())  # the sparsities are checked before the model loads
     given_text = _read_text(Path(plan.text)) if plan.text else None  # a wrong --text fails before the load
     progress.stage(f"loading {plan.directory}")
     model = load(plan.directory, device=plan.device)
     gated = bool((model.config.get("pop") or {}).get("gated", True))
-    rows = [r for r in plan_rows(plan.sparsities, model.has_pop_config, gated) if r.method in plan.methods]
+    rows = plan_rows(plan.sparsities, model.has_pop_config, gated, plan.methods, plan.splits, plan.sweep)
 
     windows, text_path = None, None
     width = min(plan.window, model.max_positions)
@@ -276,26 +333,33 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     models: list[tuple[Any, list[EvalRow], int]] = [(model, rows, plan.batch)]
     models += _quantized_models(plan, model, [q for q in plan.quant if q != own], gated, progress)
     models += _peer_models(plan, model, progress)
+    pairs = [(scorer, row) for scorer, group, _ in models for row in group]
 
-    units = (len(windows) if windows is not None else 0) + sum(len(v) for v in tasks.values())
-    every = [row for _, group, _ in models for row in group]
+    if windows is not None:  # every row's perplexity and KL in one pass: dense once per batch
+        progress.stage(f"perplexity and KL to dense: {len(windows)} windows x {len(pairs)} rows")
+        progress.start(len(windows) * len(pairs))
+        started_ppl = time.perf_counter()
+        scores = score_windows(model, [(scorer, row.settings) for scorer, row in pairs], windows, prompt, plan.batch, progress)
+        for (_, row), got in zip(pairs, scores):
+            row.fidelity = Fidelity.of(got)
+            row.ppl, row.scored_tokens = row.fidelity.ppl, row.fidelity.tokens
+            row.seconds = (time.perf_counter() - started_ppl) / len(pairs)
+    every = [row for _, row in pairs]
     number = 0
-    for scorer, group, batch in models:
+    for scorer, group, batch in models if tasks else ():
         for row in group:
             number += 1
             row_started = time.perf_counter()
-            progress.stage(f"row {number}/{len(every)}: {row.title} @ {row.sparsity:.0%}")
-            progress.start(units)
-            if windows is not None:
-                logprobs = continuation_logprobs(scorer, windows, prompt, row.settings, plan.batch, progress)
-                row.ppl = float(math.exp(-logprobs.mean()))
-                row.scored_tokens = int(logprobs.size)
+            progress.stage(f"questions, row {number}/{len(every)}: {row.title} @ {row.sparsity:.0%}")
+            progress.start(sum(len(v) for v in tasks.values()))
             for name, items in tasks.items():
                 scores = choice_loglikelihoods(scorer, items, row.settings, batch, progress)
                 correct = [int(np.argmax(s)) == it.answer for s, it in zip(scores, items)]
                 row.accuracy[name] = float(np.mean(correct))
-            row.seconds = time.perf_counter() - row_started
+            row.seconds += time.perf_counter() - row_started
     rows = every
+    if plan.sweep:
+        _time_rows(plan, model, rows, windows, prompt, progress)
 
     info = {
         "export": str(model.location.directory),
@@ -307,6 +371,8 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()}",
         "text": str(text_path) if text_path else None,
         "windows": 0 if windows is None else len(windows),
+        "scored_tokens": 0 if windows is None else int(windows.shape[0] * (width - prompt)),
+        "kl_reference": "the dense rows of this export (pop_config dense), the same windows",
         "window": width,
         "prompt": prompt,
         "tasks": {name: len(items) for name, items in tasks.items()},
@@ -318,6 +384,23 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     if not model.has_pop_config:
         info["note"] = "dense export: only the dense row; export with --sparsity to evaluate POP and baselines"
     return EvalResult(rows, info)
+
+
+def _time_rows(plan: EvalPlan, model: Any, rows: list[EvalRow], windows: Any, prompt: int, progress: Progress) -> None:
+    """--sweep: each row's decode ms/token with the op library, then the Pareto fronts."""
+    from popc.bench.machine import default_threads
+    from popc.sweep import decode_ms, mark_fronts, reproduce_command
+
+    progress.stage(f"timing decode of {len(rows)} rows (op library, batch 1)")
+    timed_prompt = [int(i) for i in windows[0][: min(PROMPT_TIMED, prompt)]]
+    for row, ms in zip(rows, decode_ms(model.location.directory, [r.settings for r in rows], timed_prompt, default_threads())):
+        row.ms_per_token = ms
+    mark_fronts(rows)
+    for row in rows:
+        row.reproduce = reproduce_command(str(plan.directory), row.settings, len(windows), windows.shape[1], prompt, plan.text)
+
+
+PROMPT_TIMED = 128
 
 
 def _quantized_models(
@@ -393,6 +476,8 @@ def result_table(result: EvalResult):
         table.add_column(name, justify=justify)
     if result.info["windows"]:
         table.add_column("ppl", justify="right")
+        table.add_column("KL to dense\n(± 95 %)", justify="right")
+        table.add_column("top-1\n= dense", justify="right")
     for name in tasks:
         table.add_column(f"{name}\n(chance {result.info['chance'][name]:.2f})", justify="right")
     if tasks:
@@ -411,6 +496,7 @@ def result_table(result: EvalResult):
         if result.info["windows"]:
             delta = "" if row is reference or not dense_ppl else f" ({row.ppl / dense_ppl - 1:+.0%})"
             cells.append(f"{row.ppl:.2f}{delta}")
+            cells += [f"{row.fidelity.kl_mean:.4f} ± {row.fidelity.kl_ci:.4f}", f"{row.fidelity.top1:.3f}"]
         cells += [f"{row.accuracy[name]:.3f}" for name in tasks]
         if tasks:
             cells.append(f"{row.mean_accuracy:.3f}")

@@ -18,6 +18,7 @@ from popc import datasets
 from popc.cli import app
 from popc.errors import PopcError
 from popc.eval import (
+    DEFAULT_METHODS,
     FULL_MATRIX,
     METHODS,
     EvalPlan,
@@ -163,10 +164,9 @@ def test_pop_rows_run_from_one_export(exports, text_file) -> None:
         ("dense", 0.0), ("pop", 0.5), ("griffin", 0.5), ("dynamic", 0.5), ("static", 0.5)
     ]
     assert all(math.isfinite(r.ppl) for r in result.rows)
-    assert [stage for stage in recorder.stages if stage.startswith("row ")] == [
-        "row 1/5: dense @ 0%", "row 2/5: POP @ 50%", "row 3/5: GRIFFIN-style (c=0) @ 50%",
-        "row 4/5: per-token dynamic (r=0, c=1) @ 50%", "row 5/5: static structured @ 50%",
-    ]
+    # One pass scores every row's windows (dense computed once per batch), no per-row stages.
+    assert "perplexity and KL to dense: 2 windows x 5 rows" in recorder.stages
+    assert not [stage for stage in recorder.stages if stage.startswith("questions")]
     dense_model_ppl = run_eval(EvalPlan(exports["dense"], text=text_file, tasks=[], windows=2, window=40)).rows[0].ppl
     assert result.rows[0].ppl == pytest.approx(dense_model_ppl, rel=1e-4)
 
@@ -306,7 +306,8 @@ def test_cli_eval_json(exports, text_file, tmp_path: Path) -> None:
 
 def test_quick_defaults_and_full_matrix() -> None:
     quick = EvalPlan("x")
-    assert list(quick.methods) == list(METHODS) and list(quick.sparsities) == [0.5]
+    assert list(quick.methods) == list(DEFAULT_METHODS) == list(METHODS[:5]) and list(quick.sparsities) == [0.5]
+    assert set(FULL_MATRIX["methods"]) == set(METHODS)  # --full includes the output-aware rows
     full = EvalPlan.full("x", windows=3)
     assert list(full.sparsities) == [0.25, 0.5, 0.75] and full.limit == 50 and full.windows == 3
     assert list(full.tasks) == list(datasets.DEFAULT_TASKS) and FULL_MATRIX["windows"] == 24
@@ -320,7 +321,7 @@ def test_cli_eval_prints_stage_lines_when_not_a_terminal(exports, text_file) -> 
     assert result.exit_code == 0, result.output
     stages = [line for line in result.stderr.splitlines() if re.match(r"\[\s*\d+ s\] ", line)]
     assert any("loading" in line for line in stages)
-    assert any(line.endswith("row 1/1: dense @ 0%") for line in stages)
+    assert any(line.endswith("perplexity and KL to dense: 2 windows x 1 rows") for line in stages)
 
 
 def test_analyze_reports_stages(tmp_path: Path, text_file) -> None:
