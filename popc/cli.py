@@ -333,8 +333,9 @@ def eval_(
     """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost.
 
     The defaults take a few minutes on a CPU; --full runs the whole matrix. Options given override either."""
-    from popc.eval import METHODS, EvalPlan, parse_split, result_table, run_eval
-    from popc.eval import plot as write_plot
+    from popc.eval import METHODS, EvalPlan, parse_split, run_eval
+    from popc.eval_report import plot as write_plot
+    from popc.eval_report import result_table
     from popc.sweep import SWEEP_DEFAULTS, sweep_plot, sweep_table
 
     check_outputs(as_json=as_json, plot=plot)
