@@ -12,6 +12,10 @@ layers, the routed experts) for a wrapper that runs the POP math of
 * decode: gate for the partition's channels only, the top ``K`` candidates by
   |activation| per token, up and down for retained + kept channels only.
 
+With ``settings.score == "output"`` (score mode 2, output-aware) both scores are weighted by
+each channel's down-projection row norm ``||Wd_j||`` (:meth:`GatedWeights.output_norm`): the
+prefill score times it, and the decode candidates ranked by |activation| times it.
+
 Routers and shared experts stay dense. Ties go to the lower index, as ONNX TopK.
 """
 
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from popc.modeling import is_sparse_moe
-from popc.pop import PopSettings
+from popc.pop import MODE_OUTPUT, MODE_STATIC, PopSettings
 from popc.reference.generate import greedy_generate
 
 EPSILON = 1e-12
@@ -53,6 +57,10 @@ class GatedWeights:
         score = self.gate.norm(dim=1) * self.down_rows.norm(dim=1)
         return score if self.up is None else score * self.up.norm(dim=1)
 
+    def output_norm(self) -> torch.Tensor:
+        """``||Wd_j||`` [D]: the L2 norm of each channel's down-projection row."""
+        return self.down_rows.norm(dim=1)
+
 
 class PopState:
     """The partition of one FFN for every sequence of the batch, and its prefill scores."""
@@ -64,7 +72,8 @@ class PopState:
 
 def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: PopState, token_mask) -> torch.Tensor:
     """POP-online for ``x`` [B, S, H]: dense + partition at prefill, pruned at decode."""
-    retain, candidate, keep, static = (int(v) for v in owner.counts)
+    retain, candidate, keep, mode = (int(v) for v in owner.counts)
+    static, output_aware = mode == MODE_STATIC, mode == MODE_OUTPUT
     gate_bias = weights.gate_bias if weights.gate_bias is not None else 0.0
     down_bias = weights.down_bias if weights.down_bias is not None else 0.0
     if owner.prefill:
@@ -73,6 +82,8 @@ def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: 
             z = z * (x @ weights.up.t())
         normalised = z / (z.norm(dim=-1, keepdim=True) + EPSILON) * token_mask.unsqueeze(-1).to(z.dtype)
         score = normalised.pow(2).sum(dim=1).sqrt()  # [B, D]
+        if output_aware:
+            score = score * weights.output_norm().to(score.dtype)
         if static:
             score = weights.static_score().to(score.dtype).expand_as(score)
         state.score = score
@@ -85,7 +96,10 @@ def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: 
     if weights.gate_bias is not None:
         gate = gate + weights.gate_bias[partition]
     activated = weights.act(gate)
-    chosen = top_indices(activated[..., retain:].abs(), keep)
+    key = activated[..., retain:].abs()
+    if output_aware:
+        key = key * weights.output_norm().to(key.dtype)[partition[..., retain:]]
+    chosen = top_indices(key, keep)
     ids = torch.cat([partition[..., :retain], partition[..., retain:].gather(-1, chosen)], dim=-1)
     kept = torch.cat([activated[..., :retain], activated[..., retain:].gather(-1, chosen)], dim=-1)
     if weights.up is not None:
