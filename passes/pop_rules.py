@@ -11,6 +11,10 @@
   ``[Add(]MatMul(act([Add(]MatMul(x, W1)[, b1)]), W2)[, b2)]`` -> ``PopGeluMLP`` /
   ``PopReluMLP``.
 
+Every rewritten FFN gets two per-channel initializers beside its weight rows:
+``static_score`` (weight magnitudes, the static baseline) and ``output_norm`` (``||Wd_j||``,
+the L2 norm of each channel's down/fc2 row: the output-aware score), last among its inputs.
+
 Weights are in ONNX ``MatMul`` layout: gate/up/fc1 ``[D, H]`` (model width D, FFN width
 H), down/fc2 ``[H, D]``. A rule applies only when they are constants of these matching
 shapes, which leaves the attention MatMuls (activation x activation, or projections of
@@ -137,13 +141,15 @@ class GatedFFNRule(pattern.RewriteRuleClassBase):
         up = up_weight.const_value.numpy().T
         down = down_weight.const_value.numpy()
         key, label, partition_in = state.new_partition(down_weight, x, gate.shape[0])
-        static = np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * np.linalg.norm(down, axis=1)
+        output_norm = np.linalg.norm(down, axis=1)
+        static = np.linalg.norm(gate, axis=1) * np.linalg.norm(up, axis=1) * output_norm
         token_mask = state.token_mask_for(op, x)
         token_mask = token_mask if route is None else _routed_token_mask(op, token_mask, route)
         arguments = [
             x, token_mask, partition_in, state.config,
             _initializer(op, label, "gate_rows", gate), _initializer(op, label, "up_rows", up),
             _initializer(op, label, "down_rows", down), _initializer(op, label, "static_score", static.astype(down.dtype)),
+            _initializer(op, label, "output_norm", output_norm.astype(down.dtype)),
         ]  # fmt: skip
         attributes = {} if self.activation == "silu" else {"approximate": _approximate(activated)}
         y, partition_out = getattr(op, self.op_type)(
@@ -217,7 +223,8 @@ class PlainMLPRule(pattern.RewriteRuleClassBase):
         key, label, partition_in = state.new_partition(fc2_weight, x, fc1.shape[0])
         bias1 = fc1_bias.const_value.numpy() if fc1_bias is not None else np.zeros(fc1.shape[0], fc1.dtype)
         bias2 = fc2_bias.const_value.numpy() if fc2_bias is not None else np.zeros(fc2.shape[1], fc2.dtype)
-        static = np.linalg.norm(fc1, axis=1) * np.linalg.norm(fc2, axis=1)
+        output_norm = np.linalg.norm(fc2, axis=1)
+        static = np.linalg.norm(fc1, axis=1) * output_norm
         # The graph-wide mask even with per_ffn_token_mask: no supported family has a plain
         # MLP, so none is exported with prefill_skip (kept as the pass has always done).
         arguments = [
@@ -225,6 +232,7 @@ class PlainMLPRule(pattern.RewriteRuleClassBase):
             _initializer(op, label, "fc1_rows", fc1), _initializer(op, label, "fc1_bias", bias1),
             _initializer(op, label, "fc2_rows", fc2), _initializer(op, label, "fc2_bias", bias2),
             _initializer(op, label, "static_score", static.astype(fc2.dtype)),
+            _initializer(op, label, "output_norm", output_norm.astype(fc2.dtype)),
         ]  # fmt: skip
         attributes = {"approximate": _approximate(activated)} if self.activation == "gelu" else {}
         y, partition_out = getattr(op, self.OPS[self.activation])(

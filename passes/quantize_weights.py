@@ -11,7 +11,8 @@ Run last, after POP and ONNX Runtime's fusions, with one ``QuantizeState`` the r
   packed weights (stored once, as onnxruntime-genai does);
 * ``PopFfnToQuantized`` -- ``ai.popc.PopSwiGLU`` / ``PopGeGLU`` -> ``PopSwiGLUQ`` / ``PopGeGLUQ``
   (``templates/pop_ffn_quant.py``), each channel row quantized along the hidden dimension so
-  that a kept channel is still one contiguous read.
+  that a kept channel is still one contiguous read; ``output_norm`` becomes the norms of the
+  dequantized down rows.
 
 Left as they are: MatMuls whose K is not a multiple of the block, routers and other
 projections narrower than one block (tiny, and they decide discrete routing), untied
@@ -29,7 +30,7 @@ from onnxscript import rewriter
 from onnxscript.rewriter import MatchResult, pattern
 
 from popc.passes.pop_online import add_functions
-from popc.quantize import QuantScheme, quantize_rows
+from popc.quantize import QuantScheme, dequantize_rows, quantize_rows
 from popc.templates.ops import DOMAIN
 from popc.templates.pop_ffn import POP_FUNCTIONS
 from popc.templates.pop_ffn_quant import POP_QUANT_FUNCTIONS
@@ -184,9 +185,9 @@ class PopFfnToQuantized(pattern.RewriteRuleClassBase):
         self.state = state
         self.op_type = op_type
 
-    def pattern(self, op, x, mask, partition, config, gate, up, down, static):
+    def pattern(self, op, x, mask, partition, config, gate, up, down, static, output_norm):
         return getattr(op, self.op_type)(
-            x, mask, partition, config, gate, up, down, static,
+            x, mask, partition, config, gate, up, down, static, output_norm,
             _domain=DOMAIN, _allow_other_attributes=True, _outputs=["y", "partition_out"],
         )  # fmt: skip
 
@@ -201,7 +202,7 @@ class PopFfnToQuantized(pattern.RewriteRuleClassBase):
                 return result.fail(f"hidden size {matrix.shape[1]} is not a multiple of the block {block}", weight)
         return result
 
-    def rewrite(self, op, x, mask, partition, config, gate, up, down, static, y, partition_out, **_):
+    def rewrite(self, op, x, mask, partition, config, gate, up, down, static, output_norm, y, partition_out, **_):
         scheme = self.state.scheme
         inputs = [x, mask, partition, config]
         for weight in (gate, up, down):
@@ -210,11 +211,16 @@ class PopFfnToQuantized(pattern.RewriteRuleClassBase):
             base = weight.name[: -len("_rows")] if weight.name.endswith("_rows") else weight.name
             inputs.append(op.initializer(ir.tensor(packed, name=weight.name), name=weight.name))
             inputs.append(op.initializer(ir.tensor(scales, name=f"{base}_scales"), name=f"{base}_scales"))
+        # The output-aware score of the rows the model runs: the norms of the dequantized down rows.
+        restored = dequantize_rows(packed, scales, scheme, rows.shape[1])
+        norms = np.linalg.norm(restored, axis=1).astype(rows.dtype)
+        output_norm = op.initializer(ir.tensor(norms, name=output_norm.name), name=output_norm.name)
         attributes = {k: v.value for k, v in y.producer().attributes.items()}
         self.state.count(self.name)
         outputs = getattr(op, self.op_type + "Q")(
             *inputs,
             static,
+            output_norm,
             _domain=DOMAIN,
             _outputs=2,
             bits=scheme.bits,

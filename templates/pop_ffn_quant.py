@@ -6,9 +6,13 @@ H (``popc/quantize.py``: ``Wq`` uint8 [D, H * bits / 8], ``Ws`` float [D, H / bl
 symmetric)::
 
     PopSwiGLUQ / PopGeGLUQ(X, token_mask, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds,
-                           static_score; bits, block_size) -> (Y, partition_out)
-    PopSwiGLUDecodeQ / PopGeGLUDecodeQ(X, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds;
-                                       bits, block_size, accuracy_level) -> Y
+                           static_score, output_norm; bits, block_size) -> (Y, partition_out)
+    PopSwiGLUDecodeQ / PopGeGLUDecodeQ(X, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds,
+                                       output_norm; bits, block_size, accuracy_level) -> Y
+
+``output_norm`` [D] (float, the activations' type) holds the L2 norms of the *dequantized*
+down rows, computed at export: the output-aware score (``config[3] == 2``) of the weights the
+model actually runs.
 
 ``accuracy_level`` (as MatMulNBits'): 4 takes the decode step's gate and up dot products
 with X quantized to int8 per block of ``block_size`` (``Int8Activations``: scale = max|x| /
@@ -75,12 +79,24 @@ def DenseRowsQ(X, Wq, Ws, bits: int = 4, block_size: int = 32):
 
 @script(popc_ops, default_opset=op)
 def PopSwiGLUDecodeQ(
-    X, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds, bits: int = 4, block_size: int = 32, accuracy_level: int = 0
+    X,
+    partition,
+    config,
+    Wgq,
+    Wgs,
+    Wuq,
+    Wus,
+    Wdq,
+    Wds,
+    output_norm,
+    bits: int = 4,
+    block_size: int = 32,
+    accuracy_level: int = 0,
 ):
     """One SwiGLU decode step of POP-online on quantized rows (fused by the op library)."""
     Xa = DecodeActivations(X, block_size=block_size, accuracy_level=accuracy_level)
     G = GatherMatMulTQ(Xa, Wgq, Wgs, PopRowsExpand(X, partition), bits=bits, block_size=block_size)
-    ids, A = PopSelect(op.Mul(G, op.Sigmoid(G)), X, partition, config)
+    ids, A = PopSelect(op.Mul(G, op.Sigmoid(G)), X, partition, config, output_norm)
     U = GatherMatMulTQ(Xa, Wuq, Wus, ids, bits=bits, block_size=block_size)
     return GatherMatMulQ(op.Mul(A, U), Wdq, Wds, ids, bits=bits, block_size=block_size)
 
@@ -96,6 +112,7 @@ def PopGeGLUDecodeQ(
     Wus,
     Wdq,
     Wds,
+    output_norm,
     bits: int = 4,
     block_size: int = 32,
     approximate: str = "tanh",
@@ -104,7 +121,7 @@ def PopGeGLUDecodeQ(
     """One GeGLU decode step of POP-online on quantized rows (fused by the op library)."""
     Xa = DecodeActivations(X, block_size=block_size, accuracy_level=accuracy_level)
     G = GatherMatMulTQ(Xa, Wgq, Wgs, PopRowsExpand(X, partition), bits=bits, block_size=block_size)
-    ids, A = PopSelect(op.Gelu(G, approximate=approximate), X, partition, config)
+    ids, A = PopSelect(op.Gelu(G, approximate=approximate), X, partition, config, output_norm)
     U = GatherMatMulTQ(Xa, Wuq, Wus, ids, bits=bits, block_size=block_size)
     return GatherMatMulQ(op.Mul(A, U), Wdq, Wds, ids, bits=bits, block_size=block_size)
 
@@ -122,6 +139,7 @@ def PopSwiGLUQ(
     Wdq,
     Wds,
     static_score,
+    output_norm,
     bits: int = 4,
     block_size: int = 32,
     accuracy_level: int = 0,
@@ -130,7 +148,7 @@ def PopSwiGLUQ(
         G = DenseRowsQ(X, Wgq, Wgs, bits=bits, block_size=block_size)
         Z = op.Mul(op.Mul(G, op.Sigmoid(G)), DenseRowsQ(X, Wuq, Wus, bits=bits, block_size=block_size))
         Y = op.MatMul(Z, DequantizedRows(Wdq, Wds, bits=bits, block_size=block_size))
-        partition_out = PopPartition(Z, token_mask, config, static_score)
+        partition_out = PopPartition(Z, token_mask, config, static_score, output_norm)
     else:
         Y = PopSwiGLUDecodeQ(
             X,
@@ -142,6 +160,7 @@ def PopSwiGLUQ(
             Wus,
             Wdq,
             Wds,
+            output_norm,
             bits=bits,
             block_size=block_size,
             accuracy_level=accuracy_level,
@@ -163,6 +182,7 @@ def PopGeGLUQ(
     Wdq,
     Wds,
     static_score,
+    output_norm,
     bits: int = 4,
     block_size: int = 32,
     approximate: str = "tanh",
@@ -172,7 +192,7 @@ def PopGeGLUQ(
         G = DenseRowsQ(X, Wgq, Wgs, bits=bits, block_size=block_size)
         Z = op.Mul(op.Gelu(G, approximate=approximate), DenseRowsQ(X, Wuq, Wus, bits=bits, block_size=block_size))
         Y = op.MatMul(Z, DequantizedRows(Wdq, Wds, bits=bits, block_size=block_size))
-        partition_out = PopPartition(Z, token_mask, config, static_score)
+        partition_out = PopPartition(Z, token_mask, config, static_score, output_norm)
     else:
         Y = PopGeGLUDecodeQ(
             X,
@@ -184,6 +204,7 @@ def PopGeGLUQ(
             Wus,
             Wdq,
             Wds,
+            output_norm,
             bits=bits,
             block_size=block_size,
             approximate=approximate,
