@@ -146,8 +146,28 @@ ONNXTensorElementDataType output_type_of(size_t i) {
   else return Kernel::output_type();
 }
 
+// Kernels whose last inputs may be absent declare kRequiredInputs (< kInputs): inputs from there
+// on are optional, so that nodes of older exports, which lack them, still bind to the kernel.
+template <class Kernel, class = void>
+struct has_required_inputs : std::false_type {};
+template <class Kernel>
+struct has_required_inputs<Kernel, std::void_t<decltype(Kernel::kRequiredInputs)>> : std::true_type {};
+
+template <class Kernel>
+constexpr size_t required_inputs() {
+  if constexpr (has_required_inputs<Kernel>::value) return Kernel::kRequiredInputs;
+  else return Kernel::kInputs;
+}
+
+// Input i of the call, or nullptr where the node does not have it (an optional input).
+inline const OrtValue* optional_input(Ort::KernelContext& ctx, size_t i) {
+  if (ctx.GetInputCount() <= i) return nullptr;
+  return static_cast<const OrtValue*>(ctx.GetInput(i));
+}
+
 // The one custom-op wrapper. A Kernel provides kName, kProvider, kInputs, input_type(i),
-// output_type(), a constructor from the OrtKernelInfo, and ComputeV2.
+// output_type(), a constructor from the OrtKernelInfo, and ComputeV2 (and kRequiredInputs
+// where trailing inputs are optional).
 template <class Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
@@ -158,6 +178,9 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return Kernel::kInputs; }
   ONNXTensorElementDataType GetInputType(size_t i) const { return Kernel::input_type(i); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < required_inputs<Kernel>() ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
   size_t GetOutputTypeCount() const { return output_count<Kernel>(); }
   ONNXTensorElementDataType GetOutputType(size_t i) const { return output_type_of<Kernel>(i); }
 };

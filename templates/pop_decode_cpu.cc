@@ -393,6 +393,7 @@ void CpuPopDecode<T, Rows>::select(PopDecodePlan& p, int64_t i) const {
   // TopK). Only the set matters (updown walks keep_list in channel order): the K-th largest |a|
   // t by nth_element on the candidates' |a| (contiguous floats, not an indirect comparator),
   // then every candidate above t and, in position order, those equal to t until there are K.
+  // Output-aware (output_norm set): the key is |a| * ||Wd|| of the candidate's channel.
   const int64_t* ids = P + ((p.row0 + i) / seq) * RC;
   const float* a = p.act.data() + i * D;
   std::vector<int32_t>& kept = p.kept[i];
@@ -406,7 +407,11 @@ void CpuPopDecode<T, Rows>::select(PopDecodePlan& p, int64_t i) const {
   }
   thread_local std::vector<float> key, order;
   key.resize(static_cast<size_t>(C));
-  for (int64_t j = 0; j < C; ++j) key[j] = std::fabs(a[ids[R + j]]);
+  if (output_norm) {
+    for (int64_t j = 0; j < C; ++j) key[j] = std::fabs(a[ids[R + j]]) * Elem<T>::to_float(output_norm[ids[R + j]]);
+  } else {
+    for (int64_t j = 0; j < C; ++j) key[j] = std::fabs(a[ids[R + j]]);
+  }
   order.assign(key.begin(), key.end());
   std::nth_element(order.begin(), order.begin() + (K - 1), order.end(), std::greater<float>());
   const float t = order[K - 1];

@@ -73,7 +73,7 @@ void run_pop_decode(Ort::KernelContext& ctx, const Job& job, const char* op) {
   }
 }
 
-// The (R, K) of a decode step's config [>= 3] for a partition of RC channels, clamped as the
+// The (R, K) of a decode step's config [4] for a partition of RC channels, clamped as the
 // function bodies clamp them.
 inline std::pair<int64_t, int64_t> decode_split(const int64_t* cfg, int64_t RC) {
   const int64_t R = std::min<int64_t>(std::max<int64_t>(cfg[0], 0), RC);
@@ -84,15 +84,34 @@ inline std::pair<int64_t, int64_t> decode_split(const int64_t* cfg, int64_t RC) 
 // The count = R + C channels of config, checked against the FFN width D.
 int64_t partition_count(const char* op, const int64_t* cfg, int64_t D);
 
+// The output-aware weights of a call: output_norm [D] (type T) where config[3] asks for the
+// output-aware score, else nullptr. `value` is the node's output_norm input, nullptr where the
+// node has none (exports made before it existed); its shape is checked whenever it is there.
+template <class T>
+const T* output_norm_for(const char* op, const OrtValue* value, const int64_t* cfg, int64_t D) {
+  if (value) {
+    const auto shape = Ort::ConstValue{value}.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape != std::vector<int64_t>{D})
+      throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": output_norm must be [D] = [" + std::to_string(D) +
+                                              "], got " + shape_str(shape)};
+  }
+  if (cfg[3] != popc::kScoreOutput) return nullptr;
+  if (!value)
+    throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": config[3] = 2 (the output-aware score) needs the "
+                                                          "node's output_norm input, which this export predates; "
+                                                          "re-export the model with this popc"};
+  return static_cast<const T*>(Ort::ConstValue{value}.GetTensorRawData());
+}
+
 // The whole FFN's prefill (an empty partition) on float32 weights Wg, Wu, Wd [D, H] (Wd as
 // rows, like the decode): Y = (act(X Wg^T) * X Wu^T) Wd by ONNX Runtime's MatMul (`matmul`, an
 // Ort::Op for float MatMul), and partition_out [B, R+C] by the partition kernel. Checks X
-// [B, S, H] (H = the weights' H), token_mask, config and static_score; the caller checks the
-// weights. Y has X's shape.
+// [B, S, H] (H = the weights' H), token_mask, config, static_score and output_norm (nullptr
+// where the node has none); the caller checks the weights. Y has X's shape.
 // partition_out is output 1 of the node.
 void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& matmul, const char* op, int activation,
                  const Ort::ConstValue& x, const Ort::ConstValue& mask, const Ort::ConstValue& config,
-                 const Ort::ConstValue& static_score, const float* Wg, const float* Wu, const float* Wd, int64_t D,
-                 int64_t H, float* Y);
+                 const Ort::ConstValue& static_score, const OrtValue* output_norm, const float* Wg, const float* Wu,
+                 const float* Wd, int64_t D, int64_t H, float* Y);
 
 }  // namespace popc::ort

@@ -1,13 +1,17 @@
 // popc op library: the fused POP-online ops on the CPU (ONNX Runtime side; the compute is in
 // pop_decode_cpu.cc and popc_kernels_cpu.cc).
 //
-//   PopSwiGLUDecode / PopGeGLUDecode (X, partition, config, Wg, Wu, Wd) -> Y: one decode step.
-//   PopPartition (Z, token_mask, config, static_score) -> partition: prefill scoring.
-//   PopSwiGLU / PopGeGLU (X, token_mask, partition, config, Wg, Wu, Wd, static_score)
+//   PopSwiGLUDecode / PopGeGLUDecode (X, partition, config, Wg, Wu, Wd, output_norm) -> Y: one
+//       decode step.
+//   PopPartition (Z, token_mask, config, static_score, output_norm) -> partition: prefill scoring.
+//   PopSwiGLU / PopGeGLU (X, token_mask, partition, config, Wg, Wu, Wd, static_score, output_norm)
 //       -> (Y, partition_out): the whole POP FFN, both branches, so that a graph run with the
 //       library has no If per layer (its function body branches on an empty partition).
 //       Prefill runs ONNX Runtime's own MatMul kernel (OrtApi::InvokeOp) and the
 //       partition kernel; decode runs the fused decode kernel.
+// config[3] is the score mode (0 activation, 1 static, 2 output-aware: scores times output_norm
+// [D] = ||Wd[d, :]||). output_norm is optional, so that exports made before it still run; mode 2
+// without it is an error.
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -46,11 +50,12 @@ struct DenseOps {
   }
 };
 
-// One decode step (inputs X, partition, config, Wg, Wu, Wd), Y written to `y`.
+// One decode step (inputs X, partition, config, Wg, Wu, Wd, output_norm or nullptr), Y written
+// to `y`.
 template <class T>
 void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& x, const Ort::ConstValue& part,
                 const Ort::ConstValue& config, const Ort::ConstValue& wg, const Ort::ConstValue& wu,
-                const Ort::ConstValue& wd, int activation, bool use_avx2, T* y) {
+                const Ort::ConstValue& wd, const OrtValue* output_norm, int activation, bool use_avx2, T* y) {
   const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
   const auto ps = part.GetTensorTypeAndShapeInfo().GetShape();
   const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
@@ -64,7 +69,7 @@ void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& 
   if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
   if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
     fail("Wg, Wu and Wd must have one shape");
-  if (cs.size() != 1 || cs[0] < 3) fail("config must be int64 [4]");
+  if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
   const int64_t D = gs[0], H = gs[1], RC = ps[1];
   if (RC > D) fail("the partition has more channels than the FFN");
   const int64_t* I = part.GetTensorData<int64_t>();
@@ -72,19 +77,23 @@ void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& 
   const int64_t* cfg = config.GetTensorData<int64_t>();
   const auto [R, K] = decode_split(cfg, RC);
   auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
-  const popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, xs[0] * xs[1], xs[1], H, D, RC, R, K,
-                                  activation, use_avx2, 0};
+  popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, xs[0] * xs[1], xs[1], H, D, RC, R, K,
+                            activation, use_avx2, 0};
+  job.output_norm = output_norm_for<T>(op, output_norm, cfg, D);
   run_pop_decode(ctx, job, op);
 }
 
 // Prefill scoring of Z [B, T, D] into out [B, count].
+// mode: config[3]; output_norm: [D] for mode 2 (checked by the caller), else unused.
 template <class ZT>
-void pop_partition(Ort::KernelContext& ctx, const ZT* Z, const float* mask, const ZT* static_score, int64_t B,
-                   int64_t T, int64_t D, int64_t count, bool use_static, int64_t* out) {
+void pop_partition(Ort::KernelContext& ctx, const ZT* Z, const float* mask, const ZT* static_score,
+                   const ZT* output_norm, int64_t B, int64_t T, int64_t D, int64_t count, int64_t mode, int64_t* out) {
   if (B == 0 || count == 0) return;
   std::vector<float> inv_norm(static_cast<size_t>(B * T));
   std::vector<double> score(static_cast<size_t>(B * D));
-  const popc::CpuPopPartition<ZT> job{Z, mask, static_score, out, B, T, D, count, use_static, &inv_norm, &score};
+  popc::CpuPopPartition<ZT> job{Z, mask, static_score, out, B, T, D, count, mode == popc::kScoreStatic, &inv_norm,
+                                &score};
+  if (mode == popc::kScoreOutput) job.output_norm = output_norm;
   if (!job.use_static && T > 0) parallel_for(ctx, B * T, [&](int64_t row) { job.norms(row); });
   if (T == 0 && !job.use_static) {
     std::fill(score.begin(), score.end(), 0.0);
@@ -99,14 +108,15 @@ void pop_partition(Ort::KernelContext& ctx, const ZT* Z, const float* mask, cons
 }
 
 // ---- PopSwiGLUDecode / PopGeGLUDecode --------------------------------------------------
-// (X [B, S, H], partition int64 [B, RC], config int64 [4], Wg, Wu, Wd [D, H]) -> Y [B, S, H]:
-// one POP-online FFN decode step (see popc_kernels.h). Partition ids must be unique and
-// in [0, D).
+// (X [B, S, H], partition int64 [B, RC], config int64 [4], Wg, Wu, Wd [D, H], output_norm [D]
+// (optional)) -> Y [B, S, H]: one POP-online FFN decode step (see popc_kernels.h). Partition ids
+// must be unique and in [0, D).
 template <class T, bool GeGLU>
 struct CpuPopDecodeKernel {
   static constexpr const char* kName = GeGLU ? "PopGeGLUDecode" : "PopSwiGLUDecode";
   static constexpr const char* kProvider = kCpu;
-  static constexpr size_t kInputs = 6;
+  static constexpr size_t kInputs = 7;
+  static constexpr size_t kRequiredInputs = 6;
   static ONNXTensorElementDataType input_type(size_t i) { return (i == 1 || i == 2) ? kInt64 : onnx_type<T>(); }
   static ONNXTensorElementDataType output_type() { return onnx_type<T>(); }
   bool use_avx2 = popc::cpu_has_avx2();
@@ -123,19 +133,22 @@ struct CpuPopDecodeKernel {
       const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
       auto y = ctx.GetOutput(0, xs.data(), xs.size());
       pop_decode<T>(ctx, kName, x, ctx.GetInput(1), ctx.GetInput(2), ctx.GetInput(3), ctx.GetInput(4),
-                    ctx.GetInput(5), activation, use_avx2, static_cast<T*>(y.GetTensorMutableRawData()));
+                    ctx.GetInput(5), optional_input(ctx, 6), activation, use_avx2,
+                    static_cast<T*>(y.GetTensorMutableRawData()));
     });
   }
 };
 
 // ---- PopPartition -------------------------------------------------------------------------
-// (Z [B, T, D], token_mask float [B, T], config int64 [4], static_score [D]) -> int64 [B, R+C]:
-// POP-online's prefill scoring and top-(R+C) ranking in one pass (see popc_kernels.h).
+// (Z [B, T, D], token_mask float [B, T], config int64 [4], static_score [D], output_norm [D]
+// (optional)) -> int64 [B, R+C]: POP-online's prefill scoring and top-(R+C) ranking in one pass
+// (see popc_kernels.h).
 template <class ZT>
 struct CpuPartitionKernel {
   static constexpr const char* kName = "PopPartition";
   static constexpr const char* kProvider = kCpu;
-  static constexpr size_t kInputs = 4;
+  static constexpr size_t kInputs = 5;
+  static constexpr size_t kRequiredInputs = 4;
   static ONNXTensorElementDataType input_type(size_t i) {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : i == 2 ? kInt64 : onnx_type<ZT>();
   }
@@ -163,10 +176,11 @@ struct CpuPartitionKernel {
       const int64_t* cfg = config.GetTensorData<int64_t>();
       const int64_t B = zs[0], T = zs[1], D = zs[2];
       const int64_t count = partition_count(op, cfg, D);
+      const ZT* norms = output_norm_for<ZT>(op, optional_input(ctx, 4), cfg, D);
       const std::vector<int64_t> out_shape{B, count};
       auto out = ctx.GetOutput(0, out_shape.data(), out_shape.size());
       pop_partition<ZT>(ctx, static_cast<const ZT*>(z.GetTensorRawData()), mask.GetTensorData<float>(),
-                        static_cast<const ZT*>(stat.GetTensorRawData()), B, T, D, count, cfg[3] != 0,
+                        static_cast<const ZT*>(stat.GetTensorRawData()), norms, B, T, D, count, cfg[3],
                         out.GetTensorMutableData<int64_t>());
     });
   }
@@ -174,13 +188,15 @@ struct CpuPartitionKernel {
 
 // ---- PopSwiGLU / PopGeGLU: the whole FFN (float32) ----------------------------------------
 // (X [B, S, H], token_mask float [B, S], partition int64 [B, P], config int64 [4], Wg, Wu, Wd [D, H],
-//  static_score [D]) -> (Y [B, S, H], partition_out int64). P = 0 is prefill: the FFN runs dense and
-// partition_out is the new partition [B, R+C]; otherwise a decode step and partition_out = partition.
+//  static_score [D], output_norm [D] (optional)) -> (Y [B, S, H], partition_out int64). P = 0 is
+// prefill: the FFN runs dense and partition_out is the new partition [B, R+C]; otherwise a decode
+// step and partition_out = partition.
 template <bool GeGLU>
 struct CpuPopFfnKernel {
   static constexpr const char* kName = GeGLU ? "PopGeGLU" : "PopSwiGLU";
   static constexpr const char* kProvider = kCpu;
-  static constexpr size_t kInputs = 8;
+  static constexpr size_t kInputs = 9;
+  static constexpr size_t kRequiredInputs = 8;
   static constexpr size_t kOutputs = 2;
   static ONNXTensorElementDataType input_type(size_t i) {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : (i == 2 || i == 3) ? kInt64 : onnx_type<float>();
@@ -204,7 +220,7 @@ struct CpuPopFfnKernel {
       auto y = ctx.GetOutput(0, xs.data(), xs.size());
       if (part.GetTensorTypeAndShapeInfo().GetElementCount() == 0) return prefill(ctx, context, y);
       pop_decode<float>(ctx, kName, x, part, ctx.GetInput(3), ctx.GetInput(4), ctx.GetInput(5), ctx.GetInput(6),
-                        activation, use_avx2, y.GetTensorMutableData<float>());
+                        optional_input(ctx, 8), activation, use_avx2, y.GetTensorMutableData<float>());
       auto out = ctx.GetOutput(1, ps.data(), ps.size());
       std::copy_n(part.GetTensorData<int64_t>(), part.GetTensorTypeAndShapeInfo().GetElementCount(),
                   out.GetTensorMutableData<int64_t>());
@@ -224,8 +240,8 @@ struct CpuPopFfnKernel {
     if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
       fail("Wg, Wu and Wd must have one shape");
     pop_prefill(ctx, context, matmul, kName, activation, x, ctx.GetInput(1), ctx.GetInput(3), ctx.GetInput(7),
-                wg.GetTensorData<float>(), wu.GetTensorData<float>(), wd.GetTensorData<float>(), gs[0], gs[1],
-                y.GetTensorMutableData<float>());
+                optional_input(ctx, 8), wg.GetTensorData<float>(), wu.GetTensorData<float>(),
+                wd.GetTensorData<float>(), gs[0], gs[1], y.GetTensorMutableData<float>());
   }
 };
 
@@ -248,8 +264,8 @@ int64_t partition_count(const char* op, const int64_t* cfg, int64_t D) {
 
 void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& matmul, const char* op, int activation,
                  const Ort::ConstValue& x, const Ort::ConstValue& mask, const Ort::ConstValue& config,
-                 const Ort::ConstValue& static_score, const float* Wg, const float* Wu, const float* Wd, int64_t D,
-                 int64_t H, float* Y) {
+                 const Ort::ConstValue& static_score, const OrtValue* output_norm, const float* Wg, const float* Wu,
+                 const float* Wd, int64_t D, int64_t H, float* Y) {
   const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
   const auto ms = mask.GetTensorTypeAndShapeInfo().GetShape();
   const auto ss = static_score.GetTensorTypeAndShapeInfo().GetShape();
@@ -266,6 +282,7 @@ void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& ma
   const int64_t B = xs[0], S = xs[1], rows = B * S;
   const int64_t* cfg = config.GetTensorData<int64_t>();
   const int64_t count = partition_count(op, cfg, D);
+  const float* norms = output_norm_for<float>(op, output_norm, cfg, D);
   const std::vector<int64_t> part_shape{B, count};
   auto part_out = ctx.GetOutput(1, part_shape.data(), part_shape.size());
   if (rows == 0) return;
@@ -294,8 +311,8 @@ void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& ma
         z[r * D + d] = popc::cpu::activate(gate[d * rows + r], act) * up[d * rows + r];
   });
   dense.z_w(z.data(), rows, D, Wd, H, Y);
-  pop_partition<float>(ctx, z.data(), mask.GetTensorData<float>(), static_score.GetTensorData<float>(), B, S, D, count,
-                       cfg[3] != 0, part_out.GetTensorMutableData<int64_t>());
+  pop_partition<float>(ctx, z.data(), mask.GetTensorData<float>(), static_score.GetTensorData<float>(), norms, B, S, D,
+                       count, cfg[3], part_out.GetTensorMutableData<int64_t>());
 }
 
 void add_pop_cpu_ops(std::vector<Registration>& list) {

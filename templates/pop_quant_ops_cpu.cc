@@ -4,12 +4,14 @@
 //
 //   GatherMatMulTQ(X [.., H], Wq uint8 [N, H*bits/8], Ws [N, H/block_size], I int64 [.., K]) -> [.., K]
 //   GatherMatMulQ (Z [.., K], Wq, Ws, I) -> [.., H]
-//   PopSwiGLUDecodeQ / PopGeGLUDecodeQ (X, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds) -> Y
-//       (accuracy_level >= 4: the gate and up dots on X rounded to int8 per block)
+//   PopSwiGLUDecodeQ / PopGeGLUDecodeQ (X, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds,
+//       output_norm) -> Y (accuracy_level >= 4: the gate and up dots on X rounded to int8 per block)
 //   PopSwiGLUQ / PopGeGLUQ (X, token_mask, partition, config, Wgq, Wgs, Wuq, Wus, Wdq, Wds,
-//       static_score) -> (Y, partition_out): the whole FFN, float32 only. Prefill dequantizes the
+//       static_score, output_norm) -> (Y, partition_out): the whole FFN, float32 only. Prefill dequantizes the
 //       three matrices into float scratch (kept per calling thread, reused by every layer and
 //       call) and runs the float whole-FFN prefill; decode runs the fused quantized decode.
+// output_norm [D] (the dequantized down rows' norms, for config[3] = 2, the output-aware score) is
+// optional, as in pop_ops_cpu.cc, so that exports made before it still run.
 // Attributes bits (4 or 8) and block_size (a power of two >= 16); the scales have the
 // activations' type (float32 or float16). Index contract and errors as the float ops: every
 // violation is an ORT error naming the op and the shapes, before any weight is read.
@@ -122,11 +124,12 @@ struct CpuGatherQKernel {
 };
 
 // ---- the decode step on quantized rows ------------------------------------------------------
-// Inputs X, partition, config, then (Wq, Ws) of gate, up and down at w[0..6); Y written to y.
+// Inputs X, partition, config, then (Wq, Ws) of gate, up and down at w[0..6), and output_norm
+// (nullptr where the node has none); Y written to y.
 template <class T>
 void pop_decode_q(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& x, const Ort::ConstValue& part,
-                  const Ort::ConstValue& config, const Ort::ConstValue* w, const QuantAttrs& attrs, int activation,
-                  bool use_avx2, T* y) {
+                  const Ort::ConstValue& config, const Ort::ConstValue* w, const OrtValue* output_norm,
+                  const QuantAttrs& attrs, int activation, bool use_avx2, T* y) {
   const auto xs = shape_of(x), ps = shape_of(part), cs = shape_of(config);
   const auto gq = shape_of(w[0]), gs = shape_of(w[1]);
   const std::string shapes = "X " + shape_str(xs) + ", partition " + shape_str(ps) + ", Wgq " + shape_str(gq) +
@@ -142,25 +145,29 @@ void pop_decode_q(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue
     fail("Wgq, Wuq and Wdq must have one shape, and Wgs, Wus and Wds one shape (Wuq " + shape_str(shape_of(w[2])) +
          ", Wus " + shape_str(shape_of(w[3])) + ", Wdq " + shape_str(shape_of(w[4])) + ", Wds " +
          shape_str(shape_of(w[5])) + ")");
-  if (cs.size() != 1 || cs[0] < 3) fail("config must be int64 [4]");
+  if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
   const int64_t RC = ps[1];
   if (RC > D) fail("the partition has more channels than the FFN");
   const int64_t* I = part.GetTensorData<int64_t>();
   check_indices(op, I, ps[0] * RC, D);
-  const auto [R, K] = decode_split(config.GetTensorData<int64_t>(), RC);
-  const popc::CpuPopDecode<T, popc::QuantRows<T>> job{
+  const int64_t* cfg = config.GetTensorData<int64_t>();
+  const auto [R, K] = decode_split(cfg, RC);
+  popc::CpuPopDecode<T, popc::QuantRows<T>> job{
       static_cast<const T*>(x.GetTensorRawData()), I, quant_rows<T>(w[0], w[1], attrs), quant_rows<T>(w[2], w[3], attrs),
       quant_rows<T>(w[4], w[5], attrs), y, xs[0] * xs[1], xs[1], H, D, RC, R, K, activation, use_avx2,
       attrs.level()};
+  job.output_norm = output_norm_for<T>(op, output_norm, cfg, D);
   run_pop_decode(ctx, job, op);
 }
 
-// (X [B, S, H], partition int64 [B, RC], config int64 [4], Wgq, Wgs, Wuq, Wus, Wdq, Wds) -> Y.
+// (X [B, S, H], partition int64 [B, RC], config int64 [4], Wgq, Wgs, Wuq, Wus, Wdq, Wds,
+//  output_norm [D] (optional)) -> Y.
 template <class T, bool GeGLU>
 struct CpuPopDecodeQKernel {
   static constexpr const char* kName = GeGLU ? "PopGeGLUDecodeQ" : "PopSwiGLUDecodeQ";
   static constexpr const char* kProvider = kCpu;
-  static constexpr size_t kInputs = 9;
+  static constexpr size_t kInputs = 10;
+  static constexpr size_t kRequiredInputs = 9;
   static ONNXTensorElementDataType input_type(size_t i) {
     return (i == 1 || i == 2) ? kInt64 : (i == 3 || i == 5 || i == 7) ? kUint8 : onnx_type<T>();
   }
@@ -181,8 +188,8 @@ struct CpuPopDecodeQKernel {
       auto y = ctx.GetOutput(0, xs.data(), xs.size());
       const Ort::ConstValue w[] = {ctx.GetInput(3), ctx.GetInput(4), ctx.GetInput(5),
                                    ctx.GetInput(6), ctx.GetInput(7), ctx.GetInput(8)};
-      pop_decode_q<T>(ctx, kName, x, ctx.GetInput(1), ctx.GetInput(2), w, attrs, activation, use_avx2,
-                      static_cast<T*>(y.GetTensorMutableRawData()));
+      pop_decode_q<T>(ctx, kName, x, ctx.GetInput(1), ctx.GetInput(2), w, optional_input(ctx, 9), attrs, activation,
+                      use_avx2, static_cast<T*>(y.GetTensorMutableRawData()));
     });
   }
 };
@@ -199,7 +206,8 @@ template <bool GeGLU>
 struct CpuPopFfnQKernel {
   static constexpr const char* kName = GeGLU ? "PopGeGLUQ" : "PopSwiGLUQ";
   static constexpr const char* kProvider = kCpu;
-  static constexpr size_t kInputs = 11;
+  static constexpr size_t kInputs = 12;
+  static constexpr size_t kRequiredInputs = 11;
   static constexpr size_t kOutputs = 2;
   static ONNXTensorElementDataType input_type(size_t i) {
     if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -228,8 +236,8 @@ struct CpuPopFfnQKernel {
                                    ctx.GetInput(7), ctx.GetInput(8), ctx.GetInput(9)};
       const int64_t count = part.GetTensorTypeAndShapeInfo().GetElementCount();
       if (count == 0) return prefill(ctx, context, x, w, y.GetTensorMutableData<float>());
-      pop_decode_q<float>(ctx, kName, x, part, ctx.GetInput(3), w, attrs, activation, use_avx2,
-                          y.GetTensorMutableData<float>());
+      pop_decode_q<float>(ctx, kName, x, part, ctx.GetInput(3), w, optional_input(ctx, 11), attrs, activation,
+                          use_avx2, y.GetTensorMutableData<float>());
       auto out = ctx.GetOutput(1, ps.data(), ps.size());
       std::copy_n(part.GetTensorData<int64_t>(), count, out.GetTensorMutableData<int64_t>());
     });
@@ -262,8 +270,8 @@ struct CpuPopFfnQKernel {
       for (int64_t r = r0; r < r1; ++r)
         popc::cpu::dequant_row(avx2, q.bits, q.block, q.row(r, H), H, base + (m * D + r) * H);
     });
-    pop_prefill(ctx, context, matmul, kName, activation, x, ctx.GetInput(1), ctx.GetInput(3), ctx.GetInput(10), base,
-                base + D * H, base + 2 * D * H, D, H, y);
+    pop_prefill(ctx, context, matmul, kName, activation, x, ctx.GetInput(1), ctx.GetInput(3), ctx.GetInput(10),
+                optional_input(ctx, 11), base, base + D * H, base + 2 * D * H, D, H, y);
   }
 };
 

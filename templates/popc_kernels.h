@@ -58,7 +58,8 @@ struct CpuGatherMatMul {
 // PopSwiGLUDecode / PopGeGLUDecode: a whole POP-online FFN decode step, fused.
 //   per row r (token) of X [rows, H], with its sequence's partition P[b] (RC channel ids,
 //   the R retained first): g_j = act(X[r] . Wg[P[b, j]]) for every j; the top-K candidates
-//   (j >= R) by |g_j| (ties to the lower j) plus all retained are "kept";
+//   (j >= R) by |g_j| (by |g_j| * output_norm[id_j] when output_norm is set: the output-aware
+//   score, config mode 2; ties to the lower j) plus all retained are "kept";
 //   Y[r] = sum_{kept j} g_j * (X[r] . Wu[id_j]) * Wd[id_j].
 // The rows of one call share their reads: each weight row is read once, for the union of
 // the channels the rows need (gate: the union of their partitions; up/down: the union of
@@ -67,6 +68,9 @@ struct CpuGatherMatMul {
 // per step), which keeps several hardware prefetch streams busy. Ids must be unique per
 // sequence and in [0, D) (the caller validates them; prepare reports duplicates).
 enum PopActivation { kSilu = 0, kGeluErf = 1, kGeluTanh = 2 };
+
+// config[3] of a POP op: how channels are scored (popc/pop.py's PopSettings.mode).
+enum PopScoreMode : int64_t { kScoreActivation = 0, kScoreStatic = 1, kScoreOutput = 2 };
 
 // Rows one PopDecodePlan covers (one bit each in the channel masks); the op splits larger
 // calls into groups of this many rows.
@@ -133,6 +137,8 @@ struct CpuPopDecode {
   // Quantized rows (MatMulNBits' levels): >= 4 takes the gate and up dots with X rounded to int8
   // per block (the bodies' Int8Activations); below 4, float X. Dense rows ignore it.
   int accuracy_level = 0;
+  // [D] ||Wd[d, :]|| when the candidates are ranked output-aware (config mode 2), else nullptr.
+  const T* output_norm = nullptr;
   // Phases of one group of rows (each phase's calls are independent and may run in parallel):
   // prepare(row0, nrows) -> gate(gate_list slice) x tasks -> select(row) x nrows -> gather_kept
   // -> updown(keep_list slice, partial of that task) x tasks -> finish(tasks).
@@ -170,8 +176,9 @@ struct CpuGatherMatMulQ {
 // PopPartition: POP-online's prefill scoring and ranking, fused.
 //   Z [B, T, D] (the FFN's channel activations), token_mask float [B, T]:
 //   score[b, d] = sqrt(sum_t (Z[b,t,d] / (||Z[b,t,:]|| + 1e-12) * mask[b,t])^2), or
-//   static_score[d] when `use_static`; out[b, :] = the `count` channels of highest score,
-//   in decreasing score (ties to the lower channel id, as ONNX TopK).
+//   static_score[d] when `use_static`; times output_norm[d] (= ||Wd[d, :]||, the output-aware
+//   score, config mode 2) when `output_norm` is set; out[b, :] = the `count` channels of
+//   highest score, in decreasing score (ties to the lower channel id, as ONNX TopK).
 template <class ZT>
 struct CpuPopPartition {
   const ZT* Z; const float* mask; const ZT* static_score; int64_t* out;
@@ -179,6 +186,7 @@ struct CpuPopPartition {
   bool use_static;
   std::vector<float>* inv_norm;  // [B * T] scratch
   std::vector<double>* score;    // [B * D] scratch
+  const ZT* output_norm = nullptr;  // [D]: weights the scores (not with use_static)
   void norms(int64_t row) const;                 // one (b, t) row: inv_norm = mask / (norm + eps)
   void scores(int64_t b, int64_t d0, int64_t d1) const;  // score[b, d0..d1)
   void rank(int64_t b) const;                    // out[b, :]

@@ -123,7 +123,12 @@ void CpuPopPartition<ZT>::scores(int64_t b, int64_t d0, int64_t d1) const {
         acc[j] += v * v;
       }
     }
-    for (int64_t j = 0; j < len; ++j) out_score[c0 + j] = std::sqrt(static_cast<double>(acc[j]));
+    if (output_norm) {
+      for (int64_t j = 0; j < len; ++j)
+        out_score[c0 + j] = std::sqrt(static_cast<double>(acc[j])) * Elem<ZT>::to_float(output_norm[c0 + j]);
+    } else {
+      for (int64_t j = 0; j < len; ++j) out_score[c0 + j] = std::sqrt(static_cast<double>(acc[j]));
+    }
   }
 }
 
