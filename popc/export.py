@@ -44,7 +44,7 @@ from popc.modeling import ExportableDecoder, decoder_shape
 from popc.passes.ort_fusions import ort_fusion_passes
 from popc.passes.pop_online import PopOnlinePass
 from popc.passes.quantize_weights import QuantizeWeightsPass
-from popc.pop import PopSettings
+from popc.pop import SCORES, PopSettings
 from popc.progress import Progress, or_silent
 from popc.quantize import QuantScheme
 
@@ -237,10 +237,15 @@ def pop_config(pop: PopSettings, config) -> dict[str, Any]:
         "candidate": pop.candidate,
         "keep": pop.keep,
         "sparsity": round(pop.sparsity, 6),
+        "score": pop.score,
+        # The channel scores the graph computes (its FFN nodes take output_norm): the runtime
+        # refuses "output" on exports without this entry.
+        "scores": list(SCORES),
         "intermediate_size": pop_channels(config),
         "weight_layout": WEIGHT_LAYOUT,
         "state_inputs": "past_partition.{i} int64 [batch, retain+candidate] -> present_partition.{i}",
-        "config_input": "pop_config int64 [4] = (retain, candidate, keep channel counts, static flag)",
+        "config_input": "pop_config int64 [4] = (retain, candidate, keep channel counts, score mode: "
+        "0 activation, 1 static, 2 output-aware)",
     }
 
 

@@ -198,11 +198,29 @@ class PopcModel:
         self.output_order = ["logits"] + [present_name(i.name) for i in self.state_inputs]
         pop = config.get("pop") or {}
         self.pop_channels = int(pop.get("intermediate_size", 0))
+        # The channel scores the graph can compute: exports made before the output-aware score
+        # have no `scores` entry (and their FFN nodes no output_norm input).
+        scores = pop.get("scores")
+        self.pop_scores = tuple(scores) if isinstance(scores, list) else ("activation",)
         self.pop_defaults = PopSettings(
-            retain=pop.get("retain", 1.0), candidate=pop.get("candidate", 0.0), keep=pop.get("keep", 0.0)
+            retain=pop.get("retain", 1.0),
+            candidate=pop.get("candidate", 0.0),
+            keep=pop.get("keep", 0.0),
+            score=pop.get("score", "activation"),
         )
         if self.has_pop_config:
-            self.pop_defaults.counts(self.pop_channels)  # refuse a split that rounds to nothing now
+            self.pop_counts(self.pop_defaults)  # refuse a split that rounds to nothing now
+
+    def pop_counts(self, pop: PopSettings | None = None) -> np.ndarray:
+        """The ``pop_config`` input for ``pop`` (default: the export's), refusing a score the
+        export's graph cannot compute."""
+        settings = pop or self.pop_defaults
+        if settings.score not in self.pop_scores:
+            raise PopcError(
+                f"score {settings.score!r} is not available in {self.location.directory}: it was exported by an "
+                "older popc, whose FFN nodes have no output_norm input; re-export it with `popc export`"
+            )
+        return settings.counts(self.pop_channels)
 
     # ---- tokens -------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -261,7 +279,7 @@ class PopcModel:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         feed |= {meta.name: value for meta, value in zip(self.state_inputs, state)}
         if self.has_pop_config:
-            feed["pop_config"] = (pop or self.pop_defaults).counts(self.pop_channels)
+            feed["pop_config"] = self.pop_counts(pop)
         if self.has_logits_to_keep:
             feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
         elif logits_to_keep:  # an export from before the input existed: slice here
@@ -398,7 +416,7 @@ class BoundSteps:
         self.session = model.session
         self.ort = ort
         self.device_type = "cuda" if model.device == "cuda" else "cpu"
-        self.pop_config = (pop or model.pop_defaults).counts(model.pop_channels) if model.has_pop_config else None
+        self.pop_config = model.pop_counts(pop) if model.has_pop_config else None
         self.state: list[Any] | None = None
         self.attention_mask: np.ndarray | None = None
         # The decode steps' binding, made once per cache: only input_ids (updated in place),
