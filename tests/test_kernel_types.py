@@ -81,6 +81,7 @@ def test_partition_kernel_rejects_bad_config(library, dtype):
         "M": np.ones((B, T), np.float32),
         "C": np.array([5, 5, 3, 0], np.int64),
         "S": rng.random(D).astype(dtype),
+        "N": rng.random(D).astype(dtype),
     }
     s = session(partition_model(dtype), library)
     (got,) = s.run(None, feed)

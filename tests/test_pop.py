@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 import popc
 from conftest import TINY_FAMILIES, make_tiny_model_dir, padded
 from popc.cli import app
+from popc.errors import PopcError
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
 from popc.reference import PopReference
@@ -28,6 +30,8 @@ VARIANTS = {
     "per-token-50": PopSettings(retain=0.0, candidate=1.0, keep=0.5),
     "static-50": PopSettings(retain=0.5, candidate=0.0, keep=0.0, static=True),
 }
+# The output-aware score (mode 2): HALF's regions, channels weighted by ||Wd_j||.
+OUTPUT = PopSettings(retain=0.25, candidate=0.5, keep=0.25, score="output")
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -69,8 +73,20 @@ def assert_same_partition(mine: np.ndarray, theirs: np.ndarray, scores: np.ndarr
 @pytest.mark.parametrize("lengths", [[9], [10, 4, 7]], ids=["batch1", "batch3-left-padded"])
 def test_onnx_equals_reference(pop_export, variant, lengths):
     """Logits at prefill and over 32 greedy decode steps, and the partitions themselves."""
+    # The issue's 32 greedy steps for POP itself; 8 for each baseline's special case.
+    assert_equals_reference(pop_export, VARIANTS[variant], lengths, steps=32 if variant == "pop-50" else 8)
+
+
+@pytest.mark.parametrize("family_exports", ["llama", "gemma3"], indirect=True)
+@pytest.mark.parametrize("lengths", [[9], [10, 4, 7]], ids=["batch1", "batch3-left-padded"])
+def test_output_aware_onnx_equals_reference(pop_export, lengths):
+    """The output-aware score: the same partitions and logits as the reference, prefill + decode."""
+    assert_equals_reference(pop_export, OUTPUT, lengths, steps=6)
+
+
+def assert_equals_reference(pop_export, settings: PopSettings, lengths: list[int], steps: int) -> None:
+    """Logits at prefill and over ``steps`` greedy decode steps, and the partitions themselves."""
     hf, _, model = pop_export
-    settings = VARIANTS[variant]
     reference = PopReference(hf, settings)
     try:
         ids, mask = padded(lengths, hf.config.vocab_size)
@@ -87,8 +103,7 @@ def test_onnx_equals_reference(pop_export, variant, lengths):
             # amplified by the decode steps into a spurious mismatch.
             ffn.partition = torch.from_numpy(mine)
 
-        # The issue's 32 greedy steps for POP itself; 8 for each baseline's special case.
-        for _ in range(32 if variant == "pop-50" else 8):
+        for _ in range(steps):
             next_ids = expected[:, -1].argmax(-1, keepdim=True)
             assert (logits[:, -1].argmax(-1) == next_ids[:, 0].numpy()).all(), "greedy tokens diverged"
             mask = np.concatenate([mask, np.ones((len(lengths), 1), np.int64)], axis=1)
@@ -97,6 +112,68 @@ def test_onnx_equals_reference(pop_export, variant, lengths):
             np.testing.assert_allclose(logits[:, -1], expected[:, -1].numpy(), atol=TOLERANCE, rtol=0)
     finally:
         reference.remove()
+
+
+@pytest.mark.parametrize("family_exports", ["llama"], indirect=True)
+def test_output_aware_score_changes_the_selection(pop_export):
+    """Mode 2 picks other channels than mode 0: other partitions at prefill, and from one
+    partition other kept candidates at decode (so the equality tests above can fail)."""
+    _, _, model = pop_export
+    ids, mask = padded([10, 4, 7], model.config["vocab_size"])
+    _, activation_state = model.step(ids, mask, model.initial_state(3), HALF)
+    _, output_state = model.step(ids, mask, model.initial_state(3), OUTPUT)
+    partitions = slice(-model.num_layers, None)
+    assert any(
+        set(a[row]) != set(o[row]) for a, o in zip(activation_state[partitions], output_state[partitions]) for row in range(3)
+    )
+    next_ids, mask = np.array([[7], [8], [9]]), np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+    activation, _ = model.step(next_ids, mask, activation_state, HALF)
+    output, _ = model.step(next_ids, mask, activation_state, OUTPUT)  # the same partitions
+    assert np.abs(activation - output).max() > 1e-4
+
+
+def test_bad_scores_are_refused():
+    with pytest.raises(PopcError, match="score must be one of 'activation', 'output', got 'foo'"):
+        PopSettings(score="foo")
+    with pytest.raises(PopcError, match="static .* cannot be combined with score 'output'"):
+        PopSettings(retain=0.5, static=True, score="output")
+    modes = [PopSettings(retain=0.5, **kw).counts(8)[3] for kw in ({}, {"static": True}, {"score": "output"})]
+    assert modes == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family_exports", ["llama"], indirect=True)
+def test_an_export_from_before_output_norm_runs_and_refuses_the_output_score(pop_export, tmp_path):
+    """An older export: no ``scores`` in popc.json and no output_norm input on its FFN nodes.
+    Modes 0 and 1 run as before (with the op library, whose kernels take output_norm as an
+    optional input); the output-aware score is a PopcError that says to re-export."""
+    _, _, model = pop_export
+    old = tmp_path / "old"
+    shutil.copytree(model.location.directory, old)
+    config = json.loads((old / "popc.json").read_text())
+    del config["pop"]["score"], config["pop"]["scores"]
+    (old / "popc.json").write_text(json.dumps(config))
+    if model.uses_oplib:  # the function bodies of this popc need output_norm: old graphs carry their own
+        graph = onnx.load(old / "model.onnx", load_external_data=False)
+        for node in graph.graph.node:
+            if node.domain == "ai.popc":
+                assert node.input[-1].endswith("output_norm")
+                del node.input[-1]
+        kept = [i for i in graph.graph.initializer if not i.name.endswith("output_norm")]
+        del graph.graph.initializer[:]
+        graph.graph.initializer.extend(kept)
+        onnx.save(graph, old / "model.onnx")
+    older = popc.load(old, use_oplib=model.uses_oplib)
+    assert older.uses_oplib == model.uses_oplib
+    ids, mask = padded([10, 4, 7], model.config["vocab_size"])
+    for settings in (HALF, VARIANTS["static-50"]):
+        expected, expected_state = model.step(ids, mask, model.initial_state(3), settings)
+        logits, state = older.step(ids, mask, older.initial_state(3), settings)
+        np.testing.assert_array_equal(logits, expected)
+        step = np.array([[7], [8], [9]]), np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+        np.testing.assert_array_equal(older.step(*step, state, settings)[0], model.step(*step, expected_state, settings)[0])
+    for run in (lambda: older.step(ids, mask, older.initial_state(3), OUTPUT), lambda: older.bound(OUTPUT)):
+        with pytest.raises(PopcError, match="score 'output' is not available in .* older popc.*re-export"):
+            run()
 
 
 def test_runtime_generate_equals_reference_generate(pop_export):

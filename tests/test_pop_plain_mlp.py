@@ -2,7 +2,8 @@
 
 No supported family has a plain MLP, so this traces a small block of one with the
 graph's usual inputs, applies the POP pass and checks ORT against popc.reference's
-math on the same weights, at prefill and over decode steps.
+math on the same weights, at prefill and over decode steps, with the activation score and
+the output-aware one (fc2's row norms).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from popc.pop import PopSettings
 from popc.reference import GatedWeights, PopState, pop_ffn
 
 HIDDEN, CHANNELS = 16, 40
-SETTINGS = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
 
 
 class PlainMLPBlock(nn.Module):
@@ -38,9 +38,11 @@ class PlainMLPBlock(nn.Module):
         return self.fc2(self.act(self.fc1(x))) + 0 * attention_mask[:, :1, None] + 0 * input_ids[:, :1, None]
 
 
+@pytest.mark.parametrize("score", ["activation", "output"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
-def test_plain_mlp_pop_equals_reference(tmp_path, activation, bias):
+def test_plain_mlp_pop_equals_reference(tmp_path, activation, bias, score):
+    settings = PopSettings(retain=0.25, candidate=0.5, keep=0.25, score=score)
     torch.manual_seed(0)
     block = PlainMLPBlock(activation, bias).eval()
     with torch.no_grad():
@@ -59,7 +61,7 @@ def test_plain_mlp_pop_equals_reference(tmp_path, activation, bias):
     ir.save(model, tmp_path / "pop.onnx")
     session = ort.InferenceSession(str(tmp_path / "pop.onnx"))
 
-    counts = SETTINGS.counts(CHANNELS)
+    counts = settings.counts(CHANNELS)
     owner = types.SimpleNamespace(counts=counts, prefill=True)
     weights = GatedWeights(
         gate=block.fc1.weight, up=None, down_rows=block.fc2.weight.t(), act=block.act,

@@ -3,7 +3,9 @@ PopSwiGLUDecodeQ / PopGeGLUDecodeQ, PopSwiGLUQ / PopGeGLUQ) against their ONNX f
 (templates/ops.py, templates/pop_ffn_quant.py), on the AVX2 path and the portable one, and their
 input contract: every bad input an ORT error naming the op, never a crash or a stray read.
 
-Weights are small random matrices quantized with popc.quantize.quantize_rows."""
+Weights are small random matrices quantized with popc.quantize.quantize_rows. The POP ops run
+with the activation score (config mode 0), the static one (1) and the output-aware one (2, the
+output_norm input ``N``)."""
 
 from __future__ import annotations
 
@@ -131,18 +133,33 @@ def quant_weights(rng, D: int, H: int, bits: int, block: int, dtype=np.float32) 
 WEIGHTS = ["Wgq", "Wgs", "Wuq", "Wus", "Wdq", "Wds"]
 
 
+def norms_for(weights: dict, output_norm: np.ndarray | None) -> dict:
+    """The output_norm initializer ``N`` [D]: ``output_norm``, or ones (the activation score's
+    order even in mode 2)."""
+    if output_norm is None:
+        output_norm = np.ones(weights["Wgq"].shape[0], weights["Wgs"].dtype)
+    return {"N": output_norm}
+
+
+def spread_norms(rng, D: int, dtype=np.float32) -> np.ndarray:
+    """An output_norm [D] with a wide spread, so that mode 2 changes many selections."""
+    return rng.uniform(0.2, 2.0, D).astype(dtype)
+
+
 def decode_model(
-    op: str, weights: dict, bits: int, block: int, approximate: str | None = None, dtype=np.float32, level=None
+    op: str, weights: dict, bits: int, block: int, approximate: str | None = None, dtype=np.float32, level=None,
+    output_norm: np.ndarray | None = None,
 ):
     """``level``: the node's accuracy_level (None: no attribute, the default 0)."""
     attributes = {"bits": bits, "block_size": block} | ({"approximate": approximate} if approximate else {})
     attributes |= {} if level is None else {"accuracy_level": level}
-    node = helper.make_node(op, ["X", "P", "C", *WEIGHTS], ["Y"], domain=DOMAIN, **attributes)
+    node = helper.make_node(op, ["X", "P", "C", *WEIGHTS, "N"], ["Y"], domain=DOMAIN, **attributes)
     inputs = [helper.make_tensor_value_info("X", elem_of(dtype), ["b", "s", "h"]),
               helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "rc"]),
               helper.make_tensor_value_info("C", TensorProto.INT64, [4])]  # fmt: skip
     outputs = [helper.make_tensor_value_info("Y", elem_of(dtype), ["b", "s", "h"])]
-    return model(node, inputs, outputs, weights, POP_FUNCTIONS + POP_QUANT_FUNCTIONS)
+    initializers = weights | norms_for(weights, output_norm)
+    return model(node, inputs, outputs, initializers, POP_FUNCTIONS + POP_QUANT_FUNCTIONS)
 
 
 DECODE_OPS = {
@@ -191,6 +208,29 @@ def test_fused_decode_q_equals_function_body(library, path, op, approximate, bit
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@LEVELS
+@pytest.mark.parametrize("rows", [1, 3, 70], ids=["b1", "b3", "b70"])
+@pytest.mark.parametrize("op,approximate", [DECODE_OPS["swiglu"], DECODE_OPS["geglu-tanh"]], ids=["swiglu", "geglu"])
+def test_fused_decode_q_output_aware_equals_function_body(library, op, approximate, rows, level):
+    """config mode 2: the candidates ranked by |activation| * output_norm (int4; the selection
+    does not depend on the row layout)."""
+    bits = 4
+    rng = np.random.default_rng(rows * 3 + bits)
+    H, D = 128, 101
+    weights = quant_weights(rng, D, H, bits, 32)
+    m = decode_model(op, weights, bits, 32, approximate, level=level, output_norm=spread_norms(rng, D))
+    batch, seq = (rows, 1) if rows != 3 else (1, 3)
+    feed = {
+        "X": rng.standard_normal((batch, seq, H)).astype(np.float32),
+        "P": np.stack([rng.permutation(D)[:50] for _ in range(batch)]).astype(np.int64),
+        "C": np.array([13, 37, 19, 2], np.int64),
+    }
+    (expected,), (got,) = both(m, library, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    (activation,) = session(m, library).run(None, feed | {"C": np.array([13, 37, 19, 0], np.int64)})
+    assert np.abs(activation - got).max() > 1e-3  # mode 2 kept other channels
+
+
 @PATHS
 @pytest.mark.parametrize("level", [4, 2, 7], ids=["level4", "level2", "level7"])
 @pytest.mark.parametrize("bits", [4, 8], ids=["int4", "int8"])
@@ -236,16 +276,20 @@ def test_fused_decode_q_fp16(library, path, bits, rows, level, avx2):
 
 
 # ---- PopSwiGLUQ / PopGeGLUQ: the whole FFN -----------------------------------------------------
-def ffn_model(op: str, weights: dict, static_score: np.ndarray, bits: int, block: int, level=None) -> onnx.ModelProto:
+def ffn_model(
+    op: str, weights: dict, static_score: np.ndarray, bits: int, block: int, level=None,
+    output_norm: np.ndarray | None = None,
+) -> onnx.ModelProto:
     attributes = {"bits": bits, "block_size": block} | ({} if level is None else {"accuracy_level": level})
-    node = helper.make_node(op, ["X", "M", "P", "C", *WEIGHTS, "S"], ["Y", "P_out"], domain=DOMAIN, **attributes)
+    node = helper.make_node(op, ["X", "M", "P", "C", *WEIGHTS, "S", "N"], ["Y", "P_out"], domain=DOMAIN, **attributes)
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "s", "h"]),
               helper.make_tensor_value_info("M", TensorProto.FLOAT, ["b", "s"]),
               helper.make_tensor_value_info("P", TensorProto.INT64, ["b", "rc"]),
               helper.make_tensor_value_info("C", TensorProto.INT64, [4])]  # fmt: skip
     outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "s", "h"]),
                helper.make_tensor_value_info("P_out", TensorProto.INT64, ["b", "k"])]  # fmt: skip
-    return model(node, inputs, outputs, weights | {"S": static_score}, POP_FUNCTIONS + POP_QUANT_FUNCTIONS)
+    initializers = weights | {"S": static_score} | norms_for(weights, output_norm)
+    return model(node, inputs, outputs, initializers, POP_FUNCTIONS + POP_QUANT_FUNCTIONS)
 
 
 def optimized_op_types(m: onnx.ModelProto, library, tmp_path) -> list[str]:
@@ -260,22 +304,26 @@ def optimized_op_types(m: onnx.ModelProto, library, tmp_path) -> list[str]:
 
 @PATHS
 @LEVELS
-@pytest.mark.parametrize("static", [0, 1], ids=["scored", "static"])
 @pytest.mark.parametrize(
-    "bits,block", [(4, 32), (8, 64), (4, 16), (8, 16)], ids=["int4-32", "int8-64", "int4-16", "int8-16"]
-)
+    "bits,block,mode",
+    [pytest.param(bits, block, mode, id=f"int{bits}-{block}-{name}")
+     for bits, block in [(4, 32), (8, 64), (4, 16), (8, 16)]
+     for mode, name in [(0, "scored"), (1, "static"), (2, "output")]
+     if mode != 2 or block != 16],  # the output-aware score: two layouts
+)  # fmt: skip
 @pytest.mark.parametrize("op", ["PopSwiGLUQ", "PopGeGLUQ"])
 def test_whole_ffn_q_equals_function_body_at_prefill_and_decode(
-    library, path, tmp_path, op, bits, block, static, level, avx2
+    library, path, tmp_path, op, bits, block, mode, level, avx2
 ):
     """level 4: the decode step's gate and up dots on int8 X; the prefill stays float."""
     path(avx2)
     rng = np.random.default_rng(11 + bits)
     B, T, H, D = 3, 7, 64, 97
-    m = ffn_model(op, quant_weights(rng, D, H, bits, block), rng.random(D).astype(np.float32), bits, block, level)
+    weights = quant_weights(rng, D, H, bits, block)
+    m = ffn_model(op, weights, rng.random(D).astype(np.float32), bits, block, level, spread_norms(rng, D))
     mask = np.ones((B, T), np.float32)
     mask[1, :3] = 0  # left padding
-    config = np.array([16, 40, 20, static], np.int64)
+    config = np.array([16, 40, 20, mode], np.int64)
     prefill = {"X": rng.standard_normal((B, T, H)).astype(np.float32), "M": mask, "P": np.zeros((B, 0), np.int64),
                "C": config}  # fmt: skip
     (expected_y, expected_p), (got_y, got_p) = both(m, library, prefill)
@@ -287,7 +335,7 @@ def test_whole_ffn_q_equals_function_body_at_prefill_and_decode(
     np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got_p, decode["P"])
     # With the library the node stays one kernel: no If (the function body's branch) is left.
-    if avx2 and static == 0:
+    if avx2 and mode == 0:
         assert optimized_op_types(m, library, tmp_path) == [op]
 
 
@@ -379,7 +427,7 @@ def test_decode_q_rejects_bad_inputs(library, op, case):
     expect_error(m, library, feed, f"{op}: .*{DECODE_BAD[case]}")
 
 
-@pytest.mark.parametrize("case", ["config", "scales-shape", "static-score", "bits"])
+@pytest.mark.parametrize("case", ["config", "scales-shape", "static-score", "output-norm", "bits"])
 def test_whole_ffn_q_prefill_rejects_bad_inputs(library, case):
     rng = np.random.default_rng(2)
     D, H = 96, 64
@@ -387,10 +435,12 @@ def test_whole_ffn_q_prefill_rejects_bad_inputs(library, case):
     static = np.ones(D + (case == "static-score"), np.float32)
     if case == "scales-shape":
         weights["Wds"] = np.ones((D, 1), np.float32)
-    m = ffn_model("PopGeGLUQ", weights, static, 3 if case == "bits" else 8, 32)
-    config = np.array([80 if case == "config" else 8, 40, 8, 0], np.int64)
+    norm = np.ones(D - 1, np.float32) if case == "output-norm" else None
+    m = ffn_model("PopGeGLUQ", weights, static, 3 if case == "bits" else 8, 32, output_norm=norm)
+    config = np.array([80 if case == "config" else 8, 40, 8, 2 if case == "output-norm" else 0], np.int64)
     feed = {"X": np.ones((1, 4, H), np.float32), "M": np.ones((1, 4), np.float32), "P": np.zeros((1, 0), np.int64),
             "C": config}  # fmt: skip
     message = {"config": "config asks for 120 channels", "scales-shape": "must have one shape",
-               "static-score": r"static_score must be \[D\]", "bits": "bits must be 4 or 8"}[case]  # fmt: skip
+               "static-score": r"static_score must be \[D\]", "output-norm": r"output_norm must be \[D\] = \[96\]",
+               "bits": "bits must be 4 or 8"}[case]  # fmt: skip
     expect_error(m, library, feed, f"PopGeGLUQ: .*{message}")

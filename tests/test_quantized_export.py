@@ -28,6 +28,7 @@ from popc.reference import PopReference, fake_quantize_model
 
 TOLERANCE = 2e-4
 HALF = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
+OUTPUT = PopSettings(retain=0.25, candidate=0.5, keep=0.25, score="output")  # output-aware (mode 2)
 # Every family in int4; int8 on two (the same rules, other bits).
 CASES = [(family, 4) for family in TINY_FAMILIES] + [("llama", 8), ("gemma3", 8)]
 
@@ -73,6 +74,30 @@ def test_dense_logits_equal_the_quantized_reference(quantized_exports, lengths):
 @pytest.mark.parametrize("use_oplib", [False, True], ids=["bodies", "oplib"])
 @pytest.mark.parametrize("lengths", [[9], [10, 4, 7]], ids=["batch1", "batch3-left-padded"])
 def test_pop_logits_equal_the_quantized_reference(quantized_exports, lengths, use_oplib):
+    assert_equals_quantized_reference(quantized_exports, HALF, lengths, use_oplib)
+
+
+@pytest.mark.parametrize("quantized_exports", [("llama", 4), ("gemma3", 4)], ids=["llama-int4", "gemma3-int4"],
+                         indirect=True)  # fmt: skip
+@pytest.mark.parametrize("use_oplib", [False, True], ids=["bodies", "oplib"])
+@pytest.mark.parametrize("lengths", [[9], [10, 4, 7]], ids=["batch1", "batch3-left-padded"])
+def test_output_aware_pop_equals_the_quantized_reference(quantized_exports, lengths, use_oplib):
+    """The output-aware score on quantized rows: ``output_norm`` holds the norms of the
+    dequantized down rows (the reference's weights), and the logits and partitions follow."""
+    source, scheme, root = quantized_exports
+    graph = onnx.load(str(root / "pop" / "model.onnx"))
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    norms = [name for name in weights if name.endswith(".output_norm")]
+    assert norms and all(weights[n].dtype == np.float32 for n in norms)
+    for name in norms:
+        base = name.removesuffix("output_norm")
+        packed, scales = weights[base + "down_rows"], weights[base + "down_scales"]
+        rows = dequantize_rows(packed, scales, scheme, packed.shape[1] * 8 // scheme.bits)
+        np.testing.assert_allclose(weights[name], np.linalg.norm(rows, axis=1), rtol=1e-6)
+    assert_equals_quantized_reference(quantized_exports, OUTPUT, lengths, use_oplib)
+
+
+def assert_equals_quantized_reference(quantized_exports, settings: PopSettings, lengths, use_oplib) -> None:
     source, scheme, root = quantized_exports
     model = popc.load(root / "pop", use_oplib=use_oplib)
     if use_oplib and not model.uses_oplib:
@@ -80,19 +105,26 @@ def test_pop_logits_equal_the_quantized_reference(quantized_exports, lengths, us
             pytest.fail("the popc op library is missing in CI (the README's test command builds it)")
         pytest.skip("popc op library not built (popc doctor --build)")
     hf = reference_model(source, scheme, pop_layout=True)
-    reference = PopReference(hf, HALF)
+    reference = PopReference(hf, settings)
     try:
         ids, mask = padded(lengths, hf.config.vocab_size)
-        logits, state = model.step(ids, mask, model.initial_state(len(lengths)), HALF)
+        logits, state = model.step(ids, mask, model.initial_state(len(lengths)), settings)
         expected, cache = reference.step(torch.from_numpy(ids), torch.from_numpy(mask))
         real = mask.astype(bool)
         np.testing.assert_allclose(logits[real], expected.numpy()[real], atol=TOLERANCE, rtol=0)
         for mine, ffn in zip(state[-len(reference.states) :], reference.states, strict=True):
+            for row in range(len(lengths)):  # the same regions (a swap only at an fp32 near-tie)
+                retain = int(reference.counts[0])
+                for region in (slice(0, retain), slice(retain, None)):
+                    moved = sorted(set(mine[row, region]) ^ set(ffn.partition[row, region].tolist()))
+                    scores = ffn.score[row].numpy()
+                    boundary = scores[ffn.partition[row, region].numpy()].min()
+                    assert np.allclose(scores[moved], boundary, rtol=1e-5), (row, moved)
             ffn.partition = torch.from_numpy(mine)  # continue from one selection (fp32 near-ties)
         for _ in range(8):
             next_ids = expected[:, -1].argmax(-1, keepdim=True)
             mask = np.concatenate([mask, np.ones((len(lengths), 1), np.int64)], axis=1)
-            logits, state = model.step(next_ids.numpy(), mask, state, HALF)
+            logits, state = model.step(next_ids.numpy(), mask, state, settings)
             expected, cache = reference.step(next_ids, torch.from_numpy(mask), cache)
             np.testing.assert_allclose(logits[:, -1], expected[:, -1].numpy(), atol=TOLERANCE, rtol=0)
     finally:

@@ -158,6 +158,13 @@ def ops(model: ir.Model) -> list[str]:
     return [node.op_type for node in model.graph]
 
 
+def assert_output_norm(node: ir.Node) -> None:
+    """The node's last input is ``output_norm``: the L2 norm of each down (fc2) row, input 6."""
+    norm, down = node.inputs[-1], node.inputs[6]
+    assert norm.name.endswith(".output_norm") and down.name.endswith(("down_rows", "fc2_rows"))
+    np.testing.assert_allclose(norm.const_value.numpy(), np.linalg.norm(down.const_value.numpy(), axis=1), rtol=1e-6)
+
+
 GATED = {
     "swiglu": ("silu", "silu", "PopSwiGLU"),
     "geglu-none": ("gelu-none", "gelu", "PopGeGLU"),
@@ -178,6 +185,7 @@ def test_gated_ffn_rule_rewrites_and_equals_dense(case):
     assert state.channels == {H} and list(state.partitions) == [(0,)]
     (node,) = [n for n in model.graph if n.op_type == op_type]
     assert "MatMul" not in ops(model)
+    assert_output_norm(node)
     if op_type == "PopGeGLU":
         assert node.attributes.get_string("approximate") == graph_activation.removeprefix("gelu-")
     assert_equals_dense(build, model)
@@ -220,6 +228,7 @@ def test_plain_mlp_rule_rewrites_and_equals_dense(activation, bias, bias_first):
     model = build()
     apply(model, lambda s: PlainMLPRule.rule(s, activation, bias=bias))
     assert ("PopReluMLP" if activation == "relu" else "PopGeluMLP") in ops(model)
+    assert_output_norm(next(n for n in model.graph if n.domain == "ai.popc"))
     assert "MatMul" not in ops(model) and "Add" not in ops(model)
     assert_equals_dense(build, model)
 
