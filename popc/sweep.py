@@ -9,9 +9,10 @@ closer to dense) is marked, printed and plotted.
 
 The grid, per decode sparsity s (budget b = 1 - s):
 
-* ``pop`` / ``pop-output``: popc's default split (``popc.defaults``) and its neighbours
-  with a smaller and a full candidate pool, with the paper's score and the output-aware
-  one;
+* ``pop`` / ``pop-output``: popc's default split (``popc.defaults``); two splits at the
+  same FFN bytes that spend them on a larger candidate pool (more gate rows, fewer up/down
+  rows); and the default's r and k with a full pool (more bytes). With the paper's score
+  and with the output-aware one;
 * ``dynamic`` / ``dynamic-output``: per-token top-k over every channel at the *same FFN
   bytes* as the default POP split (so it keeps fewer channels: it reads every gate row),
   and at the same sparsity;
@@ -60,8 +61,12 @@ def sweep_points(sparsities: Sequence[float], methods: Sequence[str], gated: boo
         for method in methods:
             score = "output" if method.endswith("-output") else "activation"
             if method in ("pop", "pop-output"):
-                for pool in (budget + 0.5 * (1 - budget), default.retain + default.candidate, 1.0):
-                    points.append((method, sparsity, _split(default.retain, pool, default.keep, score)))
+                pool = default.retain + default.candidate
+                points.append((method, sparsity, _split(default.retain, pool, default.keep, score)))
+                for wider in ((pool + 1) / 2, 1.0):  # the same bytes, spent on more gate rows
+                    used = (3 * cost - wider) / 2 if gated else 2 * cost - wider  # r + k at that cost
+                    points.append((method, sparsity, _split(used / 4, wider, 3 * used / 4, score)))
+                points.append((method, sparsity, _split(default.retain, 1.0, default.keep, score)))  # more bytes
             elif method in ("dynamic", "dynamic-output"):
                 for keep in (_dynamic_keep_for(cost, gated), budget):
                     points.append((method, sparsity, _split(0.0, 1.0, keep, score)))
