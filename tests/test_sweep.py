@@ -93,7 +93,7 @@ def test_sweep_times_every_point_and_each_reproduces(exports, library, tmp_path:
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert [r["method"] for r in rows][:1] == ["dense"] and len(rows) == 1 + 3 + 2 + 1
+    assert [r["method"] for r in rows][:1] == ["dense"] and len(rows) == 1 + 4 + 2 + 1
     assert all(r["ms_per_token"] > 0 and r["fidelity"]["tokens"] == 3 * 24 for r in rows)
     assert "bytes" in rows[0]["front"] and "ms" in rows[0]["front"]  # KL 0: nothing beats dense on fidelity
     fronts = [r for r in rows if "bytes" in r["front"]]
