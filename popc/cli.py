@@ -323,6 +323,7 @@ def eval_(
     prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens per window (default: half the window).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated rows: dense,pop,griffin,dynamic,static,pop-output,dynamic-output. [default: the first five; --sweep: all]")] = None,
     split: Annotated[Optional[str], typer.Option(help="Comma list of extra rows with exact regions R/C/K (fractions), each optionally :output or :static, e.g. 0.125/0.75/0.375:output.")] = None,
+    grid: Annotated[str, typer.Option(help="--sweep's grid: full (every split above) or defaults (POP's default split and per-token dynamic at its FFN bytes, one baseline row each).")] = "full",
     sweep: Annotated[bool, typer.Option("--sweep", help="Every method over a grid of splits at each sparsity, each timed (decode ms/token, op library) and placed on the KL-vs-cost Pareto front. [defaults: sparsities 0.25,0.5,0.75, 160 windows (20k tokens), no questions]")] = False,
     batch: Annotated[int, typer.Option(help="Windows / questions per graph call.")] = 8,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of accuracy/perplexity vs FFN weight bytes.")] = None,
@@ -355,7 +356,7 @@ def eval_(
         raise PopcError("--full and --sweep are two different matrices; choose one")
     options = {**(SWEEP_DEFAULTS | {"methods": METHODS} if sweep else {})}
     options.update({key: value for key, value in matrix.items() if value is not None})
-    options.update(splits=[parse_split(s) for s in parse_list(split, "--split") or ()], sweep=sweep)
+    options.update(splits=[parse_split(s) for s in parse_list(split, "--split") or ()], sweep=sweep, grid=grid)
     options.update(text="" if windows == 0 else text, window=window, prompt=prompt, batch=batch, device=device)
     options.update(quant=parse_list(quant, "--quant") or (), peers=parse_list(peers, "--peers") or ())
     plan = EvalPlan.full(directory, **options) if full else EvalPlan(directory, **options)

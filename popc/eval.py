@@ -186,6 +186,7 @@ def plan_rows(
     methods: Sequence[str] = METHODS,
     splits: Sequence[PopSettings] = (),
     sweep: bool = False,
+    grid: str = "full",
 ) -> list[EvalRow]:
     """Dense first, then each method at each sparsity (POP exports only): one row each, or
     with ``sweep`` every point of :func:`popc.sweep.sweep_points`; then the ``splits``."""
@@ -200,7 +201,7 @@ def plan_rows(
     if sweep:
         from popc.sweep import sweep_points
 
-        points = sweep_points(sparsities, [m for m in methods if m != "dense"], gated)
+        points = sweep_points(sparsities, [m for m in methods if m != "dense"], gated, grid)
     else:
         points = [(m, s, method_settings(m, s)) for m in methods if m != "dense" for s in sparsities]
     points += [("split", split.sparsity, split) for split in splits]
@@ -244,6 +245,7 @@ class EvalPlan:
     # Every method over a grid of splits, each timed (decode ms/token, op library) and
     # placed on the KL-vs-cost Pareto front (popc.sweep).
     sweep: bool = False
+    grid: str = "full"  # --sweep's grid: "full" or "defaults" (popc.sweep.GRIDS)
     # Quantization schemes ("int4", "int8"): popc's export of the same model in each (exported
     # once into the bench cache, POP if DIR is POP) adds its dense and POP rows.
     quant: Sequence[str] = ()
@@ -315,7 +317,7 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     progress.stage(f"loading {plan.directory}")
     model = load(plan.directory, device=plan.device)
     gated = bool((model.config.get("pop") or {}).get("gated", True))
-    rows = plan_rows(plan.sparsities, model.has_pop_config, gated, plan.methods, plan.splits, plan.sweep)
+    rows = plan_rows(plan.sparsities, model.has_pop_config, gated, plan.methods, plan.splits, plan.sweep, plan.grid)
 
     windows, text_path = None, None
     width = min(plan.window, model.max_positions)

@@ -48,8 +48,20 @@ def _dynamic_keep_for(bytes_fraction: float, gated: bool) -> float:
     return round(min(max(keep, 1e-3), 1.0), 6)
 
 
-def sweep_points(sparsities: Sequence[float], methods: Sequence[str], gated: bool = True) -> list[tuple[str, float, PopSettings]]:
-    """``(method, sparsity, settings)`` for every grid point of ``methods`` (see the module doc)."""
+GRIDS = ("full", "defaults")
+
+
+def sweep_points(
+    sparsities: Sequence[float], methods: Sequence[str], gated: bool = True, grid: str = "full"
+) -> list[tuple[str, float, PopSettings]]:
+    """``(method, sparsity, settings)`` for every grid point of ``methods`` (see the module doc).
+
+    ``grid="defaults"`` keeps one point per method and sparsity: POP's default split,
+    per-token dynamic at its FFN bytes, the baselines at the sparsity (the comparison the
+    defaults are held to, cheap enough for 20k tokens on both models)."""
+    if grid not in GRIDS:
+        raise PopcError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    small = grid == "defaults"
     from popc.defaults import default_split
     from popc.eval import weight_fraction
 
@@ -63,12 +75,13 @@ def sweep_points(sparsities: Sequence[float], methods: Sequence[str], gated: boo
             if method in ("pop", "pop-output"):
                 pool = default.retain + default.candidate
                 points.append((method, sparsity, _split(default.retain, pool, default.keep, score)))
-                for wider in ((pool + 1) / 2, 1.0):  # the same bytes, spent on more gate rows
+                for wider in () if small else ((pool + 1) / 2, 1.0):  # the same bytes, spent on more gate rows
                     used = (3 * cost - wider) / 2 if gated else 2 * cost - wider  # r + k at that cost
                     points.append((method, sparsity, _split(used / 4, wider, 3 * used / 4, score)))
-                points.append((method, sparsity, _split(default.retain, 1.0, default.keep, score)))  # more bytes
+                if not small:
+                    points.append((method, sparsity, _split(default.retain, 1.0, default.keep, score)))  # more bytes
             elif method in ("dynamic", "dynamic-output"):
-                for keep in (_dynamic_keep_for(cost, gated), budget):
+                for keep in (_dynamic_keep_for(cost, gated),) if small else (_dynamic_keep_for(cost, gated), budget):
                     points.append((method, sparsity, _split(0.0, 1.0, keep, score)))
             elif method == "griffin":
                 points.append((method, sparsity, _split(budget, budget, 0.0)))

@@ -73,6 +73,12 @@ def test_grid_matches_costs_and_defaults() -> None:
     assert len({s for _, _, s in points}) == len(points)
     with pytest.raises(PopcError, match="no grid"):
         sweep_points([0.5], ["nonsense"])
+    # The small grid: the default split and dynamic selection at its bytes, one each.
+    small = sweep_points([0.5], ["pop", "dynamic", "griffin"], grid="defaults")
+    assert [(m, s) for m, _, s in small][:1] == [("pop", default_split(0.5))] and len(small) == 3
+    assert weight_fraction(small[1][2]) == pytest.approx(weight_fraction(default_split(0.5)), abs=1e-5)
+    with pytest.raises(PopcError, match="--grid"):
+        sweep_points([0.5], ["pop"], grid="huge")
 
 
 def test_parse_split() -> None:
