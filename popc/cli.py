@@ -138,21 +138,24 @@ def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
     raise KeyboardInterrupt
 
 
-def pop_settings(sparsity, retain, candidate, keep):
-    """--sparsity alone, or --retain/--candidate/--keep together, or neither (dense)."""
-    from popc.defaults import settings_for_sparsity
+def pop_settings(sparsity, retain, candidate, keep, score=None):
+    """--sparsity alone, or --retain/--candidate/--keep together, or neither (dense); --score
+    (the default's otherwise) with either."""
+    from popc.defaults import DEFAULT_SCORE, settings_for_sparsity
     from popc.pop import PopSettings
 
     explicit = (retain, candidate, keep)
     if sparsity is not None and any(v is not None for v in explicit):
         raise PopcError("give either --sparsity or --retain/--candidate/--keep, not both")
     if sparsity is not None:
-        return settings_for_sparsity(sparsity)
+        return settings_for_sparsity(sparsity, score or DEFAULT_SCORE)
     if all(v is None for v in explicit):
+        if score is not None:
+            raise PopcError("--score chooses how POP scores channels; give it with --sparsity or --retain/--candidate/--keep")
         return None
     if any(v is None for v in explicit):
         raise PopcError("--retain, --candidate and --keep go together; give all three (or use --sparsity)")
-    return PopSettings(retain=retain, candidate=candidate, keep=keep)
+    return PopSettings(retain=retain, candidate=candidate, keep=keep, score=score or DEFAULT_SCORE)
 
 
 @command(interrupted="nothing was written")
@@ -166,6 +169,10 @@ def export(
     retain: Annotated[Optional[float], typer.Option(help="POP: fraction of channels always kept (R).")] = None,
     candidate: Annotated[Optional[float], typer.Option(help="POP: fraction scored per token (C).")] = None,
     keep: Annotated[Optional[float], typer.Option(help="POP: fraction of channels kept from C per token (K).")] = None,
+    score: Annotated[
+        Optional[str],
+        typer.Option(help="POP: how channels are scored, activation (the paper's) or output (times each channel's down-projection row norm). [default: the measured default]"),
+    ] = None,
     prefill_skip: Annotated[
         Optional[int],
         typer.Option(help="POP-prefill: the deepest N layers are skipped at prefill by all prompt tokens but the last."),
@@ -198,7 +205,7 @@ def export(
     from popc.quantize import QuantScheme
 
     signal.signal(signal.SIGTERM, _terminate)  # so staging files are cleaned up on kill
-    pop = pop_settings(sparsity, retain, candidate, keep)
+    pop = pop_settings(sparsity, retain, candidate, keep, score)
     if prefill_skip is not None and prefill_skip < 0:
         raise PopcError(f"--prefill-skip must be >= 0, got {prefill_skip}")
     if drop_layers is not None and drop_layers < 0:

@@ -1,8 +1,18 @@
-"""Default POP-online ratios per decode sparsity (``popc export --sparsity S``).
+"""Default POP-online splits per ``popc export --sparsity S``: the best measured at S's cost.
 
-Sparsity is the fraction of FFN channels a decode step skips in up/down:
-``1 - retain - keep``. The ratios below were chosen from `popc eval` measurements
-(see docs/results.md, "Choosing the defaults").
+``--sparsity S`` fixes what a decode step costs: for a gated FFN it reads
+``B = 1 - 3S/4`` of the FFN weight bytes (gate rows of the pool R ∪ C, up and down rows
+of R ∪ kept: ``B = (pool + 2u) / 3`` with ``u = r + k``), the cost popc's defaults have
+had from the start. Within that cost, the split is the one ``popc eval --sweep`` found
+best (docs/results.md, "The accuracy-vs-cost front"): on SmolLM2-135M the best candidate
+pool shrank with the budget: a full pool while it leaves at least about 45 % of the
+channels for up/down, below that ``pool = 2.2 u``, i.e. the bytes go to gate rows only
+where enough up/down rows are left to use what the gates find. A quarter of the used
+channels is retained (r = u/4, k = 3u/4), as before.
+
+The rows per sparsity therefore use a little fewer up/down channels than ``1 - S``
+(``PopSettings.sparsity`` is 0.28 / 0.55 / 0.69 at S = 0.25 / 0.5 / 0.75): the bytes
+they save go to scoring more candidates per token.
 """
 
 from __future__ import annotations
@@ -10,30 +20,39 @@ from __future__ import annotations
 from popc.errors import PopcError
 from popc.pop import PopSettings
 
+POOL_PER_USED = 2.2  # pool = min(1, 2.2 u): the measured best pool at low budgets
+RETAINED_SHARE = 0.25  # r = u / 4
+# The score of the defaults: "activation" (the paper's) or "output" (output-aware).
+DEFAULT_SCORE = "activation"
 
-# Measured with benchmarks/choose_defaults.py on smollm2-135m (16 splits per sparsity,
-# continuation perplexity on lee_background.cor; table in docs/results.md). With budget
-# b = 1 - s: a quarter of it retained (r = b/4), the candidate pool r + c covering b
-# plus three quarters of the rest (so a quarter of the non-budget channels is pruned
-# outright, saving their gate rows), and k = 3b/4 kept per token. Perplexity barely
-# moved with r up to b/2 at 25-50 % and was best at b/4 for 75 %; it moved mostly
-# with the pool size, i.e. with the gate bytes read.
-def default_split(sparsity: float) -> PopSettings:
-    """The measured rule: r = b/4, r + c = b + 3(1 - b)/4, k = 3b/4 for budget b = 1 - s."""
-    budget = 1.0 - sparsity
-    retain = budget / 4
-    candidate = budget + 0.75 * (1 - budget) - retain
-    return PopSettings(retain=round(retain, 6), candidate=round(candidate, 6), keep=round(budget - retain, 6))
+
+def ffn_cost(sparsity: float) -> float:
+    """FFN weight bytes per decode step, as a fraction of dense, of ``--sparsity S``."""
+    return 1.0 - 0.75 * sparsity
+
+
+def default_split(sparsity: float, score: str = DEFAULT_SCORE) -> PopSettings:
+    """The measured rule: at cost B = 1 - 3S/4, u = r + k and the pool solve
+    ``(pool + 2u) / 3 = B`` with ``pool = min(1, 2.2 u)``; r = u/4, k = 3u/4."""
+    cost = ffn_cost(sparsity)
+    used = (3 * cost - 1) / 2  # with a full pool
+    if POOL_PER_USED * used < 1:
+        used = 3 * cost / (POOL_PER_USED + 2)
+    pool = min(1.0, POOL_PER_USED * used)
+    retain = RETAINED_SHARE * used
+    return PopSettings(
+        retain=round(retain, 6), candidate=round(pool - retain, 6), keep=round(used - retain, 6), score=score
+    )
 
 
 MEASURED_SPARSITIES = (0.25, 0.5, 0.75)
 DEFAULT_POP: dict[float, PopSettings] = {s: default_split(s) for s in MEASURED_SPARSITIES}
 
 
-def settings_for_sparsity(sparsity: float) -> PopSettings:
+def settings_for_sparsity(sparsity: float, score: str = DEFAULT_SCORE) -> PopSettings:
     """POP's default regions for ``popc export --sparsity S`` (dense at 0)."""
     if not 0.0 <= sparsity < 1.0:
         raise PopcError(f"--sparsity must be in [0, 1), got {sparsity}")
     if sparsity == 0.0:
         return PopSettings(retain=1.0)
-    return default_split(sparsity)
+    return default_split(sparsity, score)

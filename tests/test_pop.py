@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import popc
 from conftest import TINY_FAMILIES, make_tiny_model_dir, padded
 from popc.cli import app
+from popc.defaults import settings_for_sparsity
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
 from popc.pop import PopSettings
@@ -244,6 +245,15 @@ def test_cli_export_with_ratios_records_them(tmp_path):
     assert pop["sparsity"] == pytest.approx(0.5)
     run = runner.invoke(app, ["run", str(tmp_path / "pop"), "--prompt", "hello", "--max-new-tokens", "4", "--json"])
     assert run.exit_code == 0, run.output
+    # --sparsity takes the measured default split at that cost; --score records its score.
+    result = runner.invoke(app, ["export", str(source), "--out", str(tmp_path / "out"), "--sparsity", "0.5", "--score", "output"])
+    assert result.exit_code == 0, result.output
+    pop = json.loads((tmp_path / "out" / "popc.json").read_text())["pop"]
+    expected = settings_for_sparsity(0.5, "output")
+    assert (pop["retain"], pop["candidate"], pop["keep"], pop["score"]) == (
+        expected.retain, expected.candidate, expected.keep, "output"
+    )
+    assert popc.load(tmp_path / "out").pop_defaults.score == "output"
 
 
 @pytest.mark.parametrize(
@@ -255,6 +265,8 @@ def test_cli_export_with_ratios_records_them(tmp_path):
         (["--retain", "0.8", "--candidate", "0.5", "--keep", "0.1"], "retain + candidate"),
         (["--retain", "0.2", "--candidate", "0.2", "--keep", "0.3"], "keep must be"),
         (["--retain", "-0.1", "--candidate", "0.2", "--keep", "0.1"], "fraction"),
+        (["--score", "output"], "give it with --sparsity"),
+        (["--sparsity", "0.5", "--score", "best"], "score must be one of"),
     ],
 )
 def test_bad_ratios_are_rejected_before_any_work(tmp_path, arguments, message):
