@@ -23,6 +23,7 @@ of the per-window means.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from popc.errors import PopcError
 from popc.pop import PopSettings
 from popc.progress import Progress, or_silent
 
-CHUNK = 64  # tokens per float64 block: bounds the copy at 64 x vocabulary x 8 bytes
+CHUNK = 64  # tokens per block: bounds the temporaries at a few x 64 x vocabulary floats
 Z95 = 1.96
 
 
@@ -48,28 +49,47 @@ class TokenScores:
 
 
 def _log_softmax(block: np.ndarray) -> np.ndarray:
-    block = block.astype(np.float64)
+    """float32 log-softmax of [tokens, V] (sums are pairwise, so 262k terms stay exact to ~1e-6)."""
+    block = block.astype(np.float32, copy=False)
     top = block.max(axis=-1, keepdims=True)
     return block - (top + np.log(np.exp(block - top).sum(axis=-1, keepdims=True)))
+
+
+class DenseReference:
+    """The dense distributions of one batch of windows, [N, T, V] logits, kept as float32
+    log-probabilities so that every row compared with them pays for one log-softmax of its
+    own, not two."""
+
+    def __init__(self, dense_logits: np.ndarray) -> None:
+        self.shape = dense_logits.shape
+        flat = dense_logits.reshape(-1, dense_logits.shape[-1])
+        self.logp = np.empty(flat.shape, np.float32)
+        for start in range(0, flat.shape[0], CHUNK):
+            self.logp[start : start + CHUNK] = _log_softmax(flat[start : start + CHUNK])
+        self.argmax = flat.argmax(-1)
+
+    def compare(self, logits: np.ndarray, targets: np.ndarray) -> TokenScores:
+        """Per-token scores of ``logits`` [N, T, V] (``targets`` [N, T]) against these."""
+        if logits.shape != self.shape:
+            raise PopcError(f"logits of shape {logits.shape} cannot be compared with dense {self.shape}")
+        rows, tokens, vocab = logits.shape
+        flat, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+        logprob, kl = np.empty(flat.shape[0]), np.empty(flat.shape[0])
+        for start in range(0, flat.shape[0], CHUNK):
+            part = slice(start, start + CHUNK)
+            p, q = self.logp[part], _log_softmax(flat[part])
+            kl[part] = np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)  # >= 0 up to rounding
+            logprob[part] = np.take_along_axis(q, flat_targets[part, None], axis=-1)[:, 0]
+        top1 = self.argmax == flat.argmax(-1)
+        shape = (rows, tokens)
+        return TokenScores(logprob.reshape(shape), kl.reshape(shape), top1.reshape(shape))
 
 
 def compare(dense_logits: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> TokenScores:
     """``dense_logits`` and ``logits`` [N, T, V], ``targets`` [N, T]: per-token scores of ``logits``."""
     if dense_logits.shape != logits.shape:
         raise PopcError(f"logits of shape {logits.shape} cannot be compared with dense {dense_logits.shape}")
-    rows, tokens, vocab = logits.shape
-    flat_dense, flat = dense_logits.reshape(-1, vocab), logits.reshape(-1, vocab)
-    flat_targets = targets.reshape(-1)
-    logprob, kl = np.empty(flat.shape[0]), np.empty(flat.shape[0])
-    top1 = np.empty(flat.shape[0], bool)
-    for start in range(0, flat.shape[0], CHUNK):
-        part = slice(start, start + CHUNK)
-        p, q = _log_softmax(flat_dense[part]), _log_softmax(flat[part])
-        kl[part] = np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)  # >= 0 up to rounding
-        logprob[part] = np.take_along_axis(q, flat_targets[part, None], axis=-1)[:, 0]
-        top1[part] = flat_dense[part].argmax(-1) == flat[part].argmax(-1)
-    shape = (rows, tokens)
-    return TokenScores(logprob.reshape(shape), kl.reshape(shape), top1.reshape(shape))
+    return DenseReference(dense_logits).compare(logits, targets)
 
 
 def window_logits(model: Any, ids: np.ndarray, prompt: int, pop: PopSettings | None) -> np.ndarray:
@@ -109,10 +129,11 @@ def score_windows(
         ids = windows[start : start + batch]
         part = slice(start, start + ids.shape[0])
         dense = window_logits(dense_model, ids, prompt, dense_settings)
+        reference = DenseReference(dense)
         for (model, settings), scores in zip(rows, out):
             is_reference = model is dense_model and (settings is None or settings.retain >= 1.0)
             logits = dense if is_reference else window_logits(model, ids, prompt, settings)
-            got = compare(dense, logits, ids[:, prompt:])
+            got = reference.compare(logits, ids[:, prompt:])
             scores.logprob[part], scores.kl[part], scores.top1[part] = got.logprob, got.kl, got.top1
             progress.advance(ids.shape[0])
     return out
@@ -143,6 +164,10 @@ class Fidelity:
     kl_p99: float
     top1: float
     top1_ci: float
+    # Per-window means, so two rows on the same windows can be compared pairwise
+    # (:func:`paired_difference`), which separates far closer rows than their own intervals.
+    kl_windows: list[float] = dataclasses.field(default_factory=list)
+    nll_windows: list[float] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, scores: TokenScores) -> Fidelity:
@@ -162,7 +187,17 @@ class Fidelity:
             kl_p99=float(np.percentile(scores.kl, 99)),
             top1=float(scores.top1.mean()),
             top1_ci=_interval(top1_windows),
+            kl_windows=[float(v) for v in kl_windows],
+            nll_windows=[float(v) for v in nll],
         )
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95 % half-width of ``a - b`` over windows (two rows' per-window means)."""
+    if len(a) != len(b) or not len(a):
+        raise PopcError(f"paired rows need the same windows; got {len(a)} and {len(b)}")
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(diff.mean()), _interval(diff)
