@@ -68,6 +68,13 @@ class DenseReference:
             self.logp[start : start + CHUNK] = _log_softmax(flat[start : start + CHUNK])
         self.argmax = flat.argmax(-1)
 
+    def itself(self, targets: np.ndarray) -> TokenScores:
+        """The scores of the dense row itself: its log-probabilities, KL 0, top-1 always."""
+        shape = targets.shape
+        flat_targets = targets.reshape(-1)
+        logprob = np.take_along_axis(self.logp, flat_targets[:, None], axis=-1)[:, 0].astype(np.float64)
+        return TokenScores(logprob.reshape(shape), np.zeros(shape), np.ones(shape, bool))
+
     def compare(self, logits: np.ndarray, targets: np.ndarray) -> TokenScores:
         """Per-token scores of ``logits`` [N, T, V] (``targets`` [N, T]) against these."""
         if logits.shape != self.shape:
@@ -131,9 +138,10 @@ def score_windows(
         dense = window_logits(dense_model, ids, prompt, dense_settings)
         reference = DenseReference(dense)
         for (model, settings), scores in zip(rows, out):
-            is_reference = model is dense_model and (settings is None or settings.retain >= 1.0)
-            logits = dense if is_reference else window_logits(model, ids, prompt, settings)
-            got = reference.compare(logits, ids[:, prompt:])
+            if model is dense_model and (settings is None or settings.retain >= 1.0):
+                got = reference.itself(ids[:, prompt:])  # the reference row: KL 0, no second pass
+            else:
+                got = reference.compare(window_logits(model, ids, prompt, settings), ids[:, prompt:])
             scores.logprob[part], scores.kl[part], scores.top1[part] = got.logprob, got.kl, got.top1
             progress.advance(ids.shape[0])
     return out
