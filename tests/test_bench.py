@@ -562,3 +562,15 @@ def test_llama_cpp_peer_not_found_and_found(tiny, monkeypatch, tmp_path):
     assert result.ttft("llama.cpp-q4_0", 512).ms.median == pytest.approx(512.0)
     text = report.markdown(result)
     assert "| llama.cpp Q4_0 | dense |" in text and "llama-bench's own" in text
+
+
+def test_cached_pop_exports_without_the_default_score_are_made_again(tmp_path: Path) -> None:
+    from popc.bench.exports import _scores_available
+
+    (tmp_path / "popc.json").write_text(json.dumps({"pop": {"retain": 0.1}}))  # a popc from before output_norm
+    assert _scores_available(tmp_path, PopSettings(0.1, 0.5, 0.2))
+    assert not _scores_available(tmp_path, PopSettings(0.1, 0.5, 0.2, score="output"))
+    (tmp_path / "popc.json").write_text(json.dumps({"pop": {"scores": ["activation", "output"]}}))
+    assert _scores_available(tmp_path, PopSettings(0.1, 0.5, 0.2, score="output"))
+    (tmp_path / "popc.json").write_text("{not json")
+    assert not _scores_available(tmp_path, PopSettings(0.1, 0.5, 0.2)) and _scores_available(tmp_path, None)

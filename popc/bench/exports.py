@@ -113,11 +113,25 @@ def _cached_export(
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = kind if quant is None else f"{kind}-{quant.name}"
     target = cache_root() / "bench" / f"{Path(spec).name or 'model'}-{digest}" / folder
-    if not (target / "popc.json").is_file():
+    settings = settings_for_sparsity(CACHED_EXPORT_SPARSITY) if kind == "pop" else None
+    if not (target / "popc.json").is_file() or not _scores_available(target, settings):
         what = kind if quant is None else f"{quant.name} {kind}"
         progress.stage(f"exporting the {what} model of {spec} to {target} (cached for later runs)")
-        settings = settings_for_sparsity(CACHED_EXPORT_SPARSITY) if kind == "pop" else None
         extra = {} if quant is None else {"quant": quant}
         # export() stages its output and renames it into place: an interrupted run leaves no half export.
         export(ExportPlan(model=spec, out=target, force=True, pop=settings, **extra), progress=progress)
     return target
+
+
+def _scores_available(target: Path, settings: Any) -> bool:
+    """Whether a cached export's graph computes the default score (one cached by a popc from
+    before the output-aware score does not: it is exported again)."""
+    import json
+
+    if settings is None:
+        return True
+    try:
+        pop = json.loads((target / "popc.json").read_text()).get("pop") or {}
+    except (OSError, ValueError):
+        return False
+    return settings.score in (pop.get("scores") or ["activation"])
