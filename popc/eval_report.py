@@ -16,8 +16,7 @@ def result_table(result: EvalResult):
 
     tasks = list(result.info["tasks"])
     table = Table(title=f"popc eval: {result.info['source'] or result.info['export']}")
-    for name, justify in (("method", "left"), ("sparsity", "right"), ("r / c / k", "right"),
-                          ("FFN bytes", "right")):
+    for name, justify in (("method", "left"), ("sparsity", "right"), ("r / c / k", "right"), ("FFN bytes", "right")):
         table.add_column(name, justify=justify)
     if result.info["windows"]:
         table.add_column("ppl", justify="right")
@@ -50,8 +49,8 @@ def result_table(result: EvalResult):
     return table
 
 
-def plot(result: EvalResult, path: str | Path) -> None:
-    """Perplexity and mean accuracy against the FFN weight bytes a decode step reads."""
+def pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported on demand
+    """matplotlib's pyplot on the Agg backend, or a PopcError saying how to install it."""
     try:
         import matplotlib
 
@@ -59,6 +58,22 @@ def plot(result: EvalResult, path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PopcError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def save_figure(plt, fig, path: str | Path) -> None:  # noqa: ANN001 - pyplot and a Figure
+    """Write ``fig`` as a PNG at ``path`` (a PopcError if it cannot be written), then close it."""
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as error:
+        raise PopcError(f"cannot write --plot {path}: {error}") from None
+    finally:
+        plt.close(fig)
+
+
+def plot(result: EvalResult, path: str | Path) -> None:
+    """Perplexity and mean accuracy against the FFN weight bytes a decode step reads."""
+    plt = pyplot()
     panels = []
     if result.info["windows"]:
         panels.append(("ppl", "continuation perplexity (log)"))
@@ -72,7 +87,13 @@ def plot(result: EvalResult, path: str | Path) -> None:
             group = [r for r in result.rows if (r.method, r.weights) == (method, weights)]
             points = sorted((r.weight_fraction, r.ppl if key == "ppl" else r.mean_accuracy) for r in group)
             xs, ys = zip(*points)
-            ax.plot(xs, ys, "*" if method == "dense" else "o-", label=group[0].title, markersize=10 if method == "dense" else 6)
+            ax.plot(
+                xs,
+                ys,
+                "*" if method == "dense" else "o-",
+                label=group[0].title,
+                markersize=10 if method == "dense" else 6,
+            )
         if key == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("FFN weight bytes read per decode step (fraction of dense)")
@@ -81,9 +102,4 @@ def plot(result: EvalResult, path: str | Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(str(result.info["source"] or result.info["export"])[:100], fontsize=9)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as error:
-        raise PopcError(f"cannot write --plot {path}: {error}") from None
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path)

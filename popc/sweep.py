@@ -181,13 +181,9 @@ def sweep_table(result: Any):
 
 def sweep_plot(result: Any, path: str | Path) -> None:
     """KL and perplexity against FFN bytes and against ms/token; the front as a line."""
-    try:
-        import matplotlib
+    from popc.eval_report import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PopcError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     rows = result.rows
     timed = all(r.ms_per_token is not None for r in rows)
     costs = [("weight_fraction", "FFN weight bytes per decode step (fraction of dense)")]
@@ -195,17 +191,20 @@ def sweep_plot(result: Any, path: str | Path) -> None:
         costs.append(("ms_per_token", "decode ms/token (batch 1)"))
     fig, axes = plt.subplots(2, len(costs), figsize=(6.5 * len(costs), 9), squeeze=False)
     for column, (cost, xlabel) in enumerate(costs):
-        for line, (metric, ylabel) in enumerate((("kl_mean", "KL(dense || row), nats (log)"), ("ppl", "perplexity (log)"))):
+        for line, (metric, ylabel) in enumerate(
+            (("kl_mean", "KL(dense || row), nats (log)"), ("ppl", "perplexity (log)"))
+        ):
             ax = axes[line][column]
-            for title in dict.fromkeys(r.title for r in rows):
-                group = [r for r in rows if r.title == title]
-                ax.plot([getattr(r, cost) for r in group], [max(getattr(r.fidelity, metric), 1e-4) for r in group],
-                        "*" if group[0].method == "dense" else "o", label=title, markersize=11 if group[0].method == "dense" else 6)  # fmt: skip
-            front = sorted(
-                (getattr(r, cost), max(getattr(r.fidelity, metric), 1e-4))
-                for r in rows
-                if ("bytes" if cost == "weight_fraction" else "ms") in r.front
-            )
+            # Dense has KL 0, which a log axis cannot show: it is left off the KL panels.
+            shown = [r for r in rows if metric != "kl_mean" or r.method != "dense"]
+            colours = {title: f"C{i}" for i, title in enumerate(dict.fromkeys(r.title for r in rows))}
+            for title in dict.fromkeys(r.title for r in shown):
+                group = [r for r in shown if r.title == title]
+                dense = group[0].method == "dense"
+                ax.plot([getattr(r, cost) for r in group], [getattr(r.fidelity, metric) for r in group],
+                        "*" if dense else "o", color=colours[title], label=title, markersize=11 if dense else 6)  # fmt: skip
+            on = "bytes" if cost == "weight_fraction" else "ms"
+            front = sorted((getattr(r, cost), getattr(r.fidelity, metric)) for r in shown if on in r.front)
             if front:
                 ax.plot(*zip(*front), "k--", linewidth=1, alpha=0.6, label="Pareto front (KL)")
             ax.set_yscale("log")
@@ -215,12 +214,8 @@ def sweep_plot(result: Any, path: str | Path) -> None:
             if line == 0 and column == 0:
                 ax.legend(fontsize=7)
     info = result.info
-    fig.suptitle(f"{info['source'] or info['export']}: {info['scored_tokens']} tokens of {Path(info['text'] or '').name}, "
-                 f"{info['machine']}", fontsize=9)  # fmt: skip
+    source = str(info["source"] or info["export"]).split(" (")[0]  # without a built-in's file path
+    fig.suptitle(f"{source}: {info['scored_tokens']} tokens of {Path(info['text'] or '').name}, {info['machine']}; "
+                 "dense (KL 0) is on the perplexity panels only", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as error:
-        raise PopcError(f"cannot write --plot {path}: {error}") from None
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path)
