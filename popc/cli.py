@@ -141,21 +141,21 @@ def _terminate(signum, frame):  # noqa: ANN001 - signal handler signature
 def pop_settings(sparsity, retain, candidate, keep, score=None):
     """--sparsity alone, or --retain/--candidate/--keep together, or neither (dense); --score
     (the default's otherwise) with either."""
-    from popc.defaults import DEFAULT_SCORE, settings_for_sparsity
+    from popc.defaults import settings_for_sparsity
     from popc.pop import PopSettings
 
     explicit = (retain, candidate, keep)
     if sparsity is not None and any(v is not None for v in explicit):
         raise PopcError("give either --sparsity or --retain/--candidate/--keep, not both")
     if sparsity is not None:
-        return settings_for_sparsity(sparsity, score or DEFAULT_SCORE)
+        return settings_for_sparsity(sparsity, score)
     if all(v is None for v in explicit):
         if score is not None:
             raise PopcError("--score chooses how POP scores channels; give it with --sparsity or --retain/--candidate/--keep")
         return None
     if any(v is None for v in explicit):
         raise PopcError("--retain, --candidate and --keep go together; give all three (or use --sparsity)")
-    return PopSettings(retain=retain, candidate=candidate, keep=keep, score=score or DEFAULT_SCORE)
+    return PopSettings(retain=retain, candidate=candidate, keep=keep, score=score or "activation")
 
 
 @command(interrupted="nothing was written")

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from conftest import StageRecorder, make_tiny_model_dir
 from popc import datasets
 from popc.cli import app
+from popc.defaults import default_score, ffn_cost
 from popc.errors import PopcError
 from popc.eval import (
     DEFAULT_METHODS,
@@ -32,7 +33,6 @@ from popc.eval import (
     token_logprobs,
     weight_fraction,
 )
-from popc.defaults import ffn_cost
 from popc.pop import PopSettings
 from popc.runtime import load
 
@@ -90,8 +90,10 @@ def test_rows_and_weight_fractions() -> None:
     rows = plan_rows([0.25, 0.5], has_pop=True)
     assert [(r.method, r.sparsity) for r in rows][:3] == [("dense", 0.0), ("pop", 0.25), ("pop", 0.5)]
     for row in rows:
-        if row.method == "pop":  # the default split spends --sparsity's FFN bytes its own way
+        if row.method in ("pop", "pop-output"):  # the default split spends --sparsity's FFN bytes its own way
             assert weight_fraction(row.settings) == pytest.approx(ffn_cost(row.sparsity), abs=1e-5)
+            expected = "output" if row.method == "pop-output" else default_score(row.sparsity)
+            assert row.settings.score == expected
         else:
             assert row.settings.sparsity == pytest.approx(row.sparsity)
     assert weight_fraction(PopSettings(retain=1.0)) == 1.0
