@@ -1,11 +1,12 @@
 """Markdown tables from ``popc eval --sweep --json`` files (for docs/results.md and the README).
 
-    python benchmarks/front_tables.py front-smollm2.json [front-gemma3.json ...]
+    python benchmarks/front_tables.py front-smollm2.json [front-gemma3.json ...] [--plot]
 
 One table per file: every row with its split, FFN bytes, decode ms/token, perplexity
 (95 % interval), KL to dense (mean ± 95 %, median, p99), top-1 agreement and the fronts it
 is on, and where the JSON has per-window numbers, each row's KL minus that of per-token
-dynamic selection at the same FFN bytes, paired over windows (mean ± 95 %).
+dynamic selection at the same FFN bytes, paired over windows (mean ± 95 %). ``--plot``
+draws each file's front again (``popc.sweep.sweep_plot``) as ``<file>.png``.
 """
 
 from __future__ import annotations
@@ -57,11 +58,31 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def replot(path: Path) -> None:
+    """The sweep's plot from its JSON, with today's plotting code."""
+    from popc.eval import EvalResult, EvalRow
+    from popc.fidelity import Fidelity
+    from popc.pop import PopSettings
+    from popc.sweep import sweep_plot
+
+    data = json.loads(path.read_text())
+    rows = []
+    for r in data["rows"]:
+        settings = PopSettings(r["retain"], r["candidate"], r["keep"], r["static"], r["score"])
+        row = EvalRow(r["method"], r["sparsity"], settings, r["weight_fraction"])
+        row.fidelity, row.ms_per_token, row.front = Fidelity(**r["fidelity"]), r["ms_per_token"], r["front"]
+        rows.append(row)
+    sweep_plot(EvalResult(rows, data), path.with_suffix(".png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--plot", action="store_true", help="also draw each file's front as <file>.png")
     args = parser.parse_args()
     for path in args.files:
+        if args.plot:
+            replot(path)
         data = json.loads(path.read_text())
         print(f"### {data['source'] or data['export']}\n")
         print(f"{data['scored_tokens']} scored tokens ({data['windows']} windows of {data['window']}, prompt "
