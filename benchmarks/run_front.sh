@@ -2,8 +2,8 @@
 # The accuracy-vs-cost check of popc's defaults (docs/results.md, "The accuracy-vs-cost
 # front"): on SmolLM2-135M and Gemma-3-270m, the default split at the three FFN costs
 # 0.81 / 0.62 / 0.44 (output-aware and paper's score) against per-token dynamic selection
-# at the same bytes, 20 480 scored tokens each, every row timed. About 35 min (SmolLM2) and
-# 55 min (Gemma-3) on 2 cores. Writes benchmarks/results/front-{smollm2,gemma3}.{json,png,md}.
+# at the same bytes, 20 480 scored tokens each, every row timed. About 33 min (SmolLM2) and
+# 65 min (Gemma-3, measured while a CI run shared the cores) on 2 cores. Writes benchmarks/results/front-{smollm2,gemma3}.{json,png,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=benchmarks/work
