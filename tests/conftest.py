@@ -37,6 +37,51 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: loads real models (tens of seconds); deselect with -m 'not slow'"
     )
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU, onnxruntime-gpu and the op library built with CUDA; skips without"
+    )
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA checks cannot run here (None when they can): onnxruntime-gpu must start its
+    CUDA execution provider on a real GPU (it lists the provider even where none works), and the
+    popc op library must have been built with its CUDA kernels."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDA execution provider (install popc[gpu])"
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+        session.run(None, {"x": np.ones(1, np.float32)})
+    except Exception as error:  # noqa: BLE001 - any failure means no usable GPU
+        return f"the CUDA execution provider does not start: {str(error).splitlines()[0]}"
+    if "CUDAExecutionProvider" not in session.get_providers():
+        return "the CUDA execution provider does not start (no GPU, or CUDA/cuDNN libraries missing)"
+    from popc import oplib
+
+    info = oplib.find_library()
+    if info is None or not info.cuda:
+        return "the popc op library was built without CUDA kernels (popc doctor --rebuild with nvcc)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def cuda() -> str:
+    """Skips the test unless CUDA checks can run (see ``cuda_unavailable_reason``); returns "cuda"."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return "cuda"
 
 
 def make_tiny_tokenizer():
