@@ -49,23 +49,14 @@ from popc.ort_headers import fetch_headers, find_headers, header_version
 from popc.progress import Progress, console_progress, or_silent
 
 LIBRARY_NAME = "libpopc_ops.so"
-SOURCES = (
-    "CMakeLists.txt",
-    "popc_ops.cc",
-    "popc_ops.map",
-    "ort_kernel.h",
-    "pop_ops_cpu.cc",
-    "pop_quant_ops_cpu.cc",
-    "pop_ffn_ort.h",
-    "popc_kernels.h",
-    "cpu_simd.h",
-    "quant_rows.h",
-    "quant_rows_i8.h",
-    "popc_kernels_cpu.cc",
-    "pop_decode_cpu.cc",
-    "quant_kernels_cpu.cc",
-    "popc_kernels.cu",
-)
+# The files the library is built from (and its build digest): every C++/CUDA source, header,
+# CMake file and linker map in templates/ (the same globs as the package data).
+SOURCE_PATTERNS = ("CMakeLists.txt", "*.cc", "*.cu", "*.h", "*.map")
+
+
+def source_files() -> list[str]:
+    """Names of the library's source files, sorted (the build digest depends on the order)."""
+    return sorted({path.name for pattern in SOURCE_PATTERNS for path in source_dir().glob(pattern)})
 NOTICE = (
     "popc op library not found; running the ops' ONNX function bodies (slower). "
     "Build it with `popc doctor --build`"
@@ -97,7 +88,7 @@ def source_dir() -> Path:
 
 def sources_digest() -> str:
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in source_files():
         digest.update(name.encode() + b"\0" + (source_dir() / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
