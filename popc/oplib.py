@@ -18,7 +18,11 @@ fetched with ``apt-get download`` through a private apt configuration (nothing i
 installed; no system state is touched) and unpacked with ``dpkg-deb -x`` into the
 cache, unless ``$POPC_ORT_INCLUDE_DIR`` names a directory that has them. The
 CUDA kernels are built when ``nvcc`` is found (``$CUDACXX``, ``PATH``,
-``/usr/local/cuda/bin``); ``POPC_OPLIB_CUDA=0`` skips them.
+``/usr/local/cuda/bin``, PyPI's ``nvidia-cuda-nvcc`` wheel; one of onnxruntime-gpu's CUDA major
+first) for ``$POPC_CUDA_ARCHITECTURES`` (e.g. ``90``; default 75;80;86;89;90); ``POPC_OPLIB_CUDA=0``
+skips them. CUDA kernels of another CUDA major than the installed onnxruntime-gpu's are not
+built, and a library holding such kernels is not loaded into CUDA sessions
+(``popc.cuda_toolkit``).
 
 At first use (:func:`register_library`, called for every runtime session) a
 missing library is built automatically when CMake is on PATH
@@ -44,6 +48,16 @@ import numpy as np
 
 from popc.atomic import atomic_file, atomic_write
 from popc.cache import cache_root
+from popc.cuda_toolkit import (
+    choose_nvcc,
+    cuda_mismatch,
+    cuda_report,
+    cuda_summary,
+    nvcc_link_env,
+    nvcc_version,
+    onnxruntime_cuda,
+    pip_nvcc_candidates,
+)
 from popc.errors import PopcError
 from popc.ort_headers import fetch_headers, find_headers, header_version
 from popc.progress import Progress, console_progress, or_silent
@@ -73,10 +87,12 @@ class LibraryInfo:
     build: dict[str, Any] = field(default_factory=dict)
     # Why the file must not be loaded (truncated, altered, not a library), or None.
     problem: str | None = None
+    # Why its CUDA kernels must not run here (another CUDA major than onnxruntime-gpu's), or None.
+    cuda_problem: str | None = None
 
     @property
     def providers(self) -> list[str]:
-        return ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if self.cuda else [])
+        return ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if self.cuda and not self.cuda_problem else [])
 
 
 # ---- places ---------------------------------------------------------------------------
@@ -103,10 +119,16 @@ def disabled() -> bool:
 
 
 def find_nvcc() -> str | None:
-    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """``$CUDACXX`` if set; else the first nvcc (PATH, /usr/local/cuda, PyPI's nvidia wheels) of
+    the installed onnxruntime-gpu's CUDA major, else the first found."""
+    if os.environ.get("CUDACXX"):
+        return os.environ["CUDACXX"] if os.access(os.environ["CUDACXX"], os.X_OK) else None
+    found = [c for c in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc", *pip_nvcc_candidates())
+             if c and Path(c).is_file() and os.access(c, os.X_OK)]  # fmt: skip
+    if len(found) < 2:
+        return found[0] if found else None
+    ort = onnxruntime_cuda()
+    return choose_nvcc(found, ort.major if ort else None)
 
 
 def _read_build_info(path: Path) -> dict[str, Any]:
@@ -120,6 +142,12 @@ def _info(path: Path, origin: str, build_info: Path) -> LibraryInfo:
     data = _read_build_info(build_info)
     info = LibraryInfo(path=path, origin=origin, cuda=data.get("cuda"), build=data)
     info.problem = library_problem(info)
+    ort = onnxruntime_cuda() if info.cuda else None
+    if ort is not None:
+        major = data.get("cuda_major")
+        if major is None and data.get("nvcc") and Path(data["nvcc"]).is_file():  # built before majors were recorded
+            major = nvcc_version(data["nvcc"]).major
+        info.cuda_problem = cuda_mismatch(major, ort)
     return info
 
 
@@ -217,14 +245,22 @@ def toolchain_problem() -> str | None:
     return None
 
 
-def _run(command: list[str], log_file: Path, cwd: Path | None = None) -> None:
+def _run(command: list[str], log_file: Path, env: dict[str, str] | None = None) -> None:
     with open(log_file, "a") as out:
         out.write("+ " + " ".join(command) + "\n")
         out.flush()
-        result = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         tail = log_file.read_text(errors="replace").strip().splitlines()[-15:]
         raise PopcError(f"`{' '.join(command[:3])} ...` failed (log: {log_file}):\n" + "\n".join(tail))
+
+
+def cuda_architectures() -> str | None:
+    """``$POPC_CUDA_ARCHITECTURES`` (``90``, ``80;90``), or None for CMakeLists.txt's default."""
+    value = os.environ.get("POPC_CUDA_ARCHITECTURES", "").strip().replace(",", ";")
+    if value and not all(part.isdigit() for part in value.split(";")):
+        raise PopcError(f"POPC_CUDA_ARCHITECTURES={value!r}: give compute capabilities such as 90 or 80;90")
+    return value or None
 
 
 def _cmake_build(build: Path, include: Path, cuda: str | None, log_file: Path) -> None:
@@ -232,10 +268,14 @@ def _cmake_build(build: Path, include: Path, cuda: str | None, log_file: Path) -
         shutil.rmtree(build)
     command = ["cmake", "-S", str(source_dir()), "-B", str(build), f"-DORT_INCLUDE_DIR={include}",
                "-DCMAKE_BUILD_TYPE=Release", f"-DPOPC_WITH_CUDA={'ON' if cuda else 'OFF'}"]  # fmt: skip
+    env = None
     if cuda:
         command.append(f"-DCMAKE_CUDA_COMPILER={cuda}")
-    _run(command, log_file)
-    _run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)], log_file)
+        if cuda_architectures():
+            command.append(f"-DPOPC_CUDA_ARCHITECTURES={cuda_architectures()}")
+        env = nvcc_link_env(cuda)
+    _run(command, log_file, env)
+    _run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)], log_file, env)
 
 
 def build(force: bool = False, cuda: bool | None = None, progress: Progress | None = None) -> LibraryInfo:
@@ -270,6 +310,15 @@ def build(force: bool = False, cuda: bool | None = None, progress: Progress | No
                 raise PopcError("a CUDA build was requested but nvcc was not found (set CUDACXX)")
             started = time.perf_counter()
             cuda_error = None
+            nvcc_release = nvcc_version(nvcc) if nvcc else None
+            if want_cuda and nvcc_release is not None:
+                subject = f"nvcc {nvcc} is CUDA {nvcc_release.version}"
+                mismatch = cuda_mismatch(nvcc_release.major, onnxruntime_cuda(), subject=subject)
+                if mismatch and cuda:
+                    raise PopcError(mismatch)
+                if mismatch:  # kernels onnxruntime-gpu would refuse: the CPU kernels only
+                    cuda_error, want_cuda = mismatch, False
+                    progress.stage(f"not building the CUDA kernels: {mismatch}")
             build_tree = target / "build"
             if want_cuda:
                 progress.stage(f"building libpopc_ops.so (CPU + CUDA, nvcc {nvcc})")
@@ -292,6 +341,9 @@ def build(force: bool = False, cuda: bool | None = None, progress: Progress | No
                 "cuda": bool(want_cuda),
                 "cuda_error": cuda_error,
                 "nvcc": nvcc if want_cuda else None,
+                "cuda_version": nvcc_release.version if want_cuda and nvcc_release else None,
+                "cuda_major": nvcc_release.major if want_cuda and nvcc_release else None,
+                "cuda_architectures": (cuda_architectures() or "75;80;86;89;90") if want_cuda else None,
                 "ort_headers": header_version(include),
                 "headers_dir": str(include),
                 "sources": sources_digest(),
@@ -344,8 +396,11 @@ def ensure_library(autobuild: bool | None = None) -> LibraryInfo | None:
 
 
 # ---- loading ------------------------------------------------------------------------------
-def register_library(options) -> bool:  # noqa: ANN001 - onnxruntime.SessionOptions
-    """Register the op library with ``options``; False (and a one-time notice) when absent."""
+def register_library(options, device: str | None = None) -> bool:  # noqa: ANN001 - onnxruntime.SessionOptions
+    """Register the op library with ``options``; False (and a one-time notice) when absent.
+
+    ``device``: the session's ("cpu" or "cuda"; None: not said). CUDA kernels of another CUDA
+    major than onnxruntime-gpu's are refused unless the session is said to be CPU-only."""
     global _notice_shown
     if disabled():
         return False
@@ -357,6 +412,8 @@ def register_library(options) -> bool:  # noqa: ANN001 - onnxruntime.SessionOpti
     if info is not None:
         try:
             check_library(info)
+            if info.cuda_problem and device != "cpu":
+                raise PopcError(info.cuda_problem)
             options.register_custom_ops_library(str(info.path))
             return True
         except PopcError as error:
@@ -436,6 +493,7 @@ def doctor_report(build_now: bool = False, force: bool = False, progress: Progre
         "onnxruntime": ort.__version__,
         "available_providers": ort.get_available_providers(),
         "nvcc": find_nvcc(),
+        **cuda_report(find_nvcc()),
         "toolchain_problem": toolchain_problem(),
         "headers": (lambda h: f"{h} ({header_version(h)})" if h else None)(find_headers()),
         "disabled": disabled(),
@@ -455,6 +513,9 @@ def doctor_report(build_now: bool = False, force: bool = False, progress: Progre
     if info is not None:
         report |= {"library": str(info.path), "origin": info.origin, "cuda": info.cuda, "providers": info.providers,
                    "build": info.build}  # fmt: skip
+        report["cuda_majors"] = cuda_summary(report["nvcc_cuda"], info.build.get("cuda_major") if info.cuda else None,
+                                             report["onnxruntime_gpu"])  # fmt: skip
+        report["cuda_problem"] = info.cuda_problem or report["cuda_problem"]
         try:
             report |= {"loaded": True, **self_test(info)}
         except Exception as exc:
