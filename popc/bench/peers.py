@@ -1,8 +1,9 @@
 """onnxruntime-genai as a peer: its own build of the model (made once, cached) and its runner.
 
-``ort-genai`` runs the model builder's fp32 CPU output through genai's Generator API;
-``dense-genai-runtime`` runs popc's own dense export (its genai_config.json) the same way.
-Both run with the bench's thread count, like every other variant.
+``ort-genai`` runs the model builder's fp32 CPU output (fp16 for the CUDA execution provider
+with ``--device cuda``) through genai's Generator API; ``dense-genai-runtime`` runs popc's own
+dense export (its genai_config.json) the same way. Both run with the bench's thread count, like
+every other variant. On CUDA they need onnxruntime-genai's CUDA build (``onnxruntime-genai-cuda``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from popc.pop import PopSettings
 from popc.progress import Progress, or_silent
 
 GENAI_INSTALL = 'pip install "popc[genai]" (or pip install onnxruntime-genai)'
+GENAI_CUDA_INSTALL = "pip install onnxruntime-genai-cuda (next to popc[gpu]; not onnxruntime-genai)"
 GENAI_MARKER = "popc-genai.json"  # written last into a finished build: its presence means complete
 
 
@@ -49,6 +51,25 @@ def genai_available() -> bool:
 
 def genai_version() -> str | None:
     return import_genai().__version__ if genai_available() else None
+
+
+def import_genai_for(device: str) -> ModuleType:
+    """``onnxruntime_genai`` able to run on ``device``, or a PopcError saying what to install
+    (on CUDA: the onnxruntime-genai-cuda build, whose ``is_cuda_available()`` is true)."""
+    og = import_genai()
+    if device == "cuda" and not og.is_cuda_available():
+        raise PopcError(f"the onnxruntime-genai variants on --device cuda need its CUDA build: {GENAI_CUDA_INSTALL}")
+    if device not in ("cpu", "cuda"):
+        raise PopcError(f"the onnxruntime-genai variants run on cpu or cuda, not {device}")
+    return og
+
+
+def builder_arguments(precision: str, device: str) -> list[str]:
+    """The model builder's ``-p``/``-e``: on CUDA, fp16 stands in for fp32 (what genai's users run
+    on a GPU, and what popc's CUDA exports are measured in); int4 stays int4."""
+    if device == "cuda":
+        return ["-p", "fp16" if precision == "fp32" else precision, "-e", "cuda"]
+    return ["-p", precision, "-e", "cpu"]
 
 
 def default_variants() -> list[str]:
@@ -109,22 +130,30 @@ def _is_genai_build(path: Path) -> bool:
 GENAI_PRECISIONS = ("fp32", "int4")
 
 
-def genai_model(spec: str, progress: Progress | None = None, precision: str = "fp32") -> Path:
-    """onnxruntime-genai's CPU build of ``spec``: its model builder (``-p fp32`` or ``-p int4``,
-    with the builder's own defaults otherwise: for int4 on the CPU, blocks of 32 and accuracy
-    level 4), run once into ``cache_root()/bench/genai-<digest>`` (``genai-int4-<digest>``;
-    staged, then renamed: a crash leaves no half build)."""
+def genai_model(spec: str, progress: Progress | None = None, precision: str = "fp32", device: str = "cpu") -> Path:
+    """onnxruntime-genai's build of ``spec`` for ``device``: its model builder (``-p fp32`` or
+    ``-p int4 -e cpu``; on CUDA ``-p fp16`` or ``-p int4`` with ``-e cuda``, see
+    :func:`builder_arguments`), with the builder's own defaults otherwise (for int4 on the CPU,
+    blocks of 32 and accuracy level 4), run once into ``cache_root()/bench/genai-<digest>``
+    (``genai-int4-<digest>``, ``genai-cuda-fp16-<digest>``; staged, then renamed: a crash leaves
+    no half build)."""
     progress = or_silent(progress)
     if precision not in GENAI_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(GENAI_PRECISIONS)}, not {precision!r}")
-    og = import_genai()
-    prefix = "genai" if precision == "fp32" else f"genai-{precision}"  # fp32 keeps the name it always had
-    digest = _source_digest(spec, og.__version__ if precision == "fp32" else f"{og.__version__}\0{precision}")
+    og = import_genai_for(device)
+    arguments = builder_arguments(precision, device)
+    built_precision = arguments[1]
+    if device == "cuda":
+        prefix, key = f"genai-cuda-{built_precision}", f"{og.__version__}\0cuda\0{built_precision}"
+    else:  # the CPU builds keep the names they always had
+        prefix = "genai" if precision == "fp32" else f"genai-{precision}"
+        key = og.__version__ if precision == "fp32" else f"{og.__version__}\0{precision}"
+    digest = _source_digest(spec, key)
     target = cache_root() / "bench" / f"{prefix}-{digest}"
     if _is_genai_build(target):
         return target
     source = hf_directory(spec, progress)
-    progress.stage(f"building the onnxruntime-genai {precision} model of {spec} (cached in {target})")
+    progress.stage(f"building the onnxruntime-genai {built_precision} {device} model of {spec} (cached in {target})")
     started = time.perf_counter()
     # The builder's Hugging Face cache is scratch: staged apart, so that it never lands in the build.
     with staging_directory(target.parent, "genai-hf-cache") as scratch, atomic_directory(
@@ -132,7 +161,7 @@ def genai_model(spec: str, progress: Progress | None = None, precision: str = "f
     ) as staging:
         command = [
             sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-            "-o", str(staging), "-p", precision, "-e", "cpu", "-c", str(scratch),
+            "-o", str(staging), *arguments, "-c", str(scratch),
         ]  # fmt: skip
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -143,7 +172,7 @@ def genai_model(spec: str, progress: Progress | None = None, precision: str = "f
                 f"onnxruntime-genai's model builder failed on {source} (exit {done.returncode}): {last[:300]}"
             )
         marker = {"source": spec, "hf_directory": str(source), "onnxruntime_genai": og.__version__,
-                  "precision": precision, "execution_provider": "cpu",
+                  "precision": built_precision, "execution_provider": device,
                   "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         if precision != "fp32":
             marker["matmul_nbits"] = matmul_nbits_settings(staging / "model.onnx")
@@ -170,16 +199,19 @@ class GenaiRunner:
     Generator API. Implements :class:`popc.bench.runners.Runner`; dense only."""
 
     def __init__(self, directory: Path, threads: int, device: str = "cpu", progress: Progress | None = None) -> None:
-        if device != "cpu":
-            raise PopcError("the onnxruntime-genai variants are measured on CPU only (--device cpu)")
-        og = import_genai()
+        og = import_genai_for(device)
         self.og = og
         self.directory = Path(directory)
         self.threads = threads
+        self.device = device
         config = og.Config(str(self.directory))
         # Overlaid, not written into genai_config.json: the directory may be the user's export.
         session_options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
+        # The execution provider is the bench's device, whatever the directory's config names.
+        config.clear_providers()
+        if device == "cuda":
+            config.append_provider("cuda")
         or_silent(progress).stage(f"loading the onnxruntime-genai model {self.directory}")
         self.model = og.Model(config)
         genai_config = json.loads((self.directory / "genai_config.json").read_text())
