@@ -51,6 +51,19 @@ struct Elem<half> {
 #endif
 };
 
+// bfloat16 widens by a shift (it is the upper half of a float32).
+template <>
+struct Elem<bfloat16> {
+  static float to_float(bfloat16 v) { return bfloat16_to_float(v.bits); }
+  static bfloat16 from_float(float v) { return bfloat16{float_to_bfloat16(v)}; }
+#if POPC_X86
+  POPC_AVX2 static __m256 load8(const bfloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+#endif
+};
+
 template <class T>
 void widen(const T* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = Elem<T>::to_float(src[i]);

@@ -17,6 +17,9 @@
 #include <vector>
 
 #include "popc_kernels.h"
+#ifdef POPC_WITH_CUDA
+#include "popc_cuda.h"
+#endif
 
 namespace popc::ort {
 
@@ -120,8 +123,12 @@ void run_parallel(Ort::KernelContext& ctx, const Job& job) {
 // The ORT tensor type of each kernel element type.
 template <class T>
 constexpr ONNXTensorElementDataType onnx_type() {
-  static_assert(std::is_same<T, float>::value || std::is_same<T, popc::half>::value, "no ORT type for T");
-  return std::is_same<T, float>::value ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  static_assert(std::is_same<T, float>::value || std::is_same<T, popc::half>::value ||
+                    std::is_same<T, popc::bfloat16>::value,
+                "no ORT type for T");
+  if (std::is_same<T, float>::value) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (std::is_same<T, popc::half>::value) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
 }
 
 inline constexpr ONNXTensorElementDataType kInt64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
@@ -159,6 +166,20 @@ constexpr size_t required_inputs() {
   else return Kernel::kInputs;
 }
 
+// Kernels with inputs the host must read (pop_config: it fixes output shapes and counts) declare
+// input_memory_type(i): a CUDA kernel returns OrtMemTypeCPUInput for them, so that ORT hands
+// them over in host memory and no device-to-host copy (a stream sync) is needed per call.
+template <class Kernel, class = void>
+struct has_input_memory_type : std::false_type {};
+template <class Kernel>
+struct has_input_memory_type<Kernel, std::void_t<decltype(Kernel::input_memory_type(size_t{0}))>> : std::true_type {};
+
+template <class Kernel>
+OrtMemType input_memory_type_of(size_t i) {
+  if constexpr (has_input_memory_type<Kernel>::value) return Kernel::input_memory_type(i);
+  else return OrtMemTypeDefault;
+}
+
 // Input i of the call, or nullptr where the node does not have it (an optional input).
 inline const OrtValue* optional_input(Ort::KernelContext& ctx, size_t i) {
   if (ctx.GetInputCount() <= i) return nullptr;
@@ -167,7 +188,7 @@ inline const OrtValue* optional_input(Ort::KernelContext& ctx, size_t i) {
 
 // The one custom-op wrapper. A Kernel provides kName, kProvider, kInputs, input_type(i),
 // output_type(), a constructor from the OrtKernelInfo, and ComputeV2 (and kRequiredInputs
-// where trailing inputs are optional).
+// where trailing inputs are optional, input_memory_type(i) where inputs live on the host).
 template <class Kernel>
 struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
@@ -181,24 +202,51 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i < required_inputs<Kernel>() ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
+  OrtMemType GetInputMemoryType(size_t i) const { return input_memory_type_of<Kernel>(i); }
   size_t GetOutputTypeCount() const { return output_count<Kernel>(); }
   ONNXTensorElementDataType GetOutputType(size_t i) const { return output_type_of<Kernel>(i); }
 };
 
 
-// One op object per kernel and element type; `fused` marks the fused CPU kernels that
+// One op object per kernel and element type; `fused` marks the fused kernels that
 // POPC_OPLIB_FUSED=0 leaves out. The objects outlive every session: never freed.
+// POPC_OPLIB_PROVIDER=cuda registers only the ops with `has_cuda` (their CPU and CUDA kernels):
+// every other op then runs its function body, so that no CPU-only kernel pulls a CUDA session's
+// FFN onto the CPU.
 struct Registration {
   OrtCustomOp* op;
   bool fused;
   bool whole_ffn = false;  // PopSwiGLU / PopGeGLU: POPC_OPLIB_WHOLE_FFN=0 leaves them out
+  bool has_cuda = false;   // the op has a CUDA kernel (this registration may be its CPU twin)
 };
 
+// Each type of POPC_FOR_EACH_TYPE (the quantized-row ops).
 template <template <class> class Kernel>
 void add_each_type(std::vector<Registration>& list, bool fused) {
-#define POPC_ADD(T) list.push_back({new Op<Kernel<T>>(), fused, false});
+#define POPC_ADD(T) list.push_back({new Op<Kernel<T>>(), fused, false, false});
   POPC_FOR_EACH_TYPE(POPC_ADD)
 #undef POPC_ADD
+}
+
+// Each type of POPC_FOR_EACH_FLOAT_TYPE (the dense-row ops, which have CUDA kernels).
+template <template <class> class Kernel>
+void add_each_float_type(std::vector<Registration>& list, bool fused, bool has_cuda) {
+#define POPC_ADD(T) list.push_back({new Op<Kernel<T>>(), fused, false, has_cuda});
+  POPC_FOR_EACH_FLOAT_TYPE(POPC_ADD)
+#undef POPC_ADD
+}
+
+// Whether the library was built with CUDA kernels (then the dense-row ops have them).
+#ifdef POPC_WITH_CUDA
+inline constexpr bool kWithCuda = true;
+#else
+inline constexpr bool kWithCuda = false;
+#endif
+
+// Whether environment variable `name` is set to something other than "" or "0".
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
 }
 
 // The fused POP ops (pop_ops_cpu.cc).
@@ -206,5 +254,36 @@ void add_pop_cpu_ops(std::vector<Registration>& list);
 
 // The ops on block-quantized rows (pop_quant_ops_cpu.cc).
 void add_pop_quant_cpu_ops(std::vector<Registration>& list);
+
+// The fused POP ops on the CUDA EP (pop_ops_cuda.cc; only with POPC_WITH_CUDA).
+void add_pop_cuda_ops(std::vector<Registration>& list);
+
+#ifdef POPC_WITH_CUDA
+// A CUDA kernel object's device state (popc_cuda.h): created with the kernel, freed with it.
+// POPC_CUDA_SYNC_CHECKS=1 (read here) makes each call wait for its stream and report its own
+// bad indices; by default a later call reports them.
+struct CudaState {
+  popc::cuda::DeviceState* state = popc::cuda::new_device_state(env_flag("POPC_CUDA_SYNC_CHECKS"));
+  CudaState() = default;
+  CudaState(const CudaState&) = delete;
+  CudaState& operator=(const CudaState&) = delete;
+  ~CudaState() { popc::cuda::delete_device_state(state); }
+};
+
+// Throws the ORT error of a failed CUDA call. `ids` names the index input and its range, as in
+// "an index of I is outside [0, 16) (N = rows of W)" (the CPU kernels' wording).
+inline void raise_cuda_status(const char* op, const popc::cuda::Status& s, const std::string& ids) {
+  if (s.code == popc::cuda::kOk) return;
+  if (s.code == popc::cuda::kCudaError) throw OpError{ORT_FAIL, std::string(op) + ": CUDA error: " + s.message};
+  std::string what = s.code == popc::cuda::kBadIndex
+                         ? ids + "; popc ops reject out-of-range and negative indices"
+                         : std::string("a channel id appears twice in one partition");
+  if (s.earlier)
+    what = "an earlier call of this node had bad input: " + what +
+           " (the GPU skipped it without reading out of bounds; it is reported by a later call because the CUDA "
+           "kernels do not wait for the GPU per call: POPC_CUDA_SYNC_CHECKS=1 checks every call)";
+  throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what};
+}
+#endif  // POPC_WITH_CUDA
 
 }  // namespace popc::ort

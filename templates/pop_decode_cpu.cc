@@ -475,8 +475,11 @@ void CpuPopDecode<T, Rows>::finish(PopDecodePlan& p, int64_t tasks) const {
   narrow(total, n, Y + p.row0 * H);
 }
 
-// Dense rows of each type; quantized rows with scales of the activations' type.
-#define POPC_INSTANTIATE(T) template struct CpuPopDecode<T>; template struct CpuPopDecode<T, QuantRows<T>>;
+// Dense rows of each float type; quantized rows with scales of the activations' type.
+#define POPC_INSTANTIATE(T) template struct CpuPopDecode<T>;
+POPC_FOR_EACH_FLOAT_TYPE(POPC_INSTANTIATE)
+#undef POPC_INSTANTIATE
+#define POPC_INSTANTIATE(T) template struct CpuPopDecode<T, QuantRows<T>>;
 POPC_FOR_EACH_TYPE(POPC_INSTANTIATE)
 #undef POPC_INSTANTIATE
 

@@ -84,6 +84,58 @@ inline std::pair<int64_t, int64_t> decode_split(const int64_t* cfg, int64_t RC) 
 // The count = R + C channels of config, checked against the FFN width D.
 int64_t partition_count(const char* op, const int64_t* cfg, int64_t D);
 
+// A decode step's validated shapes: X [B, S, H], partition [B, RC], weights [D, H], and the
+// (R, K) of config (host memory: a CPU input of the CUDA kernels too). Shared by the CPU and
+// CUDA kernels; ids are checked by each (on the device for CUDA).
+struct DecodeGeometry {
+  int64_t B = 0, S = 0, H = 0, D = 0, RC = 0, R = 0, K = 0;
+};
+
+inline DecodeGeometry check_decode(const char* op, const std::vector<int64_t>& xs, const std::vector<int64_t>& ps,
+                                   const std::vector<int64_t>& cs, const std::vector<int64_t>& gs,
+                                   const std::vector<int64_t>& us, const std::vector<int64_t>& ds, const int64_t* cfg) {
+  auto fail = [&](const std::string& what) {
+    throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (X " + shape_str(xs) + ", partition " +
+                                            shape_str(ps) + ", W " + shape_str(gs) + ")"};
+  };
+  if (xs.size() != 3) fail("X must be [B, S, H]");
+  if (ps.size() != 2 || ps[0] != xs[0]) fail("partition must be [B, R+C] with X's batch");
+  if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
+  if (us != gs || ds != gs) fail("Wg, Wu and Wd must have one shape");
+  if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
+  DecodeGeometry g;
+  g.B = xs[0];
+  g.S = xs[1];
+  g.H = xs[2];
+  g.D = gs[0];
+  g.RC = ps[1];
+  if (g.RC > g.D) fail("the partition has more channels than the FFN");
+  const auto [R, K] = decode_split(cfg, g.RC);
+  g.R = R;
+  g.K = K;
+  return g;
+}
+
+// PopPartition's validated shapes: Z [B, T, D], token_mask [B, T], static_score [D], and the
+// count = R + C of config.
+struct PartitionGeometry {
+  int64_t B = 0, T = 0, D = 0, count = 0;
+};
+
+inline PartitionGeometry check_partition(const char* op, const std::vector<int64_t>& zs,
+                                         const std::vector<int64_t>& ms, const std::vector<int64_t>& ss,
+                                         const std::vector<int64_t>& cs, const int64_t* cfg) {
+  auto fail = [&](const std::string& what) {
+    throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (Z " + shape_str(zs) + ", token_mask " +
+                                            shape_str(ms) + ", static_score " + shape_str(ss) + ")"};
+  };
+  if (zs.size() != 3) fail("Z must be [B, T, D]");
+  if (ms.size() != 2 || ms[0] != zs[0] || ms[1] != zs[1]) fail("token_mask must be [B, T] like Z");
+  if (ss.size() != 1 || ss[0] != zs[2]) fail("static_score must be [D]");
+  if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
+  return {zs[0], zs[1], zs[2], partition_count(op, cfg, zs[2])};
+}
+
 // The output-aware weights of a call: output_norm [D] (type T) where config[3] asks for the
 // output-aware score, else nullptr. `value` is the node's output_norm input, nullptr where the
 // node has none (exports made before it existed); its shape is checked whenever it is there.

@@ -56,28 +56,15 @@ template <class T>
 void pop_decode(Ort::KernelContext& ctx, const char* op, const Ort::ConstValue& x, const Ort::ConstValue& part,
                 const Ort::ConstValue& config, const Ort::ConstValue& wg, const Ort::ConstValue& wu,
                 const Ort::ConstValue& wd, const OrtValue* output_norm, int activation, bool use_avx2, T* y) {
-  const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
-  const auto ps = part.GetTensorTypeAndShapeInfo().GetShape();
-  const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
-  const auto gs = wg.GetTensorTypeAndShapeInfo().GetShape();
-  auto fail = [&](const std::string& what) {
-    throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (X " + shape_str(xs) + ", partition " +
-                                            shape_str(ps) + ", W " + shape_str(gs) + ")"};
-  };
-  if (xs.size() != 3) fail("X must be [B, S, H]");
-  if (ps.size() != 2 || ps[0] != xs[0]) fail("partition must be [B, R+C] with X's batch");
-  if (gs.size() != 2 || gs[1] != xs[2]) fail("weights must be [D, H] with X's H");
-  if (wu.GetTensorTypeAndShapeInfo().GetShape() != gs || wd.GetTensorTypeAndShapeInfo().GetShape() != gs)
-    fail("Wg, Wu and Wd must have one shape");
-  if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
-  const int64_t D = gs[0], H = gs[1], RC = ps[1];
-  if (RC > D) fail("the partition has more channels than the FFN");
+  auto shape = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
+  const int64_t* cfg = config.GetTensorData<int64_t>();
+  const auto ps = shape(part);
+  const DecodeGeometry g = check_decode(op, shape(x), ps, shape(config), shape(wg), shape(wu), shape(wd), cfg);
+  const int64_t D = g.D, H = g.H, RC = g.RC, R = g.R, K = g.K;
   const int64_t* I = part.GetTensorData<int64_t>();
   check_indices(op, I, ps[0] * RC, D);
-  const int64_t* cfg = config.GetTensorData<int64_t>();
-  const auto [R, K] = decode_split(cfg, RC);
   auto in = [](const Ort::ConstValue& v) { return static_cast<const T*>(v.GetTensorRawData()); };
-  popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, xs[0] * xs[1], xs[1], H, D, RC, R, K,
+  popc::CpuPopDecode<T> job{in(x), I, in(wg), in(wu), in(wd), y, g.B * g.S, g.S, H, D, RC, R, K,
                             activation, use_avx2, 0};
   job.output_norm = output_norm_for<T>(op, output_norm, cfg, D);
   run_pop_decode(ctx, job, op);
@@ -161,21 +148,10 @@ struct CpuPartitionKernel {
     return guarded(op, [&] {
       Ort::KernelContext ctx(context);
       auto z = ctx.GetInput(0), mask = ctx.GetInput(1), config = ctx.GetInput(2), stat = ctx.GetInput(3);
-      const auto zs = z.GetTensorTypeAndShapeInfo().GetShape();
-      const auto ms = mask.GetTensorTypeAndShapeInfo().GetShape();
-      const auto ss = stat.GetTensorTypeAndShapeInfo().GetShape();
-      const auto cs = config.GetTensorTypeAndShapeInfo().GetShape();
-      auto fail = [&](const std::string& what) {
-        throw OpError{ORT_INVALID_ARGUMENT, std::string(op) + ": " + what + " (Z " + shape_str(zs) + ", token_mask " +
-                                                shape_str(ms) + ", static_score " + shape_str(ss) + ")"};
-      };
-      if (zs.size() != 3) fail("Z must be [B, T, D]");
-      if (ms.size() != 2 || ms[0] != zs[0] || ms[1] != zs[1]) fail("token_mask must be [B, T] like Z");
-      if (ss.size() != 1 || ss[0] != zs[2]) fail("static_score must be [D]");
-      if (cs.size() != 1 || cs[0] < 4) fail("config must be int64 [4]");
+      auto shape = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
       const int64_t* cfg = config.GetTensorData<int64_t>();
-      const int64_t B = zs[0], T = zs[1], D = zs[2];
-      const int64_t count = partition_count(op, cfg, D);
+      const PartitionGeometry g = check_partition(op, shape(z), shape(mask), shape(stat), shape(config), cfg);
+      const int64_t B = g.B, T = g.T, D = g.D, count = g.count;
       const ZT* norms = output_norm_for<ZT>(op, optional_input(ctx, 4), cfg, D);
       const std::vector<int64_t> out_shape{B, count};
       auto out = ctx.GetOutput(0, out_shape.data(), out_shape.size());
@@ -316,9 +292,10 @@ void pop_prefill(Ort::KernelContext& ctx, OrtKernelContext* context, Ort::Op& ma
 }
 
 void add_pop_cpu_ops(std::vector<Registration>& list) {
-  add_each_type<SwiGLUDecode>(list, true);
-  add_each_type<GeGLUDecode>(list, true);
-  add_each_type<CpuPartitionKernel>(list, true);
+  // CPU twins of the CUDA kernels (pop_ops_cuda.cc), for every float type.
+  add_each_float_type<SwiGLUDecode>(list, true, kWithCuda);
+  add_each_float_type<GeGLUDecode>(list, true, kWithCuda);
+  add_each_float_type<CpuPartitionKernel>(list, true, kWithCuda);
   // The whole FFN for float32 only: other types run the function body (If + the ops above).
   list.push_back({new Op<CpuPopFfnKernel<false>>(), true, true});
   list.push_back({new Op<CpuPopFfnKernel<true>>(), true, true});

@@ -29,8 +29,19 @@ struct half {
 float half_to_float(uint16_t h);
 uint16_t float_to_half(float f);
 
-// X(T) for each (activation = weight) type the kernels are instantiated for.
+// bfloat16 storage (the upper half of a float32; layout of CUDA's __nv_bfloat16).
+struct bfloat16 {
+  uint16_t bits;
+};
+
+float bfloat16_to_float(uint16_t b);
+uint16_t float_to_bfloat16(float f);  // round to nearest even; NaN stays NaN
+
+// X(T) for each (activation = weight) type the quantized-row kernels are instantiated for.
 #define POPC_FOR_EACH_TYPE(X) X(float) X(::popc::half)
+// X(T) for the dense-row ops, the ones with CUDA kernels (GatherMatMul(T), PopSwiGLUDecode,
+// PopGeGLUDecode, PopPartition): every CUDA kernel has a CPU twin for every type.
+#define POPC_FOR_EACH_FLOAT_TYPE(X) X(float) X(::popc::half) X(::popc::bfloat16)
 
 // ---- CPU ---------------------------------------------------------------------------
 // Work is split into independent tasks so that a thread pool can run them in any
@@ -198,17 +209,6 @@ int64_t first_bad_index(const int64_t* idx, int64_t count, int64_t n);
 // Whether this CPU has AVX2, FMA and F16C (and POPC_OPLIB_NO_AVX2 is not set).
 bool cpu_has_avx2();
 
-// ---- CUDA (popc_kernels.cu; only in builds with POPC_WITH_CUDA) --------------------
-// Launch on `stream` (a cudaStream_t). Return 0 on success, 1 when an index was out of
-// range (the output is then unspecified but no out-of-bounds read happened), and
-// another value on a CUDA error (message in `error`, `error_len` bytes).
-// With check_indices false the kernels still skip bad indices but do not wait on the
-// stream to report them. Instantiated for POPC_FOR_EACH_TYPE.
-template <class T>
-int cuda_gather_matmul_t(void* stream, const T* X, const T* W, const int64_t* I, T* Y, int64_t rows, int64_t H,
-                         int64_t N, int64_t K, bool check_indices, char* error, size_t error_len);
-template <class T>
-int cuda_gather_matmul(void* stream, const T* Z, const T* W, const int64_t* I, T* Y, int64_t rows, int64_t H,
-                       int64_t N, int64_t K, bool check_indices, char* error, size_t error_len);
+// The CUDA kernels' host interface is popc_cuda.h (only in builds with POPC_WITH_CUDA).
 
 }  // namespace popc

@@ -60,6 +60,22 @@ uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(sign | (x >> 13));
 }
 
+// ---- bfloat16 <-> float32 ---------------------------------------------------------
+float bfloat16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+uint16_t float_to_bfloat16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
+  x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even (overflow rounds to infinity)
+  return static_cast<uint16_t>(x >> 16);
+}
+
 int64_t first_bad_index(const int64_t* idx, int64_t count, int64_t n) {
   // Branch-free scan (vectorises); locate the offender only when one exists.
   uint64_t bad = 0;
@@ -208,7 +224,7 @@ void CpuGatherMatMul<T, WT>::run_task(int64_t task) const {
   template struct CpuGatherMatMulT<T>;    \
   template struct CpuGatherMatMul<T>;     \
   template struct CpuPopPartition<T>;
-POPC_FOR_EACH_TYPE(POPC_INSTANTIATE)
+POPC_FOR_EACH_FLOAT_TYPE(POPC_INSTANTIATE)
 #undef POPC_INSTANTIATE
 
 }  // namespace popc

@@ -3,7 +3,7 @@
 // Ops (definitions and function bodies in templates/ops.py):
 //   GatherMatMulT(X [.., H], W [N, H], I int64 [.., K]) -> Y [.., K]
 //   GatherMatMul (Z [.., K], W [N, H], I int64 [.., K]) -> Y [.., H]
-// for T = float32 and float16 (X/Z, W and Y share T). Their twins on block-quantized rows
+// for T = float32, float16 and bfloat16 (X/Z, W and Y share T). Their twins on block-quantized rows
 // (GatherMatMulTQ, GatherMatMulQ) and the fused POP ops are in pop_quant_ops_cpu.cc and
 // pop_ops_cpu.cc.
 //
@@ -15,11 +15,13 @@
 //
 // The CPU kernels are always registered (a CUDA-only registration would make
 // CPU sessions fail instead of running the function bodies); the CUDA kernels
-// are added when built with POPC_WITH_CUDA and run on the CUDA EP's compute stream.
+// are added when built with POPC_WITH_CUDA and run on the CUDA EP's compute stream
+// (the fused POP ops' CUDA kernels are in pop_ops_cuda.cc). POPC_OPLIB_PROVIDER=cuda
+// registers only the ops that have a CUDA kernel (with their CPU twins).
 //
 // Each kernel below is written once, as a template over its element type; `Op<Kernel>`
 // turns any of them into an ORT custom op, and the registration table instantiates each
-// kernel for every type of POPC_FOR_EACH_TYPE (popc_kernels.h). ORT picks the op whose
+// kernel for every type of POPC_FOR_EACH_FLOAT_TYPE (popc_kernels.h). ORT picks the op whose
 // declared tensor types match the node, so the element type is fixed at that boundary.
 #include <algorithm>
 #include <atomic>
@@ -90,24 +92,15 @@ struct CpuGatherKernel : GatherSignature<T, Transposed> {
   }
 };
 
-// ---- PopSwiGLUDecode / PopGeGLUDecode (CPU) ---------------------------------------------
-// (X [B, S, H], partition int64 [B, RC], config int64 [4], Wg, Wu, Wd [D, H]) -> Y [B, S, H]:
-// one POP-online FFN decode step (see popc_kernels.h). Partition ids must be unique and
-// in [0, D).
 #ifdef POPC_WITH_CUDA
 // ---- CUDA kernels -----------------------------------------------------------------
-// Shapes are checked on the host; indices live on the device and are checked by the
-// kernels themselves (a bad index is skipped, never read, and reported back: this
-// waits for the stream once per call unless POPC_CUDA_NO_INDEX_SYNC=1).
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
+// Shapes are checked on the host; indices live on the device and are checked by the kernels
+// themselves: a bad index is skipped, never read, and reported without a stream wait per call
+// (by a later call of the node; POPC_CUDA_SYNC_CHECKS=1 reports it in the call: popc_cuda.h).
 template <class T, bool Transposed>
 struct CudaGatherKernel : GatherSignature<T, Transposed> {
   static constexpr const char* kProvider = kCuda;
-  bool check = !env_flag("POPC_CUDA_NO_INDEX_SYNC");
+  CudaState device;
 
   explicit CudaGatherKernel(const OrtKernelInfo*) {}
 
@@ -124,18 +117,12 @@ struct CudaGatherKernel : GatherSignature<T, Transposed> {
       const T* W = static_cast<const T*>(w.GetTensorRawData());
       T* Y = static_cast<T*>(y.GetTensorMutableRawData());
       const int64_t* I = idx.GetTensorData<int64_t>();
-      char error[256] = {0};
       void* stream = ctx.GetGPUComputeStream();
-      const int rc = Transposed
-          ? popc::cuda_gather_matmul_t(stream, A, W, I, Y, g.rows, g.H, g.N, g.K, check, error, sizeof(error))
-          : popc::cuda_gather_matmul(stream, A, W, I, Y, g.rows, g.H, g.N, g.K, check, error, sizeof(error));
-      if (rc == 1) {
-        std::ostringstream msg;
-        msg << op << ": an index of I is outside [0, " << g.N
-            << ") (N = rows of W); popc ops reject out-of-range and negative indices";
-        throw OpError{ORT_INVALID_ARGUMENT, msg.str()};
-      }
-      if (rc != 0) throw OpError{ORT_FAIL, std::string(op) + ": CUDA error: " + error};
+      const popc::cuda::Status status =
+          Transposed ? popc::cuda::gather_matmul_t(device.state, stream, A, W, I, Y, g.rows, g.H, g.N, g.K)
+                     : popc::cuda::gather_matmul(device.state, stream, A, W, I, Y, g.rows, g.H, g.N, g.K);
+      raise_cuda_status(op, status,
+                        "an index of I is outside [0, " + std::to_string(g.N) + ") (N = rows of W)");
     });
   }
 };
@@ -154,17 +141,24 @@ template <class T> using CudaGather = CudaGatherKernel<T, false>;
 const std::vector<Registration>& registrations() {
   static const std::vector<Registration>* list = [] {
     auto* ops = new std::vector<Registration>();
-    add_each_type<CpuGatherT>(*ops, false);
-    add_each_type<CpuGather>(*ops, false);
+    add_each_float_type<CpuGatherT>(*ops, false, kWithCuda);
+    add_each_float_type<CpuGather>(*ops, false, kWithCuda);
     add_pop_cpu_ops(*ops);
     add_pop_quant_cpu_ops(*ops);
 #ifdef POPC_WITH_CUDA
-    add_each_type<CudaGatherT>(*ops, false);
-    add_each_type<CudaGather>(*ops, false);
+    add_each_float_type<CudaGatherT>(*ops, false, true);
+    add_each_float_type<CudaGather>(*ops, false, true);
+    add_pop_cuda_ops(*ops);
 #endif
     return ops;
   }();
   return *list;
+}
+
+// Whether environment variable `name` is exactly `value`.
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
 }
 
 }  // namespace
@@ -186,18 +180,25 @@ extern "C" POPC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   domains->push_back(domain);
-  // POPC_OPLIB_FUSED=0 leaves out the fused CPU kernels (PopSwiGLUDecode, PopGeGLUDecode,
-  // PopPartition, the whole FFNs, and every op on quantized rows, which has no CUDA kernel): their
-  // function bodies then run (popc sets it for CUDA sessions).
-  const char* fused_env = std::getenv("POPC_OPLIB_FUSED");
-  const bool fused = !(fused_env && std::strcmp(fused_env, "0") == 0);
+  // POPC_OPLIB_FUSED=0 leaves out the fused kernels (PopSwiGLUDecode, PopGeGLUDecode, PopPartition,
+  // the whole FFNs, every op on quantized rows): their function bodies then run.
+  const bool fused = !env_is("POPC_OPLIB_FUSED", "0");
   // POPC_OPLIB_WHOLE_FFN=0 leaves out the whole-FFN kernels only: the graph's If then runs its
   // pre-packed prefill Gemms and the fused decode kernel (faster prefill, slower decode).
-  const char* whole_env = std::getenv("POPC_OPLIB_WHOLE_FFN");
-  const bool whole_ffn = !(whole_env && std::strcmp(whole_env, "0") == 0);
+  const bool whole_ffn = !env_is("POPC_OPLIB_WHOLE_FFN", "0");
+  // POPC_OPLIB_PROVIDER=cuda (for CUDA sessions) registers only the ops with a CUDA kernel, each
+  // with its CPU twin: a CPU-only kernel (whole FFNs, quantized rows) would pull the FFN off the GPU.
+  const char* provider = std::getenv("POPC_OPLIB_PROVIDER");
+  const bool cuda_only = provider && std::strcmp(provider, "cuda") == 0;
+  if (provider && *provider && !cuda_only && std::strcmp(provider, "all") != 0)
+    return api->CreateStatus(ORT_INVALID_ARGUMENT,
+                             (std::string("POPC_OPLIB_PROVIDER=") + provider +
+                              " is not understood: use 'cuda' (only the ops with CUDA kernels) or leave it unset")
+                                 .c_str());
   for (const Registration& r : registrations()) {
     if (r.fused && !fused) continue;
     if (r.whole_ffn && !whole_ffn) continue;
+    if (cuda_only && !r.has_cuda) continue;
     if (OrtStatus* status = api->CustomOpDomain_Add(domain, r.op)) return status;
   }
   return api->AddCustomOpDomain(options, domain);
