@@ -7,21 +7,26 @@ is given.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from popc.artifact import ExportLocation, check_interface, load_tokenizer, present_name, read_export
+from popc.device_ops import NUMPY_TYPES, DeviceOps
 from popc.errors import PopcError
 from popc.pop import PopSettings
+from popc.sampling import SamplingOptions, check_sampling
+from popc.steps import BoundSteps
+
+__all__ = ["DEVICES", "BoundSteps", "GenerationResult", "PopcModel", "SamplingOptions", "check_sampling", "load"]
 
 DEVICES = ("cpu", "cuda")
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 @dataclass
@@ -36,67 +41,6 @@ class GenerationResult:
         return asdict(self)
 
 
-def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
-    """Refuse sampling values numpy would reject with a traceback (a negative seed) or turn
-    into nonsense without a word (a NaN or infinite temperature)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise PopcError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise PopcError(f"--top-p must be in (0, 1], got {top_p}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise PopcError(f"--seed must be an integer >= 0, got {seed}")
-
-
-@dataclass
-class SamplingOptions:
-    """Greedy when ``temperature`` is 0; otherwise temperature + nucleus (top-p) sampling."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    rng: np.random.Generator = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.seed)
-        self.rng = np.random.default_rng(self.seed)
-
-    def pick(self, logits: np.ndarray) -> np.ndarray:
-        """Next token per row of ``logits`` [batch, vocab]."""
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        scaled = logits.astype(np.float64) / self.temperature
-        probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        chosen = []
-        for row in probs:
-            keep = self._nucleus(row)
-            cumulative = np.cumsum(row[keep])  # an inverse-CDF draw (rng.choice checks p at length)
-            at = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
-            chosen.append(keep[min(at, keep.size - 1)])
-        return np.asarray(chosen)
-
-    def _nucleus(self, row: np.ndarray) -> np.ndarray:
-        """The most probable tokens whose mass first reaches ``top_p``, most probable first.
-        Sorting a 50k-token vocabulary costs milliseconds per row; the nucleus is nearly
-        always among the top few hundred, so those are sorted first."""
-        if self.top_p >= 1:
-            return np.arange(row.size)  # every token: no order needed
-        if row.size > 256:
-            top = np.argpartition(-row, 255)[:256]
-            if (nucleus := self._mass_reaching_top_p(row, top)) is not None:
-                return nucleus
-        return self._mass_reaching_top_p(row, np.arange(row.size), whole=True)
-
-    def _mass_reaching_top_p(self, row: np.ndarray, tokens: np.ndarray, whole: bool = False) -> np.ndarray | None:
-        """``tokens`` by falling probability, cut where their mass reaches ``top_p``; None
-        when their whole mass falls short (and they are not the whole vocabulary)."""
-        order = tokens[np.argsort(-row[tokens], kind="stable")]
-        cumulative = np.cumsum(row[order])
-        if cumulative[-1] < self.top_p and not whole:
-            return None
-        return order[: int(np.searchsorted(cumulative, self.top_p) + 1)]
-
-
 def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None):
     import onnxruntime as ort
 
@@ -109,23 +53,10 @@ def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads
         options.intra_op_num_threads = threads
     from popc.oplib import register_library
 
-    # The popc op library (fused ai.popc kernels) when present; else the ops' ONNX bodies run.
-    if device == "cuda":
-        # The fused PopSwiGLUDecode/PopGeGLUDecode/PopPartition kernels are CPU-only; in a CUDA
-        # session they would pull the FFNs onto the CPU. Without them the ops' function bodies
-        # run on the GPU, with the library's CUDA GatherMatMul(T) kernels inside.
-        import os
-
-        previous = os.environ.get("POPC_OPLIB_FUSED")
-        os.environ["POPC_OPLIB_FUSED"] = "0"
-        try:
-            uses_oplib = use_oplib and register_library(options)
-        finally:
-            if previous is None:
-                del os.environ["POPC_OPLIB_FUSED"]
-            else:
-                os.environ["POPC_OPLIB_FUSED"] = previous
-    else:
+    # The popc op library when present; else the ops' ONNX bodies run. In a CUDA session it
+    # registers only the ops it has CUDA kernels for (the others run their function bodies on
+    # the GPU): a CPU-only kernel there would pull the FFNs onto the CPU.
+    with _scoped_env("POPC_OPLIB_PROVIDER", "cuda" if device == "cuda" else None):
         uses_oplib = use_oplib and register_library(options)
     options.log_severity_level = 3
     if device == "cuda":
@@ -145,6 +76,23 @@ def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads
         # The provider is listed by onnxruntime-gpu even where no GPU or CUDA library exists.
         raise PopcError("the CUDA execution provider failed to start (no GPU, or CUDA/cuDNN libraries missing)")
     return session, uses_oplib
+
+
+@contextlib.contextmanager
+def _scoped_env(name: str, value: str | None) -> Iterator[None]:
+    """``name=value`` in the environment for the block (nothing set when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 class PopcModel:
@@ -187,14 +135,23 @@ class PopcModel:
         # ORT's GroupQueryAttention takes several new tokens over a non-empty cache for one
         # row at a time only: such calls run row by row (see step()).
         self.fused_attention = bool(config.get("ort_fusions"))
-        if self.fused_attention and device == "cuda":
+        kv_types = {i.type for i in self.state_inputs if i.name.startswith("past_key_values.")}
+        self.kv_type = kv_types.pop() if len(kv_types) == 1 else "tensor(float)"
+        self.logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        # ORT's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 fused graph runs it on the
+        # CPU provider, copying the cache to and fro, so it gets no shared device buffers.
+        self.shares_kv = self.fused_attention and (device == "cpu" or self.kv_type != "tensor(float)")
+        if self.fused_attention and not self.shares_kv:
             import warnings
 
             warnings.warn(
-                "this export uses ONNX Runtime's fp32 GroupQueryAttention, which runs on the CPU "
-                "execution provider only; for CUDA, re-export with `popc export --no-fuse`",
+                "this fp32 export uses ONNX Runtime's GroupQueryAttention, which has CUDA kernels for "
+                "fp16/bf16 only: attention runs on the CPU. For CUDA, export with `popc export --dtype fp16` "
+                "(or --no-fuse)",
                 stacklevel=2,
             )
+        # Small tensor operations (greedy pick, KV buffer fill and growth) on this device.
+        self.device_ops = DeviceOps(device, self.session.get_providers())
         self.output_order = ["logits"] + [present_name(i.name) for i in self.state_inputs]
         pop = config.get("pop") or {}
         self.pop_channels = int(pop.get("intermediate_size", 0))
@@ -246,11 +203,18 @@ class PopcModel:
 
     # ---- one graph call -----------------------------------------------------------------
     def initial_state(self, batch: int) -> list[np.ndarray]:
-        """Empty state for every ``past_*`` input: batch rows, zero-length dynamic dims."""
+        """Empty state for every ``past_*`` input: batch rows, zero-length dynamic dims. numpy
+        has no bfloat16: a bf16 export's state lives in ONNX Runtime only (:meth:`bound`)."""
         state = []
         for meta in self.state_inputs:
+            if meta.type not in NUMPY_TYPES:
+                raise PopcError(
+                    f"{self.location.directory} keeps its state as {meta.type}, which numpy (and so "
+                    "PopcModel.step and popc eval) cannot hold: evaluate an fp16 or fp32 export; "
+                    "generation (popc run, generate, bound()) runs it"
+                )
             shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(meta.shape)]
-            state.append(np.zeros(shape, _NUMPY_TYPES[meta.type]))
+            state.append(np.zeros(shape, NUMPY_TYPES[meta.type]))
         return state
 
     def step(
@@ -291,9 +255,9 @@ class PopcModel:
     def bound(self, pop: PopSettings | None = None, capacity: int | None = None) -> BoundSteps:
         """A prefill-then-decode stepper whose state stays in ONNX Runtime (IOBinding).
 
-        With fused attention the KV cache is one buffer per layer, read and written in
-        place; ``capacity`` (tokens, default: prompt + 256) sizes it, and it grows if
-        outrun."""
+        With fused attention the KV cache is one buffer per layer on the session's device,
+        read and written in place; ``capacity`` (tokens, default: prompt + 256) sizes it,
+        and it grows if outrun."""
         return BoundSteps(self, pop, capacity)
 
     def check_context(self, prompt_length: int) -> None:
@@ -315,7 +279,9 @@ class PopcModel:
         """Batched generation over left-padded prompts.
 
         Returns the new ids per prompt (stopping at EOS), prefill seconds and decode
-        seconds per step.
+        seconds per step. Greedy decoding picks the ids where the logits lie (on the GPU for
+        CUDA) and copies only them to the host; sampling copies each step's logits to the
+        host and draws there (:class:`SamplingOptions`).
         """
         sampling = sampling or SamplingOptions()
         if max_new_tokens < 1:
@@ -334,7 +300,8 @@ class PopcModel:
 
         stepper = self.bound(pop, capacity=longest + max_new_tokens)
         started = time.perf_counter()
-        logits = stepper.prefill(input_ids, attention_mask)
+        greedy = sampling.temperature == 0
+        logits = stepper.prefill(input_ids, attention_mask, logits=not greedy)
         prefill = time.perf_counter() - started
 
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -342,7 +309,7 @@ class PopcModel:
         decode_started = time.perf_counter()
         steps = 0
         while True:
-            next_ids = sampling.pick(logits[:, -1, :])
+            next_ids = stepper.greedy() if greedy else sampling.pick(logits[:, -1, :])
             for row in range(batch):
                 if not finished[row]:
                     generated[row].append(int(next_ids[row]))
@@ -351,7 +318,7 @@ class PopcModel:
                 on_tokens(next_ids)
             if finished.all() or steps + 1 >= max_new_tokens:
                 break
-            logits = stepper.decode(next_ids.reshape(batch, 1), copy=False)
+            logits = stepper.decode(next_ids.reshape(batch, 1), copy=False, logits=not greedy)
             steps += 1
         decode = (time.perf_counter() - decode_started) / max(steps, 1)
         return generated, prefill, decode
@@ -392,143 +359,6 @@ class PopcModel:
             prefill_ms=prefill * 1000,
             decode_ms_per_token=decode * 1000,
         )
-
-
-class BoundSteps:
-    """One prefill, then one-token decode steps, with the graph's state kept as ONNX Runtime
-    values (IOBinding): each step's ``present*`` outputs are bound as the next step's
-    ``past*`` inputs, so the KV cache and the POP partitions never pass through numpy;
-    only the logits are copied out.
-
-    Fused exports go further: each layer's keys and values live in one ``capacity``-slot
-    buffer bound as both ``past`` input and ``present`` output, which GroupQueryAttention
-    then updates in place (its shared-buffer mode, as onnxruntime-genai runs it): a step
-    writes the new token's slot instead of copying the whole cache."""
-
-    GROWTH = 256  # slots added beyond the prompt when no capacity is given
-
-    def __init__(self, model: PopcModel, pop: PopSettings | None = None, capacity: int | None = None):
-        import onnxruntime as ort
-
-        self.model = model
-        self.capacity = capacity
-        self.kv_buffers: dict[str, Any] = {}  # past name -> shared OrtValue (fused exports)
-        self.session = model.session
-        self.ort = ort
-        self.device_type = "cuda" if model.device == "cuda" else "cpu"
-        self.pop_config = model.pop_counts(pop) if model.has_pop_config else None
-        self.state: list[Any] | None = None
-        self.attention_mask: np.ndarray | None = None
-        # The decode steps' binding, made once per cache: only input_ids (updated in place),
-        # the growing attention_mask and any non-shared state are rebound per step.
-        self._decode_binding: Any = None
-        self._next_ids: Any = None
-        self._logits: Any = None
-
-    def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True, keep: int = 0) -> np.ndarray | None:
-        binding = self.session.io_binding()
-        value = self.ort.OrtValue.ortvalue_from_numpy
-        binding.bind_ortvalue_input("input_ids", value(np.ascontiguousarray(input_ids, np.int64)))
-        binding.bind_ortvalue_input("attention_mask", value(self.attention_mask))
-        if self.model.has_logits_to_keep:
-            binding.bind_ortvalue_input("logits_to_keep", value(np.array(keep, np.int64)))
-        for meta, item in zip(self.model.state_inputs, state):
-            shared = self.kv_buffers.get(meta.name)
-            if shared is not None:
-                binding.bind_ortvalue_input(meta.name, shared)
-                continue
-            binding.bind_ortvalue_input(meta.name, item if isinstance(item, self.ort.OrtValue) else value(item))
-        if self.pop_config is not None:
-            binding.bind_ortvalue_input("pop_config", value(self.pop_config))
-        shared_outputs = {present_name(name): buffer for name, buffer in self.kv_buffers.items()}
-        for name in self.model.output_order:  # get_outputs() keeps this order
-            if name in shared_outputs:
-                binding.bind_ortvalue_output(name, shared_outputs[name])
-            else:
-                binding.bind_output(name, self.device_type)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.state = list(outputs[1:])
-        return outputs[0].numpy() if logits else None
-
-    def prefill(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool = True, logits_to_keep: int = 1
-    ) -> np.ndarray | None:
-        """Logits [batch, logits_to_keep, vocab] of the prompt's last positions (every
-        position's with 0; None with ``logits=False``: they stay in ONNX Runtime); starts
-        a new state. The default 1 runs the LM head on the last token only."""
-        self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
-        batch, length = input_ids.shape
-        self.kv_buffers = {}
-        self._decode_binding = None
-        if self.model.fused_attention and self.device_type == "cpu":
-            self._allocate(batch, length + self.GROWTH if self.capacity is None else max(self.capacity, length))
-        return self._run(input_ids, self.model.initial_state(batch), logits, logits_to_keep)
-
-    def _allocate(self, batch: int, slots: int, keep: int = 0) -> None:
-        """(Re)allocate the shared KV buffers with ``slots`` slots, keeping the first ``keep``."""
-        for meta in self.model.state_inputs:
-            if not meta.name.startswith("past_key_values."):
-                continue
-            array = np.zeros((batch, self.model.num_kv_heads, slots, self.model.head_dim), np.float32)
-            if keep:
-                array[:, :, :keep] = self.kv_buffers[meta.name].numpy()[:, :, :keep]
-            self.kv_buffers[meta.name] = self.ort.OrtValue.ortvalue_from_numpy(array)
-        self.slots = slots
-        self._decode_binding = None
-
-    def _decode_step(self, next_ids: np.ndarray, copy: bool) -> np.ndarray:
-        """One decode step on the persistent binding (built at the first step after a
-        prefill or a buffer growth)."""
-        ort = self.ort
-        batch = next_ids.shape[0]
-        if self._decode_binding is None:
-            binding = self.session.io_binding()
-            self._next_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))
-            binding.bind_ortvalue_input("input_ids", self._next_ids)
-            if self.model.has_logits_to_keep:
-                binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
-            if self.pop_config is not None:
-                binding.bind_ortvalue_input("pop_config", ort.OrtValue.ortvalue_from_numpy(self.pop_config))
-            for name, buffer in self.kv_buffers.items():
-                binding.bind_ortvalue_input(name, buffer)
-            vocab = int(self.model.config.get("vocab_size") or 0)
-            self._logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, vocab], np.float32, self.device_type)
-            shared = {present_name(name): buffer for name, buffer in self.kv_buffers.items()}
-            # Output positions are fixed by this first binding (rebinding a name keeps its slot).
-            binding.bind_ortvalue_output("logits", self._logits)
-            for name in self.model.output_order[1:]:
-                if name in shared:
-                    binding.bind_ortvalue_output(name, shared[name])
-                else:
-                    binding.bind_output(name, self.device_type)
-            self._decode_binding = binding
-        binding = self._decode_binding
-        self._next_ids.update_inplace(np.ascontiguousarray(next_ids, np.int64))
-        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.attention_mask))
-        for meta, item in zip(self.model.state_inputs, self.state):
-            if meta.name not in self.kv_buffers:
-                binding.bind_ortvalue_input(meta.name, item)
-                binding.bind_output(present_name(meta.name), self.device_type)
-        self.session.run_with_iobinding(binding)
-        if len(self.kv_buffers) < len(self.state):  # else every state value is a shared buffer
-            self.state = list(binding.get_outputs()[1:])
-        logits = self._logits.numpy()  # a view of the buffer the next step overwrites
-        return np.array(logits) if copy else logits
-
-    def decode(self, next_ids: np.ndarray, copy: bool = True) -> np.ndarray:
-        """Logits [batch, 1, vocab] after appending ``next_ids`` [batch, 1]. ``copy=False``
-        returns a view of the output buffer, valid until the next ``decode`` (saves copying
-        batch x vocab floats per step when the caller picks the token at once)."""
-        if self.state is None:
-            raise PopcError("decode() before prefill()")
-        ones = np.ones((self.attention_mask.shape[0], 1), np.int64)
-        self.attention_mask = np.concatenate([self.attention_mask, ones], axis=1)
-        if self.kv_buffers and self.attention_mask.shape[1] > self.slots:
-            self._allocate(self.attention_mask.shape[0], self.slots + self.GROWTH, keep=self.slots)
-        if next_ids.shape != (self.attention_mask.shape[0], 1):
-            raise PopcError(f"decode() takes one token per row, [batch, 1]; got {list(next_ids.shape)}")
-        return self._decode_step(next_ids, copy)
 
 
 def load(path: str | Path, device: str = "cpu", use_oplib: bool = True, threads: int | None = None) -> PopcModel:
