@@ -198,9 +198,16 @@ def export(
     accuracy_level: Annotated[
         int, typer.Option(help="--quant: MatMulNBits accuracy_level (4 = int8 activations, as onnxruntime-genai on CPU).")
     ] = 4,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Weights, activations and KV cache: fp32, fp16 or bf16 (logits stay float32; fp16/bf16 need the "
+            "fused graph and no --quant). bf16 has no ONNX Runtime CPU kernels: it is for the CUDA EP."
+        ),
+    ] = "fp32",
 ) -> None:
     """Export MODEL to ONNX with its KV cache as graph inputs/outputs (and POP-online FFNs)."""
-    from popc.export import ExportPlan
+    from popc.export import ExportPlan, canonical_dtype
     from popc.export import export as run_export
     from popc.quantize import QuantScheme
 
@@ -211,6 +218,7 @@ def export(
     if drop_layers is not None and drop_layers < 0:
         raise PopcError(f"--drop-layers must be >= 0, got {drop_layers}")
     scheme = None if quant is None else QuantScheme.parse(quant, block_size, accuracy_level)
+    dtype = canonical_dtype(dtype)  # refused before any work
     plan = ExportPlan(
         model=model,
         out=out,
@@ -220,6 +228,7 @@ def export(
         drop_layers=drop_layers,
         fuse=fuse,
         quant=scheme,
+        dtype=dtype,
     )
     with console_progress(console, echo=True) as progress:
         progress.stage(f"exporting {model}")

@@ -41,6 +41,7 @@ from popc.artifact import (
 from popc.errors import PopcError
 from popc.loading import LoadedModel, load_model
 from popc.modeling import ExportableDecoder, decoder_shape
+from popc.passes.convert_dtype import ConvertDtypePass
 from popc.passes.ort_fusions import ort_fusion_passes
 from popc.passes.pop_online import PopOnlinePass
 from popc.passes.quantize_weights import QuantizeWeightsPass
@@ -72,10 +73,52 @@ class ExportPlan:
     fuse: bool = True
     # Block-quantized weights (int4 / int8, popc.quantize); None keeps them float32.
     quant: QuantScheme | None = None
+    # Weights, activations and KV cache: "float32", "float16" or "bfloat16" (canonical_dtype);
+    # logits stay float32 (passes/convert_dtype.py).
+    dtype: str = "float32"
 
     @property
     def fused(self) -> bool:
         return self.fuse and self.prefill_skip is None and not self.drop_layers
+
+
+# Spellings --dtype accepts, and the canonical name each stands for (what popc.json records).
+DTYPES = {
+    "fp32": "float32", "float32": "float32",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}  # fmt: skip
+
+
+def canonical_dtype(name: str) -> str:
+    """``name`` (fp32|fp16|bf16 or float32|float16|bfloat16) as float32, float16 or bfloat16."""
+    canonical = DTYPES.get(str(name).strip().lower())
+    if canonical is None:
+        raise PopcError(f"--dtype {name!r} is not one of fp32, fp16, bf16 (or float32, float16, bfloat16)")
+    return canonical
+
+
+def check_dtype(plan: ExportPlan) -> str:
+    """The plan's canonical dtype; refuses the combinations half precision does not cover yet."""
+    dtype = canonical_dtype(plan.dtype)
+    if dtype == "float32":
+        return dtype
+    short = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    if plan.quant is not None:
+        raise PopcError(
+            f"--dtype {short} is not supported with --quant yet: block-quantized exports keep float32 "
+            "activations and scales; drop one of the two options"
+        )
+    unfused = [
+        option for option, used in (("--no-fuse", not plan.fuse), ("--prefill-skip", plan.prefill_skip is not None),
+                                    ("--drop-layers", bool(plan.drop_layers))) if used
+    ]  # fmt: skip
+    if unfused:
+        raise PopcError(
+            f"--dtype {short} is not supported with {', '.join(unfused)} yet: half precision is built on the "
+            "fused graph (GroupQueryAttention, fused norms), which these options replace with plain attention"
+        )
+    return dtype
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -170,6 +213,7 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
     inputs, outputs = io_names(shape.num_layers)
     tokenizer = loaded.tokenizer
     eos_ids = eos_token_ids(loaded)
+    dtype = canonical_dtype(plan.dtype)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -177,7 +221,7 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "source": loaded.source,
         "family": loaded.family,
         "model_type": config.model_type,
-        "dtype": "float32",
+        "dtype": dtype,
         "num_layers": shape.num_layers,
         "num_kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
@@ -190,12 +234,12 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "inputs": {
             "input_ids": "int64 [batch, sequence]",
             "attention_mask": "int64 [batch, past_sequence + sequence]; 1 = token, 0 = left padding",
-            "past_key_values.{i}.key|value": "float32 [batch, num_kv_heads, past_sequence, head_dim]",
+            "past_key_values.{i}.key|value": f"{dtype} [batch, num_kv_heads, past_sequence, head_dim]",
             LOGITS_TO_KEEP: "int64 [] (optional, default 0): > 0 returns the last n positions' logits only",
         },
         "outputs": {
             "logits": "float32 [batch, sequence (or logits_to_keep), vocab]",
-            "present.{i}.key|value": "float32 [batch, num_kv_heads, past_sequence + sequence, head_dim]",
+            "present.{i}.key|value": f"{dtype} [batch, num_kv_heads, past_sequence + sequence, head_dim]",
         },
         "input_names": inputs,
         "output_names": outputs,
@@ -260,8 +304,6 @@ def prefill_config(skip: int, num_layers: int) -> dict[str, Any]:
         "logits": "a prefill (empty past) returns the last token's logits only: [batch, 1, vocab]",
         "partitions": "POP-online partitions of skipped layers: from the last prompt token",
     }
-
-
 
 
 def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict[str, Any] | None:
@@ -440,6 +482,7 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     progress = or_silent(progress)
     location = location_for_output(plan.out)
     check_destination(location, plan.force)
+    dtype = check_dtype(plan)
     atomic.remove_stale_staging(staging_parent(location), STAGING_PREFIX)  # left by exports that were SIGKILLed
     started = time.perf_counter()
 
@@ -468,6 +511,8 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         if plan.quant is not None:
             passes.append(QuantizeWeightsPass(plan.quant))  # last: it quantizes what the others produced
         passes += list(plan.passes)
+        if dtype != "float32":
+            passes.append(ConvertDtypePass(dtype))  # last: the half graph is the fp32 one's twin
         if passes:
             progress.stage(f"applying graph-rewrite passes: {', '.join(type(p).__name__ for p in passes)}")
             model = ir.passes.PassManager(passes)(model).model

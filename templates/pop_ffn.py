@@ -50,16 +50,18 @@ EPSILON = 1e-12
 @script(popc_ops, default_opset=op)
 def PopPartition(Z, token_mask, config, static_score, output_norm):
     """Channel ids [B, R+C] ranked by the prompt's normalised activations (times ``output_norm``
-    in mode 2), or statically (mode 1)."""
+    in mode 2), or statically (mode 1). Scored in float32 whatever Z's type: in float16 the
+    epsilon underflows and sums of squares overflow, and TopK has no bfloat16."""
+    Z = op.Cast(Z, to=1)  # FLOAT
     row_norm = op.Sqrt(op.ReduceSum(op.Mul(Z, Z), [-1], keepdims=1))
-    eps = op.CastLike(op.Constant(value_float=1e-12), Z)
-    normalised = op.Mul(op.Div(Z, op.Add(row_norm, eps)), op.Unsqueeze(op.CastLike(token_mask, Z), [-1]))
+    eps = op.Constant(value_float=1e-12)
+    normalised = op.Mul(op.Div(Z, op.Add(row_norm, eps)), op.Unsqueeze(op.Cast(token_mask, to=1), [-1]))
     score = op.Sqrt(op.ReduceSum(op.Mul(normalised, normalised), [1], keepdims=0))  # [B, D]
     mode = op.Slice(config, [3], [4])
     output_aware = op.Equal(mode, op.Constant(value_ints=[2]))
-    score = op.Where(output_aware, op.Mul(score, op.CastLike(output_norm, score)), score)
+    score = op.Where(output_aware, op.Mul(score, op.Cast(output_norm, to=1)), score)
     static = op.Equal(mode, op.Constant(value_ints=[1]))
-    score = op.Where(static, op.Expand(op.CastLike(static_score, score), op.Shape(score)), score)
+    score = op.Where(static, op.Expand(op.Cast(static_score, to=1), op.Shape(score)), score)
     count = op.Add(op.Slice(config, [0], [1]), op.Slice(config, [1], [2]))
     values, indices = op.TopK(score, count, axis=-1, largest=1, sorted=1)
     return indices
@@ -78,9 +80,9 @@ def PopSelect(A, X, partition, config, output_norm):
     ids = op.Expand(op.Unsqueeze(partition, [1]), ids_shape)  # [B, S, R+C]
     ids_retained = op.Slice(ids, [0], retain, [-1])
     ids_candidates = op.Slice(ids, retain, total, [-1])
-    key = op.Abs(A_candidates)
+    key = op.Abs(op.Cast(A_candidates, to=1))  # ranked in float32 (TopK has no bfloat16)
     output_aware = op.Equal(op.Slice(config, [3], [4]), op.Constant(value_ints=[2]))
-    weighted = op.Mul(key, op.Gather(op.CastLike(output_norm, key), ids_candidates, axis=0))
+    weighted = op.Mul(key, op.Gather(op.Cast(output_norm, to=1), ids_candidates, axis=0))
     key = op.Where(output_aware, weighted, key)
     values, chosen = op.TopK(key, keep, axis=-1, largest=1, sorted=1)
     selected_ids = op.Concat(ids_retained, op.GatherElements(ids_candidates, chosen, axis=-1), axis=-1)

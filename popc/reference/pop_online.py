@@ -68,6 +68,8 @@ class PopState:
     def __init__(self) -> None:
         self.partition: torch.Tensor | None = None  # [batch, R + C]
         self.score: torch.Tensor | None = None  # [batch, D], kept for tests of near-ties
+        # The last decode step's candidate ranking keys [batch, seq, C] (near-ties, again).
+        self.decode_key: torch.Tensor | None = None
 
 
 def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: PopState, token_mask) -> torch.Tensor:
@@ -76,11 +78,14 @@ def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: 
     static, output_aware = mode == MODE_STATIC, mode == MODE_OUTPUT
     gate_bias = weights.gate_bias if weights.gate_bias is not None else 0.0
     down_bias = weights.down_bias if weights.down_bias is not None else 0.0
+    # Scores and top-k in float32 at least, as the graph's ops do in float16 / bfloat16 exports.
+    score_dtype = torch.promote_types(x.dtype, torch.float32)
     if owner.prefill:
         z = weights.act(x @ weights.gate.t() + gate_bias)
         if weights.up is not None:
             z = z * (x @ weights.up.t())
-        normalised = z / (z.norm(dim=-1, keepdim=True) + EPSILON) * token_mask.unsqueeze(-1).to(z.dtype)
+        wide = z.to(score_dtype)
+        normalised = wide / (wide.norm(dim=-1, keepdim=True) + EPSILON) * token_mask.unsqueeze(-1).to(score_dtype)
         score = normalised.pow(2).sum(dim=1).sqrt()  # [B, D]
         if output_aware:
             score = score * weights.output_norm().to(score.dtype)
@@ -96,9 +101,10 @@ def pop_ffn(x: torch.Tensor, weights: GatedWeights, owner: PopReference, state: 
     if weights.gate_bias is not None:
         gate = gate + weights.gate_bias[partition]
     activated = weights.act(gate)
-    key = activated[..., retain:].abs()
+    key = activated[..., retain:].to(score_dtype).abs()
     if output_aware:
         key = key * weights.output_norm().to(key.dtype)[partition[..., retain:]]
+    state.decode_key = key
     chosen = top_indices(key, keep)
     ids = torch.cat([partition[..., :retain], partition[..., retain:].gather(-1, chosen)], dim=-1)
     kept = torch.cat([activated[..., :retain], activated[..., retain:].gather(-1, chosen)], dim=-1)
