@@ -310,6 +310,8 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     unknown = [m for m in plan.methods if m not in METHODS]
     if unknown or not (plan.methods or plan.splits):
         raise PopcError(f"--methods takes names from {', '.join(METHODS)}; got {', '.join(plan.methods) or 'none'}")
+    if plan.device == "cuda" and plan.quant:
+        raise PopcError("--quant exports run on the CPU only: drop --quant with --device cuda")
     if plan.sweep and (plan.quant or plan.peers or plan.text == ""):
         raise PopcError("--sweep scores one export's rows on perplexity text: drop --quant / --peers / --windows 0")
     plan_rows(plan.sparsities, has_pop=False, methods=())  # the sparsities are checked before the model loads
@@ -369,6 +371,8 @@ def run_eval(plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
         # POP-prefill exports: every row runs with the deepest N layers skipped at prefill.
         "prefill_skip": (model.config.get("prefill_skip") or {}).get("layers"),
         "device": plan.device,
+        "dtype": model.config.get("dtype", "float32"),
+        "gpu": _gpu_name() if plan.device == "cuda" else None,
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()}",
         "text": str(text_path) if text_path else None,
         "windows": 0 if windows is None else len(windows),
@@ -394,7 +398,8 @@ def _time_rows(plan: EvalPlan, model: Any, rows: list[EvalRow], windows: Any, pr
 
     progress.stage(f"timing decode of {len(rows)} rows (op library, batch 1)")
     timed_prompt = [int(i) for i in windows[0][: min(PROMPT_TIMED, prompt)]]
-    for row, ms in zip(rows, decode_ms(model.location.directory, [r.settings for r in rows], timed_prompt, default_threads())):
+    timed = decode_ms(model.location.directory, [r.settings for r in rows], timed_prompt, default_threads(), plan.device)
+    for row, ms in zip(rows, timed):
         row.ms_per_token = ms
     mark_fronts(rows)
     for row in rows:
@@ -453,6 +458,12 @@ def _scheme_config(model: Any, name: str) -> dict[str, Any] | None:
     if own.get("scheme") == name:
         return own
     return QuantScheme.parse(name).config() if name in ("int4", "int8") else None
+
+
+def _gpu_name() -> str | None:
+    from popc.bench.machine import gpu_name
+
+    return gpu_name()
 
 
 def _cpu_count() -> int:

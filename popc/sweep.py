@@ -95,13 +95,15 @@ def sweep_points(
     return list(unique.values())
 
 
-def decode_ms(directory: Path, settings: Sequence[PopSettings], prompt_ids: Sequence[int], threads: int) -> list[float]:
-    """Median decode ms/token of each ``settings`` (op library, batch 1, after ``prompt_ids``)."""
+def decode_ms(
+    directory: Path, settings: Sequence[PopSettings], prompt_ids: Sequence[int], threads: int, device: str = "cpu"
+) -> list[float]:
+    """Median decode ms/token of each ``settings`` (op library, batch 1, after ``prompt_ids``) on ``device``."""
     import numpy as np
 
     from popc.bench.runners import OrtRunner
 
-    runner = OrtRunner(Path(directory), threads, use_oplib=True)
+    runner = OrtRunner(Path(directory), threads, device, use_oplib=True)
     if not runner.uses_oplib:
         raise PopcError("--sweep times decode with popc's op library; build it first: popc doctor --build")
     ids = np.array([list(prompt_ids)], np.int64)

@@ -19,8 +19,8 @@ CACHED_EXPORT_SPARSITY = 0.5
 
 @dataclass(frozen=True)
 class BenchExports:
-    dense: Path | None  # the fp32 dense export's directory
-    pop: Path | None  # the fp32 POP export's directory
+    dense: Path | None  # the unquantized dense export's directory (in the plan's dtype)
+    pop: Path | None  # the unquantized POP export's directory (in the plan's dtype)
     config: dict[str, Any]  # popc.json of the plan's directory
     spec: str  # the model spec for the PyTorch and genai variants
     # Per quantization scheme ("int4"): its (dense, POP) exports, and the scheme itself.
@@ -53,11 +53,13 @@ def export_scheme(config: dict[str, Any]) -> QuantScheme | None:
 
 
 def resolve_exports(plan: BenchPlan, progress: Progress | None = None) -> BenchExports:
-    """The plan's dense and POP exports, fp32 and in each of its quantization schemes; the
-    ones its variants need but it does not name are exported from popc.json's source into
-    ``cache_root()/bench/`` and reused by later runs. A quantized plan directory stands for
-    its own scheme, whose twin (dense or POP) is exported in the same scheme (block size and
-    accuracy level included); the fp32 ones are exported for reference."""
+    """The plan's dense and POP exports, unquantized (in the plan's dtype: fp16 on CUDA by
+    default) and in each of its quantization schemes; the ones its variants need but it does
+    not name are exported from popc.json's source into ``cache_root()/bench/`` and reused by
+    later runs. A quantized plan directory stands for its own scheme, whose twin (dense or
+    POP) is exported in the same scheme (block size and accuracy level included); the fp32
+    ones are exported for reference. An unquantized directory of another element type than
+    the plan's stands for nothing: both are exported in the plan's."""
     from popc.artifact import read_export
 
     progress = or_silent(progress)
@@ -70,16 +72,17 @@ def resolve_exports(plan: BenchPlan, progress: Progress | None = None) -> BenchE
         names = [base for base, q in map(split_variant, variants) if q == scheme]
         return {"dense": "dense-ort" in names, "pop": any(v in POP_EXPORT_VARIANTS for v in names)}
 
-    dense, pop = plan.dense, plan.pop  # --dense / --pop: fp32 exports
-    if not own:
+    dtype = plan.resolved_dtype()
+    dense, pop = plan.dense, plan.pop  # --dense / --pop: unquantized exports, taken as given
+    if not own and str(config.get("dtype") or "float32") == dtype:
         if config.get("pop"):
             pop = pop or location.directory
         else:
             dense = dense or location.directory
     if dense is None and needs(None)["dense"]:
-        dense = _cached_export(spec, config, "dense", progress)
+        dense = _cached_export(spec, config, "dense", progress, dtype=dtype)
     if pop is None and needs(None)["pop"]:
-        pop = _cached_export(spec, config, "pop", progress)
+        pop = _cached_export(spec, config, "pop", progress, dtype=dtype)
     schemes = {name: QuantScheme.parse(name) for name in plan.quant}
     if own:
         schemes[own.name] = own  # the directory's own block size and accuracy level
@@ -101,7 +104,12 @@ def resolve_exports(plan: BenchPlan, progress: Progress | None = None) -> BenchE
 
 
 def _cached_export(
-    spec: str, config: dict[str, Any], kind: str, progress: Progress, quant: QuantScheme | None = None
+    spec: str,
+    config: dict[str, Any],
+    kind: str,
+    progress: Progress,
+    quant: QuantScheme | None = None,
+    dtype: str = "float32",
 ) -> Path:
     from popc.defaults import settings_for_sparsity
     from popc.export import ExportPlan, export
@@ -110,14 +118,19 @@ def _cached_export(
     key = f"{spec}\0{config.get('versions', {}).get('popc')}"
     if quant is not None:  # the scheme is part of the key (fp32 keys stay what they were)
         key += f"\0{quant.name}\0{quant.block_size}\0{quant.accuracy_level}"
+    if dtype != "float32":  # so is a half-precision dtype (fp32 keys stay what they were)
+        key += f"\0{dtype}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = kind if quant is None else f"{kind}-{quant.name}"
+    folder += "" if dtype == "float32" else f"-{dtype}"
     target = cache_root() / "bench" / f"{Path(spec).name or 'model'}-{digest}" / folder
     settings = settings_for_sparsity(CACHED_EXPORT_SPARSITY) if kind == "pop" else None
     if not (target / "popc.json").is_file() or not _scores_available(target, settings):
-        what = kind if quant is None else f"{quant.name} {kind}"
+        what = " ".join([*([] if dtype == "float32" else [dtype]), *([] if quant is None else [quant.name]), kind])
         progress.stage(f"exporting the {what} model of {spec} to {target} (cached for later runs)")
-        extra = {} if quant is None else {"quant": quant}
+        extra: dict[str, Any] = {} if quant is None else {"quant": quant}
+        if dtype != "float32":  # only then: an ExportPlan from before --dtype still works
+            extra["dtype"] = dtype
         # export() stages its output and renames it into place: an interrupted run leaves no half export.
         export(ExportPlan(model=spec, out=target, force=True, pop=settings, **extra), progress=progress)
     return target

@@ -1,10 +1,12 @@
-"""The machine a bench runs on: its CPU, its thread count, its read bandwidth."""
+"""The machine a bench runs on: its CPU (and GPU), its thread count, its read bandwidth."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,27 @@ def cpu_name() -> str:
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str | None:
+    """The first CUDA GPU's name (and memory) from nvidia-smi, else from torch.cuda; None
+    where neither can tell (no GPU, no driver, a CPU build of torch): never an error."""
+    if smi := shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(
+                [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10, check=True,
+            )  # fmt: skip
+            first = done.stdout.strip().splitlines()
+            if first and first[0].strip():
+                name, *rest = [part.strip() for part in first[0].split(",")]
+                return f"{name} ({', driver '.join(rest)})" if rest else name
+    with contextlib.suppress(Exception):  # any torch/CUDA failure only means "unknown"
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    return None
 
 
 def usable_cpus() -> int:
@@ -61,10 +84,7 @@ def machine_info(threads: int, device: str) -> MachineInfo:
 
     from popc.bench.peers import genai_version
 
-    gpu = None
-    if device == "cuda":
-        with contextlib.suppress(Exception):  # a broken CUDA setup is the runners' error to report
-            gpu = torch.cuda.get_device_name(0)
+    gpu = gpu_name() if device == "cuda" else None  # a broken CUDA setup is the runners' error to report
     return MachineInfo(
         cpu=cpu_name(),
         cores=os.cpu_count(),

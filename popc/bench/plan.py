@@ -84,6 +84,11 @@ def with_quant(variants: Sequence[str], schemes: Sequence[str], peers: bool) -> 
 
 
 DEVICES = ("cpu", "cuda")
+# The element type of popc's exports on each device when the plan names none: on a GPU
+# people deploy fp16 (bf16 on request), on a CPU fp32 (or a quantization scheme).
+DEVICE_DTYPES = {"cpu": "float32", "cuda": "float16"}
+# What runs on --device cuda: popc's ORT variants (PyTorch and onnxruntime-genai run on the CPU).
+CUDA_VARIANTS = ORT_VARIANTS
 
 # `--full`: every measured sparsity, a 2048-token prompt, more repeats (~15 min
 # for SmolLM2-135M on 2 cores, against a few minutes for the defaults).
@@ -121,6 +126,10 @@ class BenchPlan:
     # own scheme), and int4 the quantized peers (ort-genai-int4, llama.cpp-q4_0) unless the
     # variants are named.
     quant: Sequence[str] = ()
+    # Element type of popc's dense and POP exports ("float32", "float16", "bfloat16"; fp16 /
+    # bf16 spellings too). None: the directory's own on the CPU, float16 on CUDA. A directory
+    # of another element type stands for no variant: its twins are exported in this one.
+    dtype: str | None = None
 
     @classmethod
     def full(cls, directory: Path, **overrides: Any) -> BenchPlan:
@@ -132,12 +141,26 @@ class BenchPlan:
         from popc.bench.machine import default_threads
         from popc.bench.peers import default_variants, genai_available, import_genai
 
+        if self.device not in DEVICES:
+            raise PopcError(f"--device must be one of {', '.join(DEVICES)}, got {self.device}")
         variants = list(dict.fromkeys(self.variants)) if self.variants is not None else default_variants()
+        if self.device == "cuda":
+            if self.variants is None:
+                variants = [v for v in variants if v in CUDA_VARIANTS]
+            elif off := [v for v in variants if v in VARIANTS and v not in CUDA_VARIANTS]:
+                raise PopcError(
+                    f"{', '.join(off)} run on the CPU only; with --device cuda choose from {', '.join(CUDA_VARIANTS)}"
+                )
         bad = [q for q in self.quant if q not in QUANT_SCHEMES]
         if bad:
             raise PopcError(f"unknown --quant {', '.join(bad)}; choose from {', '.join(QUANT_SCHEMES)}")
         schemes = list(dict.fromkeys([*self.quant, *directory_scheme(self.directory)]))
         variants = with_quant(variants, schemes, peers=self.variants is None)
+        if self.device == "cuda" and schemes:
+            raise PopcError(
+                "quantized exports (--quant, or a quantized DIR) run on the CPU only; on --device cuda "
+                "bench an fp16/bf16 or fp32 export"
+            )
         if self.variants is None and not genai_available():  # by default, only where it is installed
             variants = [v for v in variants if v != GENAI_INT4]
         unknown = [v for v in variants if v not in VARIANTS]
@@ -163,8 +186,6 @@ class BenchPlan:
             raise PopcError(f"--memory-batches must be among the decode batches ({', '.join(map(str, batches))})")
         if self.threads is not None and self.threads < 1:
             raise PopcError(f"--threads must be at least 1, got {self.threads}")
-        if self.device not in DEVICES:
-            raise PopcError(f"--device must be one of {', '.join(DEVICES)}, got {self.device}")
         return dataclasses.replace(
             self,
             variants=tuple(variants),
@@ -174,7 +195,29 @@ class BenchPlan:
             memory_batches=tuple(dict.fromkeys(b for b in batches if b in memory_batches)),
             sparsities=tuple(float(s) for s in self.sparsities),
             quant=tuple(dict.fromkeys([*schemes, *(q for v in variants if (q := split_variant(v)[1]))])),
+            dtype=self.resolved_dtype(),
         )
+
+    def resolved_dtype(self) -> str:
+        """The canonical element type of the plan's exports (see ``dtype``)."""
+        if self.dtype in ("float32", "float16", "bfloat16"):
+            return self.dtype
+        if self.dtype is not None:
+            from popc.export import canonical_dtype  # the spellings --dtype takes (fp16, half, ...)
+
+            return canonical_dtype(self.dtype)
+        return DEVICE_DTYPES["cuda"] if self.device == "cuda" else directory_dtype(self.directory)
+
+
+def directory_dtype(directory: Path) -> str:
+    """The element type popc.json records for the export at ``directory`` (float32 when it
+    records none or cannot be read)."""
+    from popc.artifact import read_export
+
+    try:
+        return str(read_export(directory)[1].get("dtype") or "float32")
+    except (PopcError, OSError, ValueError):
+        return "float32"
 
 
 def directory_scheme(directory: Path) -> list[str]:

@@ -77,9 +77,10 @@ def machine_line(result: BenchResult) -> str:
     """Where and how it was measured: the tables' caption and the Markdown's first line."""
     info, settings = result.machine, result.settings
     end = info.load_average_end[0] if info.load_average_end else 0.0
+    where = f"GPU {info.gpu or 'unnamed'} ({settings.dtype} exports); host " if info.device == "cuda" else ""
     return (
-        f"Machine: {info.cpu}, {info.cores} cores, {info.threads} threads (every variant); {_versions(result)}; "
-        f"read bandwidth {result.bandwidth.gbs:.1f} GB/s (numpy); median (min–max) of {settings.repeats} runs "
+        f"Machine: {where}{info.cpu}, {info.cores} cores, {info.threads} threads (every variant); {_versions(result)}; "
+        f"host read bandwidth {result.bandwidth.gbs:.1f} GB/s (numpy); median (min–max) of {settings.repeats} runs "
         f"of {settings.decode_tokens} decode steps after a {settings.decode_prompt}-token prompt; load average "
         f"{info.load_average_start[0]:.1f} at the start, {end:.1f} at the end."
     )
@@ -292,8 +293,11 @@ def write_plot(result: BenchResult, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     info = result.machine
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(result.settings.dtype, result.settings.dtype)
+    weights = f"{dtype} and {', '.join(result.settings.quant)}" if result.settings.quant else dtype
+    on = f"{info.gpu or 'a CUDA GPU'} (" if info.device == "cuda" else f"{info.cpu} ({info.threads} threads, "
     fig.suptitle(
-        f"popc bench: {result.model} {'fp32 and ' + ', '.join(result.settings.quant) if result.settings.quant else 'fp32'} on {info.cpu} ({info.threads} threads, onnxruntime {info.onnxruntime})",
+        f"popc bench: {result.model} {weights} on {on}onnxruntime {info.onnxruntime})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -158,6 +158,7 @@ class BenchSettings:
     prefill_measures: str = "TTFT: prefill + first greedy token, batch 1"
     memory_batches: list[int] = field(default_factory=list)  # decode batches whose peak memory was measured
     quant: dict[str, dict[str, Any]] = field(default_factory=dict)  # scheme -> QuantScheme.config() of its exports
+    dtype: str = "float32"  # element type of popc's unquantized exports (fp16 on CUDA by default)
 
 
 @dataclass

@@ -139,7 +139,9 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
         progress.stage(f"peak memory: {len(memory_jobs)} fresh processes, one per variant and batch size")
     memory = measure.measure_all(memory_jobs, progress)
 
-    fastest_ttft, fastest_decode, quant_ttft, quant_decode = add_ratios(prefill, decode, weights, bandwidth.gbs)
+    # The roofline divides by the host's read bandwidth: it says nothing of a GPU's.
+    roofline_gbs = bandwidth.gbs if plan.device == "cpu" else None
+    fastest_ttft, fastest_decode, quant_ttft, quant_decode = add_ratios(prefill, decode, weights, roofline_gbs)
     info.load_average_end = list(os.getloadavg())
     info.seconds = round(time.perf_counter() - started, 1)
     return BenchResult(
@@ -169,6 +171,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> BenchResult:
             skipped_variants=skipped_variants,
             memory_batches=list(plan.memory_batches or ()),
             quant={name: scheme.config() for name, scheme in exports.schemes.items()},
+            dtype=plan.dtype or "float32",
         ),
         bandwidth=bandwidth,
         bytes=weights,
@@ -338,12 +341,12 @@ def fastest_peers(
 
 
 def add_ratios(
-    prefill: list[TtftRow], decode: list[DecodeRow], weights: dict[str, BytesRead], gbs: float
+    prefill: list[TtftRow], decode: list[DecodeRow], weights: dict[str, BytesRead], gbs: float | None
 ) -> tuple[dict[int, FastestPeer], dict[int, FastestPeer], dict[int, FastestPeer], dict[int, FastestPeer]]:
     """Fill in each row's ratios against dense ORT (fp32) and against the fastest dense peer of
     the same run (paired per round, see :func:`paired_ratio`): fp32 rows against the fp32
     peers, quantized rows against the quantized peers (ort-genai-int4, llama.cpp-q4_0); and the
-    bytes model of each batch-1 decode row. Returns the fastest fp32 peer per prompt length
+    bytes model of each batch-1 decode row (its roofline only with a bandwidth ``gbs``). Returns the fastest fp32 peer per prompt length
     and per batch size, then the fastest quantized peer per prompt length and batch size."""
     ttft_of = {(r.variant, r.prompt): r.ms for r in prefill}
     best_ttft = fastest_peers(prefill, "prompt")
@@ -370,7 +373,8 @@ def add_ratios(
         read = weights.get(bytes_key_of(row.variant, row.sparsity))
         if read and row.batch == 1:
             row.bytes_ffn, row.bytes_total = read.ffn, read.total
-            row.roofline_ms = read.total / (gbs * 1e9) * 1000
-            row.roofline_fraction = row.roofline_ms / ms if ms else None
+            if gbs:
+                row.roofline_ms = read.total / (gbs * 1e9) * 1000
+                row.roofline_fraction = row.roofline_ms / ms if ms else None
             row.ideal_speedup = dense_read.total / read.total if dense_read else None
     return best_ttft, best_decode, quant_ttft, quant_decode

@@ -49,7 +49,9 @@ def _ms_since(start: float) -> float:
 
 
 class OrtRunner:
-    """A popc export in ONNX Runtime, through ``popc.runtime``'s bound stepper (as ``generate`` runs it)."""
+    """A popc export in ONNX Runtime, through ``popc.runtime``'s bound stepper, greedy as
+    ``generate`` runs it: on CUDA the KV cache, partitions and logits stay on the GPU and only
+    the picked ids come back."""
 
     def __init__(self, path: Path, threads: int, device: str = "cpu", use_oplib: bool = False) -> None:
         from popc.runtime import load
@@ -72,8 +74,8 @@ class OrtRunner:
 
         def run() -> float:
             start = time.perf_counter()
-            logits = stepper.prefill(ids, mask)
-            logits[:, -1].argmax(-1)
+            stepper.prefill(ids, mask, logits=False)
+            stepper.greedy()  # picked where the logits lie: only the ids reach the host
             return _ms_since(start)
 
         return run
@@ -83,12 +85,12 @@ class OrtRunner:
     ) -> Callable[[], float]:
         def run() -> float:
             stepper = self._stepper(settings, ids.shape[1] + 1 + steps)
-            logits = stepper.prefill(ids, mask)
-            next_ids = logits[:, -1].argmax(-1).reshape(-1, 1)
+            stepper.prefill(ids, mask, logits=False)
+            next_ids = stepper.greedy().reshape(-1, 1)
             start = time.perf_counter()
             for _ in range(steps):
-                logits = stepper.decode(next_ids, copy=False)  # a view of the logits buffer: no copy
-                next_ids = logits[:, -1].argmax(-1).reshape(-1, 1)
+                stepper.decode(next_ids, logits=False)  # the logits stay on the device
+                next_ids = stepper.greedy().reshape(-1, 1)
             return _ms_since(start) / steps
 
         return run
