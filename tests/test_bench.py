@@ -574,3 +574,69 @@ def test_cached_pop_exports_without_the_default_score_are_made_again(tmp_path: P
     assert _scores_available(tmp_path, PopSettings(0.1, 0.5, 0.2, score="output"))
     (tmp_path / "popc.json").write_text("{not json")
     assert not _scores_available(tmp_path, PopSettings(0.1, 0.5, 0.2)) and _scores_available(tmp_path, None)
+
+
+# ---- --device cuda: fp16 by default, popc's ORT variants, the GPU named ----------------------
+def test_cuda_plans_default_to_fp16_and_popc_variants(tiny):
+    _, _, pop_dir = tiny
+    plan = BenchPlan(directory=pop_dir, device="cuda").resolved()
+    assert plan.dtype == "float16" and set(plan.variants) <= {"dense-ort", "pop-body", "pop-oplib"}
+    assert "dense-ort" in plan.variants and "pop-body" in plan.variants
+    assert BenchPlan(directory=pop_dir, device="cuda", dtype="bf16").resolved().dtype == "bfloat16"
+    assert BenchPlan(directory=pop_dir).resolved().dtype == "float32"  # the CPU: the directory's own
+    with pytest.raises(PopcError, match="hf-eager run on the CPU only"):
+        BenchPlan(directory=pop_dir, device="cuda", variants=["dense-ort", "hf-eager"]).resolved()
+    with pytest.raises(PopcError, match="quantized exports"):
+        BenchPlan(directory=pop_dir, device="cuda", quant=["int4"]).resolved()
+    with pytest.raises(PopcError, match="--dtype"):
+        BenchPlan(directory=pop_dir, device="cuda", dtype="fp8").resolved()
+
+
+def test_fp16_bench_exports_fp16_twins_and_records_the_dtype(tiny, quant_cache, monkeypatch):
+    """An fp32 directory stands for no variant of an fp16 bench: both exports are made in fp16
+    (cached under their own key), run, and the result says fp16 (here on the CPU: the same
+    runner and stepper a CUDA bench uses)."""
+    _, dense_dir, pop_dir = tiny
+    monkeypatch.setattr(bench_run, "read_bandwidth", lambda: Bandwidth(10.0, 10.0, 10.0))
+    plan = BenchPlan(directory=pop_dir, variants=["dense-ort", "pop-body"], dtype="fp16", prompt_lengths=[8],
+                     batches=[1, 3], repeats=1, warmup=0, decode_tokens=3, decode_prompt=8, threads=1,
+                     memory_batches=())  # fmt: skip
+    stages = StageRecorder()
+    result = run_bench(plan, progress=stages)
+    assert result.settings.dtype == "float16"
+    for kind in ("dense", "pop"):
+        exported = Path(result.exports[kind])
+        assert exported not in (dense_dir, pop_dir) and exported.name == f"{kind}-float16"
+        assert json.loads((exported / "popc.json").read_text())["dtype"] == "float16"
+    assert any("exporting the float16 pop model" in s for s in stages.stages)
+    assert {(r.variant, r.batch) for r in result.decode} == {(v, b) for v in ("dense-ort", "pop-body") for b in (1, 3)}
+    assert all(r.ms_per_step.median > 0 for r in result.decode)
+    again = StageRecorder()
+    resolve_exports(plan.resolved(), again)
+    assert not any("exporting" in s for s in again.stages)  # cached
+
+
+def test_gpu_name_from_nvidia_smi(monkeypatch, tmp_path):
+    from popc.bench.machine import gpu_name
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB, 580.65'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_name() == "NVIDIA H200 (143771 MiB, driver 580.65)"
+    smi.write_text("#!/bin/sh\nexit 9\n")  # a driver that fails: unknown, never an error
+    assert gpu_name() is None or "H200" not in gpu_name()
+
+
+def test_a_cuda_result_names_the_gpu_and_the_dtype():
+    result = _result_with_peers()
+    result.machine.device, result.machine.gpu = "cuda", "NVIDIA H200 (143771 MiB, driver 580.65)"
+    result.settings.dtype = "float16"
+    line = report.machine_line(result)
+    assert line.startswith("Machine: GPU NVIDIA H200 (143771 MiB, driver 580.65) (float16 exports); host Test CPU")
+    assert BenchResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    for row in result.decode:
+        row.roofline_ms = row.roofline_fraction = None
+    bench_run.add_ratios(result.prefill, result.decode, result.bytes, None)  # a GPU bench: no host roofline
+    assert result.decode_row("pop-oplib", 0.5, 1).roofline_ms is None
+    assert result.decode_row("pop-oplib", 0.5, 1).bytes_total == 7e6
