@@ -63,7 +63,9 @@ LENGTHS = {"batch1": [9], "batch3-left-padded": [10, 4, 7]}
 class Graph:
     """A plain ONNX Runtime session over an export: one step at a time, state fed back."""
 
-    def __init__(self, directory: Path, use_oplib: bool = False) -> None:
+    def __init__(
+        self, directory: Path, use_oplib: bool = False, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    ) -> None:
         self.config = json.loads((directory / "popc.json").read_text())
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -75,11 +77,11 @@ class Graph:
                 pytest.skip("popc op library not built (popc doctor --build)")
             options.register_custom_ops_library(str(info.path))
         try:
-            self.session = ort.InferenceSession(
-                str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=list(providers))
         except Exception as error:  # ORT's own exception types
-            if use_oplib and "Type Error: Type 'tensor(float16)'" in str(error):
+            # Only on the CPU: on the CUDA EP (pytest -m gpu) a missing kernel is a failure.
+            on_cpu = providers == ("CPUExecutionProvider",)
+            if on_cpu and use_oplib and "Type Error: Type 'tensor(float16)'" in str(error):
                 pytest.skip(f"this op library has no float16 kernel for a POP op: {str(error).splitlines()[0][-160:]}")
             raise
         self.dtype = NUMPY[self.config["dtype"]]
@@ -374,3 +376,55 @@ def test_cli_export_dtype(tmp_path):
     assert json.loads((tmp_path / "out" / "popc.json").read_text())["dtype"] == "float16"
     result = CliRunner().invoke(app, ["export", str(source), "--out", str(tmp_path / "bad"), "--dtype", "fp8"])
     assert result.exit_code != 0 and "fp32, fp16, bf16" in result.output
+
+
+# ---- the CUDA EP (pytest -m gpu): fp16 and bf16 run for real -------------------------------
+CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_ATOL = {"float16": FP16_ATOL, "bfloat16": BF16_ATOL}
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def gpu_exports(request, cuda, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"gpu-{request.param}")
+    source = make_tiny_model_dir(root, "llama")
+    export(ExportPlan(model=str(source), out=root / "dense", dtype=request.param))
+    export(ExportPlan(model=str(source), out=root / "pop", dtype=request.param, pop=KEEP_ALL))
+    return request.param, source, root
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "pop"])
+@pytest.mark.parametrize("lengths", list(LENGTHS.values()), ids=list(LENGTHS))
+def test_half_export_on_cuda_equals_torch_in_its_dtype(gpu_exports, kind, lengths):
+    """fp16 / bf16 exports on the CUDA EP with the op library: prefill logits and DECODE_STEPS
+    decode steps against PyTorch (CPU) in the same dtype; POP with every candidate kept, so
+    that no near-tie can make the two select differently."""
+    dtype, source, root = gpu_exports
+    graph = Graph(root / kind, use_oplib=True, providers=CUDA)
+    assert graph.session.get_providers()[0] == "CUDAExecutionProvider"
+    hf = torch_model(source, dtype)
+    settings = KEEP_ALL if kind == "pop" else None
+    reference = PopReference(hf, KEEP_ALL) if kind == "pop" else None
+
+    def expected_step(ids: np.ndarray, mask: np.ndarray, cache):
+        if reference is None:
+            return hf_step(hf, ids, mask, cache)
+        logits, cache = reference.step(torch.from_numpy(ids), torch.from_numpy(mask), cache)
+        return logits.float(), cache
+
+    try:
+        ids, mask = padded(lengths, hf.config.vocab_size)
+        logits, state = graph.step(ids, mask, graph.initial_state(len(lengths)), settings)
+        expected, cache = expected_step(ids, mask, None)
+        real = mask.astype(bool)
+        assert np.isfinite(logits).all()
+        np.testing.assert_allclose(logits[real], expected.numpy()[real], atol=GPU_ATOL[dtype], rtol=0)
+        for _ in range(DECODE_STEPS):
+            next_ids = expected[:, -1:].argmax(-1).numpy()
+            mask = np.concatenate([mask, np.ones((len(lengths), 1), np.int64)], axis=1)
+            logits, state = graph.step(next_ids, mask, state, settings)
+            expected, cache = expected_step(next_ids, mask, cache)
+            np.testing.assert_allclose(logits[:, -1], expected[:, -1].numpy(), atol=GPU_ATOL[dtype], rtol=0)
+    finally:
+        if reference is not None:
+            reference.remove()
