@@ -183,15 +183,72 @@ def test_register_library(library):
     assert oplib.register_library(ort.SessionOptions()) is True
 
 
-def test_cuda_sources_compile_with_nvcc(library, tmp_path):
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_sources_compile_with_nvcc(library, tmp_path, arch):
+    """Every CUDA source compiles for the GPUs CI cannot run (A100: sm_80, H100/H200: sm_90), and the
+    host side of the CUDA kernels (POPC_WITH_CUDA) compiles with the C++ compiler."""
     nvcc = oplib.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDACXX, PATH, /usr/local/cuda/bin): CUDA kernels not compiled")
     headers = oplib.find_headers()
     src = oplib.source_dir()
-    subprocess.run([nvcc, "-c", "-std=c++17", "-O2", "-arch=sm_80", "-I", str(src), str(src / "popc_kernels.cu"),
-                    "-o", str(tmp_path / "kernels.o")], check=True, capture_output=True, text=True)  # fmt: skip
+    cuda_sources = sorted(src.glob("*.cu"))
+    assert {"popc_kernels.cu", "pop_decode_cuda.cu", "pop_partition_cuda.cu"} <= {f.name for f in cuda_sources}
+    for source in cuda_sources:
+        out = tmp_path / f"{source.stem}.o"
+        subprocess.run([nvcc, "-c", "-std=c++17", "-O2", f"-arch=sm_{arch}", "-I", str(src), str(source),
+                        "-o", str(out)], check=True, capture_output=True, text=True)  # fmt: skip
+        assert out.stat().st_size > 0
+    if arch != "80":
+        return  # the host side is the same for every architecture
     cxx = shutil.which("c++") or shutil.which("g++")
-    subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-DPOPC_WITH_CUDA=1", "-I", str(headers), "-I", str(src),
-                    str(src / "popc_ops.cc")], check=True, capture_output=True, text=True)  # fmt: skip
-    assert (tmp_path / "kernels.o").stat().st_size > 0
+    for host in ("popc_ops.cc", "pop_ops_cuda.cc"):
+        subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-DPOPC_WITH_CUDA=1", "-I", str(headers), "-I", str(src),
+                        str(src / host)], check=True, capture_output=True, text=True)  # fmt: skip
+
+
+def _ffn_op_names(library, monkeypatch, tmp_path, provider: str | None) -> set[str]:
+    """The op names ONNX Runtime ran for one whole-FFN PopSwiGLU node (prefill) with the library
+    registered under POPC_OPLIB_PROVIDER=``provider``: {"PopSwiGLU"} where its kernel ran, the
+    body's ops where it did not."""
+    import json
+
+    import onnxruntime as ort
+    from test_pop_decode_kernel import ffn_model
+
+    if provider is None:
+        monkeypatch.delenv("POPC_OPLIB_PROVIDER", raising=False)
+    else:
+        monkeypatch.setenv("POPC_OPLIB_PROVIDER", provider)  # read when the library is registered
+    rng = np.random.default_rng(9)
+    D, H = 48, 16
+    weights = [rng.standard_normal((D, H)).astype(np.float32) for _ in range(3)]
+    model = ffn_model("PopSwiGLU", weights, rng.random(D).astype(np.float32))
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library.path))
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / f"profile-{provider}")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"X": rng.standard_normal((1, 4, H)).astype(np.float32), "M": np.ones((1, 4), np.float32),
+            "P": np.zeros((1, 0), np.int64), "C": np.array([8, 8, 4, 0], np.int64)}  # fmt: skip
+    session.run(None, feed)
+    with open(session.end_profiling()) as handle:
+        return {e["args"]["op_name"] for e in json.load(handle) if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_provider_cuda_leaves_cpu_only_ops_to_their_bodies(library, monkeypatch, tmp_path):
+    """POPC_OPLIB_PROVIDER=cuda registers only the ops with CUDA kernels: the whole-FFN kernel (CPU
+    only) is left out and its function body runs, with the partition kernel where the library has
+    CUDA kernels (its CPU twin runs here) and the partition body where it has none."""
+    assert _ffn_op_names(library, monkeypatch, tmp_path, None) == {"PopSwiGLU"}
+    names = _ffn_op_names(library, monkeypatch, tmp_path, "cuda")
+    assert "PopSwiGLU" not in names and "MatMul" in names
+    assert ("PopPartition" in names) == bool(library.cuda), names
+
+
+def test_provider_switch_rejects_unknown_values(library, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setenv("POPC_OPLIB_PROVIDER", "gpu")
+    with pytest.raises(Exception, match="POPC_OPLIB_PROVIDER=gpu is not understood"):
+        ort.SessionOptions().register_custom_ops_library(str(library.path))
