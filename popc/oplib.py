@@ -118,12 +118,15 @@ def disabled() -> bool:
     return os.environ.get("POPC_OPLIB", "").strip().lower() in ("0", "off", "none", "false")
 
 
+NVCC_LOCATIONS = ("/usr/local/cuda/bin/nvcc",)  # after PATH, before PyPI's wheels
+
+
 def find_nvcc() -> str | None:
     """``$CUDACXX`` if set; else the first nvcc (PATH, /usr/local/cuda, PyPI's nvidia wheels) of
     the installed onnxruntime-gpu's CUDA major, else the first found."""
     if os.environ.get("CUDACXX"):
         return os.environ["CUDACXX"] if os.access(os.environ["CUDACXX"], os.X_OK) else None
-    found = [c for c in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc", *pip_nvcc_candidates())
+    found = [c for c in (shutil.which("nvcc"), *NVCC_LOCATIONS, *pip_nvcc_candidates())
              if c and Path(c).is_file() and os.access(c, os.X_OK)]  # fmt: skip
     if len(found) < 2:
         return found[0] if found else None

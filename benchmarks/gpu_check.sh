@@ -1,0 +1,289 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a fresh GPU machine without network, with the parts that
+# `python benchmarks/gpu_carry.py prepare` made carried over (docs/gpu-check.md):
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# joins and verifies the carried wheels, installs them into $WORK/site on top of the image's
+# Python (torch and its CUDA libraries stay the image's; popc is this tree), builds the op library for sm_90,
+# checks `popc doctor`, runs the GPU tests (`pytest -m gpu`), then `popc bench --device cuda` on
+# SmolLM2 (fp16: dense, POP 50 %, onnxruntime-genai's CUDA build) and on the Llama-3.2-1B-shaped
+# model. Every stage runs under `timeout` within one budget (POPC_GPU_CHECK_SECONDS, 470 s); a
+# stage that fails is recorded and the next one runs. OUT_DIR gets at most 8 files (what the
+# device tool brings back): summary.md (printed last), stages.tsv, check.log, env.txt,
+# doctor.json, pytest.xml, bench-smollm2.json, bench-llama1b.json. Exit 0 only if every stage passed.
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export REPO
+export PY=${PYTHON:-python3}
+export CARRY=${POPC_GPU_CARRY:-$REPO/benchmarks/work/gpu-carry}
+export WORK=${POPC_GPU_WORK:-/tmp/popc-gpu-check}
+export BUDGET=${POPC_GPU_CHECK_SECONDS:-470}
+export L1B_LAYERS=${POPC_GPU_CHECK_L1B_LAYERS:-8}
+export SITE=$WORK/site
+
+# ---- the stages' bodies: run as `bash gpu_check.sh --do NAME` (so that `timeout` can run them)
+do_join() {
+  "$PY" "$REPO/benchmarks/gpu_carry.py" join --carry "$CARRY" --out "$WORK/wheels"
+}
+
+do_install() {
+  local wheels=("$WORK"/wheels/*.whl)
+  [[ -e ${wheels[0]} ]] || { echo "no joined wheels in $WORK/wheels"; return 1; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" \
+    || return 1
+  # popc itself is this tree, unbuilt: a package directory of links whose popc.templates and
+  # popc.passes are the tree's templates/ and passes/ (as pyproject.toml's package-dir maps them).
+  local shadow=$SITE/popc-src entry
+  rm -rf "$shadow" && mkdir -p "$shadow/popc" || return 1
+  for entry in "$REPO"/popc/*; do ln -sfn "$entry" "$shadow/popc/"; done
+  ln -sfn "$REPO/templates" "$shadow/popc/templates" && ln -sfn "$REPO/passes" "$shadow/popc/passes"
+  for entry in "$REPO"/*; do [[ $(basename "$entry") == popc ]] || ln -sfn "$entry" "$shadow/"; done
+  mkdir -p "$WORK/ort-headers" && tar -xf "$WORK/wheels/ort-headers.tar" -C "$WORK/ort-headers" || return 1
+  "$PY" -c "import popc.templates, popc.passes, onnxruntime; print('popc from', popc.__file__, '; onnxruntime', onnxruntime.__version__, onnxruntime.__file__)"
+}
+
+do_probe() {
+  {
+    echo "## machine"; nvidia-smi -L 2>&1; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    echo "## nvcc"; nvcc --version 2>&1 | tail -2
+    echo "## python"; "$PY" -c "import sys; print(sys.executable, sys.version)"
+    echo "## LD_LIBRARY_PATH"; echo "${LD_LIBRARY_PATH:-}" | tr ':' '\n'
+    echo "## packages"
+    "$PY" - <<'EOF' 2>&1
+import importlib
+for name in ("onnxruntime", "onnxruntime_genai", "torch", "transformers", "onnx", "onnx_ir", "onnxscript",
+             "gguf", "tokenizers", "safetensors", "numpy", "popc"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {getattr(module, '__version__', '?')} {getattr(module, '__file__', '')}")
+    except Exception as error:  # noqa: BLE001 - a report, not a check
+        print(f"{name}: {type(error).__name__}: {error}")
+EOF
+  } > "$OUT/env.txt" 2>&1
+  # The CUDA execution provider must start a session on the GPU (it is listed even where it cannot).
+  "$PY" - <<'EOF'
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
+graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model.ir_version = 8
+session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+session.run(None, {"x": np.ones(1, np.float32)})
+assert session.get_providers()[0] == "CUDAExecutionProvider", session.get_providers()
+print("CUDA execution provider: ok")
+EOF
+}
+
+do_build() {
+  # The build's report is doctor's JSON; its exit status says whether the library loads and its ops agree.
+  POPC_CUDA_ARCHITECTURES=90 "$PY" -m popc doctor --rebuild --json > "$OUT/doctor.json"
+  local rc=$?
+  "$PY" - "$OUT/doctor.json" <<'EOF' || return 1
+import json, sys
+report = json.load(open(sys.argv[1]))
+print("doctor:", {k: report.get(k) for k in ("library", "cuda", "providers", "cuda_majors", "cuda_problem", "loaded", "ops_ok")})
+print("build:", {k: (report.get("build") or {}).get(k) for k in ("cuda_error", "cuda_version", "cuda_architectures", "build_seconds")})
+assert report.get("cuda") is True, "the library was built without CUDA kernels"
+assert not report.get("cuda_problem"), report.get("cuda_problem")
+assert "CUDAExecutionProvider" in report.get("providers", []), report.get("providers")
+EOF
+  return $rc
+}
+
+do_pytest() {
+  cd "$REPO" || return 1
+  local files
+  mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
+  [[ ${#files[@]} -gt 0 ]] || { echo "no test file uses the gpu marker"; return 1; }
+  echo "GPU test files: ${files[*]}"
+  "$PY" -m pytest -q -m gpu -o addopts= -p no:cacheprovider -rs --durations=15 \
+    --junitxml="$OUT/pytest.xml" "${files[@]}"
+}
+
+# `--dtype fp16` where `popc export` has it (engineer A's option); else what the bench picks.
+export_dtype() { "$PY" -m popc export --help 2>/dev/null | grep -q -- "--dtype" && echo "--dtype fp16"; }
+
+do_bench_smollm2() {
+  local dir=$WORK/smollm2
+  # shellcheck disable=SC2046 # the dtype flag is one or zero words
+  "$PY" -m popc export smollm2-135m --out "$dir/pop" --sparsity 0.5 --force $(export_dtype) || return 1
+  # shellcheck disable=SC2054 # the commas are popc's list syntax
+  local common=(--device cuda --batches 1,4 --prompt-lengths 16,128 --sparsities 0.5 --repeats 3
+                --memory-batches none --json "$OUT/bench-smollm2.json" --markdown "$dir/bench.md")
+  # A named genai variant that cannot be built fails the whole bench: then once more without it.
+  "$PY" -m popc bench "$dir/pop" --variants dense-ort,pop-oplib,ort-genai "${common[@]}" && return 0
+  echo "popc bench with the ort-genai peer failed: again without it"
+  "$PY" -m popc bench "$dir/pop" --variants dense-ort,pop-oplib "${common[@]}" || return 1
+  return 3  # measured, but without the peer
+}
+
+do_bench_llama1b() {
+  local script=$REPO/benchmarks/llama1b_shaped.py help
+  help=$("$PY" "$script" --help 2>&1)
+  if ! grep -q -- "--device" <<< "$help"; then
+    echo "benchmarks/llama1b_shaped.py has no --device option: the 1B-shaped check cannot run on CUDA"
+    return 2
+  fi
+  local dtype=()
+  grep -q -- "--dtype" <<< "$help" && dtype=(--dtype fp16)
+  "$PY" "$script" --layers "$L1B_LAYERS" --device cuda "${dtype[@]}" --batches 1,4 --prompt-lengths 16 \
+    --sparsities 0.5 --repeats 3 --out-dir "$WORK/llama1b" --json "$OUT/bench-llama1b.json" \
+    --markdown "$WORK/llama1b.md"
+}
+
+do_summary() {
+  "$PY" - "$OUT" "$L1B_LAYERS" <<'EOF'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+
+out, layers = Path(sys.argv[1]), sys.argv[2]
+lines = ["# popc GPU check", "", "| stage | status | s | note |", "|---|---|---|---|"]
+for row in (out / "stages.tsv").read_text().splitlines()[1:]:
+    lines.append("| " + " | ".join((row.split("\t") + ["", "", "", ""])[:4]) + " |")
+
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+doctor = load("doctor.json")
+if doctor:
+    build = doctor.get("build") or {}
+    lines += ["", f"op library: cuda={doctor.get('cuda')} ({doctor.get('cuda_majors')}); "
+              f"archs {build.get('cuda_architectures')}; cuda_error {build.get('cuda_error')}; "
+              f"cuda_problem {doctor.get('cuda_problem')}"]
+greedy = "not run"
+try:
+    suite = ET.parse(out / "pytest.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped")}
+    lines += ["", f"pytest -m gpu: {counts}"]
+    for case in suite.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        if bad is not None:
+            lines.append(f"- FAILED {name}: {(bad.get('message') or '')[:200]}")
+        elif skipped is not None:
+            lines.append(f"- skipped {name}: {(skipped.get('message') or '')[:200]}")
+        if "greedy" in name.lower() and "smollm" in name.lower():
+            greedy = "FAILED" if bad is not None else "skipped" if skipped is not None else "passed"
+except (OSError, ET.ParseError, AttributeError):
+    lines += ["", "pytest -m gpu: no pytest.xml"]
+
+def decode(data, variant, sparsity, batch):
+    for row in (data or {}).get("decode", []):
+        if (row.get("variant"), float(row.get("sparsity", -1)), int(row.get("batch", -1))) == (variant, sparsity, batch):
+            return row
+    return None
+
+def verdict(ok):
+    return "n/a" if ok is None else "MET" if ok else "MISSED"
+
+targets = ["", "| target | measured | verdict |", "|---|---|---|"]
+smol = load("bench-smollm2.json")
+dense, genai = decode(smol, "dense-ort", 0.0, 1), decode(smol, "ort-genai", 0.0, 1)
+ratio = None
+if dense and genai:
+    ratio = genai.get("speedup") or dense["ms_per_step"]["median"] / genai["ms_per_step"]["median"]
+    measured = f"{dense['ms_per_step']['median']:.3f} vs {genai['ms_per_step']['median']:.3f} ms/token: {ratio:.3f}x"
+else:
+    measured = "no dense-ort / ort-genai batch-1 rows"
+targets.append(f"| SmolLM2 fp16 dense decode <= 1.0x genai CUDA fp16 (b1) | {measured} | {verdict(None if ratio is None else ratio <= 1.0)} |")
+l1b = load("bench-llama1b.json")
+for batch, floor in ((1, 1.15), (4, 1.0)):
+    row = decode(l1b, "pop-oplib", 0.5, batch)
+    speedup = row.get("speedup") if row else None
+    measured = f"{speedup:.3f}x ({layers} layers)" if speedup else "no pop-oplib 0.5 row"
+    targets.append(f"| 1B-shaped POP 50% decode >= {floor}x dense (b{batch}) | {measured} | {verdict(None if not speedup else speedup >= floor)} |")
+targets.append(f"| SmolLM2 fp16 greedy 32 tokens == transformers' | test {greedy} | {verdict(None if greedy in ('not run', 'skipped') else greedy == 'passed')} |")
+text = "\n".join(lines + targets) + "\n"
+(out / "summary.md").write_text(text)
+print(text)
+EOF
+}
+
+# Nvidia's libraries that the image's torch brought (cuBLAS, cuDNN, cuRAND, cudart of CUDA 13):
+# onnxruntime-gpu's CUDA provider loads them by soname.
+nvidia_library_path() {
+  "$PY" - <<'EOF'
+import glob, os, site, sys
+dirs = []
+for base in [*site.getsitepackages(), *sys.path]:
+    for lib in sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib"))):
+        if os.path.isdir(lib) and lib not in dirs:
+            dirs.append(lib)
+print(":".join(dirs))
+EOF
+}
+
+if [[ ${1:-} == --do ]]; then
+  "do_$2"
+  exit $?
+fi
+
+export OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/check.log
+STAGES=$OUT/stages.tsv
+: > "$LOG"
+printf 'stage\tstatus\tseconds\tnote\n' > "$STAGES"
+START=$SECONDS
+
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES"; echo "[$1] $2 ${4:-}"; }
+skip() { record "$1" skipped 0 "$2"; }
+
+# stage NAME CAP: `--do NAME` under timeout min(CAP, what is left of the budget); 0 if it passed.
+stage() {
+  local name=$1 cap=$2 left=$(( BUDGET - (SECONDS - START) ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 5 )); then skip "$name" "no time left in the ${BUDGET}s budget"; return 1; fi
+  echo "=== $name (at most ${limit}s) $(date -u +%T)" >> "$LOG"
+  local began=$SECONDS rc
+  timeout --kill-after=10 "$limit" bash "$REPO/benchmarks/gpu_check.sh" --do "$name" >> "$LOG" 2>&1
+  rc=$?
+  local took=$(( SECONDS - began ))
+  if (( rc == 0 )); then record "$name" ok "$took" ""
+  elif (( rc == 124 || rc == 137 )); then record "$name" timeout "$took" "stopped after ${limit}s"
+  else record "$name" failed "$took" "exit $rc: $(grep -v '^\s*$' "$LOG" | tail -1 | cut -c1-200)"
+  fi
+  return $rc
+}
+
+# The environment every later stage sees: popc and the carried packages before the image's;
+# PYTHONSAFEPATH keeps the tree's own popc/ (no templates/ inside) off sys.path when the
+# current directory is the tree (pytest runs there).
+export PYTHONPATH=$SITE/popc-src:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONSAFEPATH=1
+export PATH=$SITE/bin:$PATH
+export POPC_CACHE_DIR=$WORK/cache
+export POPC_ORT_INCLUDE_DIR=$WORK/ort-headers/onnxruntime
+unset POPC_OPLIB
+NVIDIA_LIBS=$(nvidia_library_path)
+export LD_LIBRARY_PATH=${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+stage join 60 && joined=1 || joined=0
+if (( joined )); then stage install 120 && installed=1 || installed=0
+else skip install "the carried files did not join"; installed=0; fi
+stage probe 60 && gpu=1 || gpu=0
+if (( gpu )); then
+  stage build 150
+  stage pytest 200
+  stage bench_smollm2 150
+  stage bench_llama1b 600
+else
+  for name in build pytest bench_smollm2 bench_llama1b; do skip "$name" "no working CUDA execution provider (probe)"; done
+fi
+not_ok=$(sed 1d "$STAGES" | cut -f2 | grep -cv '^ok$')
+record total "$( (( not_ok == 0 )) && echo ok || echo "$not_ok not ok")" "$(( SECONDS - START ))" "installed=$installed gpu=$gpu"
+bash "$REPO/benchmarks/gpu_check.sh" --do summary 2>> "$LOG"
+(( not_ok == 0 ))
