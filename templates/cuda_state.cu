@@ -15,9 +15,10 @@ void delete_device_state(DeviceState* state) {
   int current = -1;
   const bool restore = cudaGetDevice(&current) == cudaSuccess;
   for (auto& slot : state->slots) {
-    // Errors are ignored: at process exit the CUDA context may already be gone.
+    // Errors are ignored: at process exit the CUDA context may already be gone. The streams may
+    // be destroyed already (ORT frees them before the kernels): the device is waited for instead.
     if (cudaSetDevice(slot->device) != cudaSuccess) continue;
-    cudaStreamSynchronize(slot->stream);
+    cudaDeviceSynchronize();
     if (slot->copied) cudaEventDestroy(slot->copied);
     cudaFree(slot->counters);
     cudaFreeHost(slot->mirror);
@@ -86,13 +87,16 @@ Status open_slot(DeviceState* state, cudaStream_t stream, size_t scratch_bytes, 
     if (Status s = make_slot(device, stream, &slot); s.code != kOk) return s;
     state->slots.emplace_back(slot);
   }
-  if (!*capturing && !state->sync_checks && slot->pending) {
-    const cudaError_t q = cudaEventQuery(slot->copied);
-    if (q == cudaSuccess) {
-      slot->pending = false;
-      if (Status s = new_errors(slot, true); s.code != kOk) return s;
-    } else if (q != cudaErrorNotReady) {
-      return cuda_error(q, "cudaEventQuery");
+  // Reports left by earlier calls, on this stream or another one of this kernel object (concurrent
+  // Runs use several streams): the first whose copy has completed.
+  if (!*capturing && !state->sync_checks) {
+    for (auto& other : state->slots) {
+      if (!other->pending || other->device != device) continue;
+      const cudaError_t q = cudaEventQuery(other->copied);
+      if (q == cudaErrorNotReady) continue;
+      if (q != cudaSuccess) return cuda_error(q, "cudaEventQuery");
+      other->pending = false;
+      if (Status s = new_errors(other.get(), true); s.code != kOk) return s;
     }
   }
   if (slot->scratch_bytes < scratch_bytes) {

@@ -129,12 +129,15 @@ __global__ void rows_dot(const int32_t* __restrict__ list, const int32_t* __rest
         for (int i = 0; i < kPass; ++i)
           for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_down_sync(0xffffffffu, acc[i], o);
       }
-      if (lane != 0) continue;
-      for (int i = 0; i < kPass && r0 + i < rows; ++i) {
-        const int64_t at = (r0 + i) * D + ch;
-        const bool needed = (mask >> i) & 1u;
-        if (kUp) out[at] = needed ? act[at] * acc[i] : 0.0f;
-        else if (needed) act[at] = activate(acc[i], activation);
+      if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < kPass; ++i) {
+          if (r0 + i >= rows) break;
+          const int64_t at = (r0 + i) * D + ch;
+          const bool needed = (mask >> i) & 1u;
+          if (kUp) out[at] = needed ? act[at] * acc[i] : 0.0f;
+          else if (needed) act[at] = activate(acc[i], activation);
+        }
       }
     }
   }
