@@ -16,8 +16,8 @@
 // activations' type (float32 or float16). Index contract and errors as the float ops: every
 // violation is an ORT error naming the op and the shapes, before any weight is read.
 //
-// All are CPU kernels registered as `fused`: POPC_OPLIB_FUSED=0 (popc's CUDA sessions) leaves
-// them out, and the function bodies run there.
+// All are CPU kernels registered as `fused` and without CUDA kernels: POPC_OPLIB_FUSED=0 and
+// POPC_OPLIB_PROVIDER=cuda (popc's CUDA sessions) leave them out, and the function bodies run there.
 #include <algorithm>
 #include <string>
 #include <vector>
