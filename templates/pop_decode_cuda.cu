@@ -83,7 +83,7 @@ __global__ void mark_partition(const int64_t* __restrict__ P, int64_t B, int64_t
 }
 
 // list = the channels set in any of `units` bitmaps [units, words], ascending; *count their number.
-__global__ void compact_union(const uint32_t* __restrict__ bits, int64_t units, int64_t words,
+__global__ void __launch_bounds__(kScanThreads) compact_union(const uint32_t* __restrict__ bits, int64_t units, int64_t words,
                               int32_t* __restrict__ list, int32_t* __restrict__ count) {
   int offset = 0;
   for (int64_t base = 0; base < words; base += blockDim.x) {

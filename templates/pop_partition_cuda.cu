@@ -89,7 +89,7 @@ __device__ void bitonic_sort(uint64_t* keys, int64_t n) {
 }
 
 // A block per sequence b. `global_keys` [B, n] is used where n > kSharedKeys, else shared memory.
-__global__ void rank_channels(const float* __restrict__ score, int64_t D, int64_t n, int64_t count,
+__global__ void __launch_bounds__(kRankThreads) rank_channels(const float* __restrict__ score, int64_t D, int64_t n, int64_t count,
                               uint64_t* __restrict__ global_keys, int64_t* __restrict__ out) {
   extern __shared__ uint64_t shared_keys[];
   const int64_t b = blockIdx.x;
