@@ -225,7 +225,24 @@ print(":".join(dirs))
 EOF
 }
 
+# The environment of every stage, set once (a full run's, or one stage's: OUT=DIR bash
+# gpu_check.sh --do NAME): popc and the carried packages before the image's; PYTHONSAFEPATH
+# keeps the tree's own popc/ (no templates/ inside) off sys.path when the current directory
+# is the tree (pytest runs there).
+if [[ -z ${POPC_GPU_CHECK_ENV:-} ]]; then
+  export POPC_GPU_CHECK_ENV=1
+  export PYTHONPATH=$SITE/popc-src:$SITE${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONSAFEPATH=1
+  export PATH=$SITE/bin:$PATH
+  export POPC_CACHE_DIR=$WORK/cache
+  export POPC_ORT_INCLUDE_DIR=$WORK/ort-headers/onnxruntime
+  unset POPC_OPLIB
+  NVIDIA_LIBS=$(nvidia_library_path)
+  export LD_LIBRARY_PATH=${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+
 if [[ ${1:-} == --do ]]; then
+  : "${OUT:?set OUT to the results directory}"
   "do_$2"
   exit $?
 fi
@@ -259,25 +276,13 @@ stage() {
   return $rc
 }
 
-# The environment every later stage sees: popc and the carried packages before the image's;
-# PYTHONSAFEPATH keeps the tree's own popc/ (no templates/ inside) off sys.path when the
-# current directory is the tree (pytest runs there).
-export PYTHONPATH=$SITE/popc-src:$SITE${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONSAFEPATH=1
-export PATH=$SITE/bin:$PATH
-export POPC_CACHE_DIR=$WORK/cache
-export POPC_ORT_INCLUDE_DIR=$WORK/ort-headers/onnxruntime
-unset POPC_OPLIB
-NVIDIA_LIBS=$(nvidia_library_path)
-export LD_LIBRARY_PATH=${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-
 stage join 60 && joined=1 || joined=0
 if (( joined )); then stage install 120 && installed=1 || installed=0
 else skip install "the carried files did not join"; installed=0; fi
 stage probe 60 && gpu=1 || gpu=0
 if (( gpu )); then
   stage build 150
-  stage pytest 200
+  stage pytest 240
   stage bench_smollm2 150
   stage bench_llama1b 600
 else
