@@ -105,10 +105,11 @@ __global__ void __launch_bounds__(kRankThreads) rank_channels(const float* __res
 template <class ZT>
 Status pop_partition(DeviceState* state, void* stream, const PopPartitionArgs<ZT>& a) {
   if (a.B == 0 || a.count == 0) return Status{};
-  if (a.D > 0xffffffffLL || a.B > kMaxGrid) {
+  if (a.D > 0xffffffffLL || a.B > kMaxGrid || a.B * a.T > 0x7fffffffLL) {
     Status s;
     s.code = kCudaError;
-    std::snprintf(s.message, sizeof(s.message), "PopPartition supports D < 2^32 and B <= %u on the GPU", kMaxGrid);
+    std::snprintf(s.message, sizeof(s.message), "PopPartition on the GPU takes D < 2^32, B <= %u and B * T < 2^31",
+                  kMaxGrid);
     return s;
   }
   int64_t n = 1;
