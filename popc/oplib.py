@@ -87,6 +87,7 @@ class LibraryInfo:
     build: dict[str, Any] = field(default_factory=dict)
     # Why the file must not be loaded (truncated, altered, not a library), or None.
     problem: str | None = None
+    cuda_major: int | None = None  # the CUDA major of its CUDA kernels (None: none, or unknown)
     # Why its CUDA kernels must not run here (another CUDA major than onnxruntime-gpu's), or None.
     cuda_problem: str | None = None
 
@@ -145,12 +146,11 @@ def _info(path: Path, origin: str, build_info: Path) -> LibraryInfo:
     data = _read_build_info(build_info)
     info = LibraryInfo(path=path, origin=origin, cuda=data.get("cuda"), build=data)
     info.problem = library_problem(info)
-    ort = onnxruntime_cuda() if info.cuda else None
-    if ort is not None:
-        major = data.get("cuda_major")
-        if major is None and data.get("nvcc") and Path(data["nvcc"]).is_file():  # built before majors were recorded
-            major = nvcc_version(data["nvcc"]).major
-        info.cuda_problem = cuda_mismatch(major, ort)
+    if info.cuda:
+        info.cuda_major = data.get("cuda_major")
+        if info.cuda_major is None and data.get("nvcc") and Path(data["nvcc"]).is_file():  # built before it was recorded
+            info.cuda_major = nvcc_version(data["nvcc"]).major
+        info.cuda_problem = cuda_mismatch(info.cuda_major, onnxruntime_cuda())
     return info
 
 
@@ -516,8 +516,7 @@ def doctor_report(build_now: bool = False, force: bool = False, progress: Progre
     if info is not None:
         report |= {"library": str(info.path), "origin": info.origin, "cuda": info.cuda, "providers": info.providers,
                    "build": info.build}  # fmt: skip
-        report["cuda_majors"] = cuda_summary(report["nvcc_cuda"], info.build.get("cuda_major") if info.cuda else None,
-                                             report["onnxruntime_gpu"])  # fmt: skip
+        report["cuda_majors"] = cuda_summary(report["nvcc_cuda"], info.cuda_major, onnxruntime_cuda())
         report["cuda_problem"] = info.cuda_problem or report["cuda_problem"]
         try:
             report |= {"loaded": True, **self_test(info)}

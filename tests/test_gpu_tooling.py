@@ -210,6 +210,17 @@ def test_doctor_reports_cuda_majors_with_the_cpu_onnxruntime(library_copy):
         assert report["nvcc_cuda"] and f"nvcc CUDA {report['nvcc_cuda']}" in report["cuda_majors"]
 
 
+def test_doctor_names_the_mismatch_and_every_major(library_copy, monkeypatch):
+    ort = OrtCuda("1.31.1", "13.0", 13, "test")
+    monkeypatch.setattr(oplib, "onnxruntime_cuda", lambda: ort)
+    monkeypatch.setattr(cuda_toolkit, "onnxruntime_cuda", lambda: ort)
+    report = oplib.doctor_report()
+    assert report["onnxruntime_gpu"] == {"version": "1.31.1", "cuda_version": "13.0", "cuda_major": 13, "source": "test"}
+    assert "op library CUDA 12" in report["cuda_majors"] and "onnxruntime-gpu 1.31.1 CUDA 13.0" in report["cuda_majors"]
+    assert "built with CUDA 12" in report["cuda_problem"] and "popc doctor --rebuild" in report["cuda_problem"]
+    assert report["providers"] == ["CPUExecutionProvider"] and report["loaded"] is True  # the CPU kernels still load
+
+
 def fake_headers(tmp_path: Path) -> Path:
     include = tmp_path / "include" / "onnxruntime"
     include.mkdir(parents=True)
