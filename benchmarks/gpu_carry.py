@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 import tarfile
 from dataclasses import asdict, dataclass
@@ -30,7 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CARRY = REPO / "benchmarks" / "work" / "gpu-carry"  # ignored by git (/benchmarks/work/)
 MIB = 1 << 20
-# 64 MiB a call, less room for the working tree (~3 MiB today) that travels with every call.
+CALL_LIMIT = 64 * MIB  # what one device call carries, the working tree included
+# The default part: 64 MiB less the working tree that travels with every call (~2.5 MiB
+# today) and a margin, never above 58 MiB.
 DEFAULT_PART_MIB = 58
 MANIFEST = "manifest.json"
 HEADERS_TAR = "ort-headers.tar"
@@ -184,6 +187,23 @@ def headers_tar(dest: Path) -> Path:
     return target
 
 
+def tree_bytes() -> int:
+    """The bytes of the working tree that travel with each device call: tracked files and
+    untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout  # fmt: skip
+    paths = {REPO / name for name in listed.decode().split("\0") if name}
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def default_budget() -> int:
+    """The part size: what a call can carry beside the working tree, less 2 MiB of margin."""
+    room = CALL_LIMIT - tree_bytes() - 2 * MIB
+    if room < 8 * MIB:
+        raise SystemExit(f"the working tree leaves {room / MIB:.1f} MiB a call: too little to carry the wheels")
+    return min(DEFAULT_PART_MIB * MIB, room)
+
+
 def prepare(carry: Path, budget: int) -> dict:
     downloads = carry.parent / "gpu-wheels"  # kept between runs: pip skips what is there
     files = download_wheels(downloads) + [headers_tar(downloads)]
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_prepare = sub.add_parser("prepare", help="download, build and split into call-N directories")
     p_prepare.add_argument("--carry", type=Path, default=DEFAULT_CARRY)
-    p_prepare.add_argument("--part-mib", type=float, default=DEFAULT_PART_MIB)
+    p_prepare.add_argument("--part-mib", type=float, help=f"piece size (default: {DEFAULT_PART_MIB}, less if the tree is large)")
     p_split = sub.add_parser("split", help="split the given files into call-N directories")
     p_split.add_argument("files", type=Path, nargs="+")
     p_split.add_argument("--carry", type=Path, default=DEFAULT_CARRY)
@@ -216,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, why in failed.items():
             print(f"FAILED  {name}: {why}")
         return 0 if done and not failed else 1
-    budget = int(args.part_mib * MIB)
+    budget = int(args.part_mib * MIB) if args.part_mib else default_budget()
     if args.command == "split":
         manifest = write_carry(args.files, args.carry, budget)
         print(f"{len(args.files)} files in {manifest['calls']} calls under {args.carry}")
