@@ -49,13 +49,13 @@ class DeviceOps:
         self.providers = providers
         self._sessions: dict[tuple[str, int], Any] = {}
 
-    def empty(self, shape: list[int], type_string: str) -> Any:
-        """An uninitialised OrtValue on the device (for values with a zero-size dimension, or
-        that a graph overwrites before reading)."""
+    def empty(self, shape: list[int], type_string: str, on_host: bool = False) -> Any:
+        """An uninitialised OrtValue on the device (or the host), for values that a graph
+        overwrites before reading or that have a zero-size dimension."""
         elem = element_type(type_string)
         # numpy dtypes work on every ONNX Runtime; the onnx integer form only for bfloat16.
         kind = NUMPY_TYPES.get(type_string, elem)
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), kind, self.device, 0)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), kind, "cpu" if on_host else self.device, 0)
 
     def host(self, array: np.ndarray) -> Any:
         """A host OrtValue of ``array`` (small inputs: ids, masks, shapes, ``pop_config``)."""

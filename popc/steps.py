@@ -54,19 +54,20 @@ class BoundSteps:
         self.state: list[Any] | None = None
         self.attention_mask: np.ndarray | None = None
         self.logits: Any = None  # the last step's logits, an OrtValue on the session's device
-        # The decode steps' binding, made once per cache: only input_ids (updated in place),
-        # the growing attention_mask and any non-shared state are rebound per step.
+        # The decode steps' binding, made once per cache: only input_ids, the growing
+        # attention_mask and any non-shared state are rebound per step.
         self._decode_binding: Any = None
-        self._next_ids: Any = None
         self._logits: Any = None
 
     def initial_state(self, batch: int) -> list[Any]:
-        """Empty state for every ``past_*`` input as OrtValues on the device (any element type,
-        bfloat16 included): batch rows, zero-length dynamic dims."""
+        """Empty state for every ``past_*`` input as OrtValues of its element type (bfloat16
+        included): batch rows, zero-length dynamic dims. Zero-size values are made on the host
+        (nothing to copy), any other on the device."""
         state = []
         for meta in self.model.state_inputs:
             shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(meta.shape)]
-            state.append(self.ops.empty(shape, meta.type) if 0 in shape else self.ops.zeros(shape, meta.type))
+            empty = 0 in shape
+            state.append(self.ops.empty(shape, meta.type, on_host=True) if empty else self.ops.zeros(shape, meta.type))
         return state
 
     def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True, keep: int = 0) -> np.ndarray | None:
@@ -136,8 +137,6 @@ class BoundSteps:
         host = self.ops.host
         if self._decode_binding is None:
             binding = self.session.io_binding()
-            self._next_ids = host(np.zeros((batch, 1), np.int64))
-            binding.bind_ortvalue_input("input_ids", self._next_ids)
             if self.model.has_logits_to_keep:
                 binding.bind_ortvalue_input("logits_to_keep", host(np.array(1, np.int64)))
             if self.pop_config is not None:
@@ -156,7 +155,9 @@ class BoundSteps:
                     binding.bind_output(name, self.device_type)
             self._decode_binding = binding
         binding = self._decode_binding
-        self._next_ids.update_inplace(np.ascontiguousarray(next_ids, np.int64))
+        # Bound afresh each step, never updated in place: IOBinding copies a host value bound
+        # to a GPU session's input when it is bound, so an in-place update would go unseen.
+        binding.bind_ortvalue_input("input_ids", host(np.asarray(next_ids, np.int64)))
         binding.bind_ortvalue_input("attention_mask", host(self.attention_mask))
         for meta, item in zip(self.model.state_inputs, self.state):
             if meta.name not in self.kv_buffers:
