@@ -319,6 +319,7 @@ def test_genai_on_cuda_without_its_cuda_build_is_one_clear_error(tmp_path):
             call()
     with pytest.raises(PopcError, match="cpu or cuda"):
         peers.import_genai_for("rocm")
+    assert peers.genai_available_on("cpu") is True and peers.genai_available_on("cuda") is False
 
 
 # ---- carrying the wheels -------------------------------------------------------------------

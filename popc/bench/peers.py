@@ -64,6 +64,15 @@ def import_genai_for(device: str) -> ModuleType:
     return og
 
 
+def genai_available_on(device: str) -> bool:
+    """Whether the onnxruntime-genai variants can run on ``device`` here (on CUDA: its CUDA build)."""
+    try:
+        import_genai_for(device)
+    except PopcError:
+        return False
+    return True
+
+
 def builder_arguments(precision: str, device: str) -> list[str]:
     """The model builder's ``-p``/``-e``: on CUDA, fp16 stands in for fp32 (what genai's users run
     on a GPU, and what popc's CUDA exports are measured in); int4 stays int4."""
