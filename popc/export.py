@@ -77,6 +77,9 @@ class ExportPlan:
     # logits stay float32 (passes/convert_dtype.py).
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        self.dtype = canonical_dtype(self.dtype)  # "fp16" -> "float16"; an unknown name is refused here
+
     @property
     def fused(self) -> bool:
         return self.fuse and self.prefill_skip is None and not self.drop_layers
