@@ -65,9 +65,9 @@ def to_half(array: np.ndarray, target: ir.DataType) -> np.ndarray:
     """``array`` (float32) in ``target``, finite values clipped to its finite range."""
     dtype = NUMPY_TYPES[target]
     limit = float(ml_dtypes.finfo(dtype).max)
-    finite = np.isfinite(array)
-    clipped = np.where(finite, np.clip(array, -limit, limit), array)
-    return clipped.astype(dtype)
+    if array.size and (array.max() > limit or array.min() < -limit):  # rare: no temporaries otherwise
+        array = np.where(np.isfinite(array), np.clip(array, -limit, limit), array)
+    return array.astype(dtype)
 
 
 def _half_tensor(tensor: ir.TensorProtocol, target: ir.DataType) -> ir.Tensor:
