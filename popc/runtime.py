@@ -113,6 +113,8 @@ class PopcModel:
         # uses_oplib: whether the popc op library's kernels run the ai.popc ops.
         # Dense exports have no ai.popc ops: no need to load (or first build) the op library.
         has_popc_ops = config.get("pop") is not None
+        if device == "cuda" and config.get("ort_fusions") and config.get("dtype") in ("float16", "bfloat16"):
+            _refuse_attention_bias_on_cuda(location.model_path)  # before minutes of session setup
         self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib and has_popc_ops, threads)
         graph_outputs = [o.name for o in self.session.get_outputs()]
         shapes = {v.name: v.shape for v in (*self.session.get_inputs(), *self.session.get_outputs())}
@@ -358,6 +360,21 @@ class PopcModel:
             text=self.decode(generated),
             prefill_ms=prefill * 1000,
             decode_ms_per_token=decode * 1000,
+        )
+
+
+def _refuse_attention_bias_on_cuda(model_path: Path) -> None:
+    """ORT's CUDA GroupQueryAttention (fp16/bf16) rejects an ``attention_bias`` input at every
+    call (onnxruntime's contrib_ops/cuda/bert/group_query_attention.cc); popc's fused graph
+    feeds one for left padding. Say so at load, not as ORT's error at the first step."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    if any(n.op_type == "GroupQueryAttention" and len(n.input) > 10 and n.input[10] for n in graph.node):
+        raise PopcError(
+            f"{model_path.parent} feeds GroupQueryAttention an attention_bias (popc's left padding), which "
+            "ONNX Runtime's CUDA kernel rejects: run this half-precision export with --device cpu, or an "
+            "fp32 export (--dtype fp32, --no-fuse for attention on the GPU) with --device cuda"
         )
 
 

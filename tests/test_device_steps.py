@@ -182,3 +182,12 @@ def test_greedy_before_prefill_is_a_clear_error(exports):
     stepper = popc.load(exports / "dense").bound()
     with pytest.raises(PopcError, match="before prefill"):
         stepper.greedy()
+
+
+def test_half_fused_export_on_cuda_is_refused_at_load_with_why(exports):
+    """ONNX Runtime's CUDA GroupQueryAttention rejects the attention_bias input popc's fused
+    graph feeds it: popc.load says so before building a session (checked without a GPU)."""
+    with pytest.raises(PopcError, match="attention_bias.*--device cpu"):
+        popc.load(exports / "pop-fp16", device="cuda")
+    with pytest.raises(PopcError, match="CUDA execution provider"):  # fp32: its attention runs on the CPU EP
+        popc.load(exports / "pop", device="cuda")
