@@ -212,6 +212,40 @@ def assert_ranked(got: np.ndarray, score: np.ndarray, count: int, relative: floa
             assert s[ids].min() >= s[rest].max() - tol, "a higher-scoring channel was left out"
 
 
+# Inputs of the wrong shape and the error each names (the host-side checks the CPU and CUDA
+# kernels share): (id, op, feed and weight changes, message). D = 96, H = 40, R + C = 24.
+BAD_SHAPES = [
+    ("x-rank", "PopSwiGLUDecode", {"X": (2, 40)}, r"X must be \[B, S, H\]"),
+    ("p-batch", "PopSwiGLUDecode", {"P": (3, 24)}, r"partition must be \[B, R\+C\] with X's batch"),
+    ("x-width", "PopSwiGLUDecode", {"X": (2, 1, 41)}, r"weights must be \[D, H\] with X's H"),
+    ("wu-shape", "PopSwiGLUDecode", {"Wu": (95, 40)}, "Wg, Wu and Wd must have one shape"),
+    ("config", "PopSwiGLUDecode", {"C": (3,)}, r"config must be int64 \[4\]"),
+    ("p-width", "PopSwiGLUDecode", {"P": (2, 97)}, "more channels than the FFN"),
+    ("z-rank", "PopPartition", {"Z": (2, 96)}, r"Z must be \[B, T, D\]"),
+    ("mask", "PopPartition", {"M": (2, 4)}, r"token_mask must be \[B, T\] like Z"),
+    ("static", "PopPartition", {"S": (95,)}, r"static_score must be \[D\]"),
+    ("p-config", "PopPartition", {"C": (3,)}, r"config must be int64 \[4\]"),
+]
+
+
+def bad_shape_case(op: str, changes: dict[str, tuple[int, ...]], dtype: str):
+    """(model, feed) of a valid call of ``op`` with the inputs in ``changes`` given those shapes."""
+    rng = np.random.default_rng(0)
+    if op == "PopPartition":
+        feed = partition_feed(rng, 2, 5, 96, (8, 16), 0, dtype)
+        for name, shape in changes.items():
+            feed[name] = np.zeros(shape, feed[name].dtype)
+        return partition_model(dtype), feed
+    weights, norm = decode_weights(rng, 96, 40, dtype)
+    if "Wu" in changes:
+        weights[1] = np.zeros(changes["Wu"], np.float32)
+    feed = decode_feed(rng, 2, 1, 40, 96, (8, 16, 8), 0, dtype)
+    for name, shape in changes.items():
+        if name in feed:
+            feed[name] = np.zeros(shape, feed[name].dtype)
+    return decode_model(op, None, weights, norm, dtype), feed
+
+
 # ---- GPU tests ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu_library(cuda) -> oplib.LibraryInfo:
@@ -433,3 +467,12 @@ def test_decode_step_replays_as_a_cuda_graph(gpu_library):
         session.run_with_iobinding(binding)
         (expected,) = reference.run(None, {"X": feed["X"], "P": feed["P"], "C": config})
         np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case,op,changes,message", BAD_SHAPES, ids=[c[0] for c in BAD_SHAPES])
+def test_bad_shapes_are_errors_on_cuda(gpu_library, dtype, case, op, changes, message):
+    model, feed = bad_shape_case(op, changes, dtype)
+    with pytest.raises(Exception, match=message):
+        library_session(model, gpu_library, "cuda").run(None, feed)

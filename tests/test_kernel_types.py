@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_cuda_kernels import (
+    BAD_SHAPES,
     DECODE_CASES,
     TOLERANCE,
+    bad_shape_case,
     body_session,
     decode_feed,
     decode_weights,
@@ -166,3 +168,12 @@ def test_bf16_partition_kernel_equals_the_fp32_body(library, mode, tmp_path):
         assert set(got[row, :50]) == set(expected[row, :50])
         assert set(got[row, 50:]) == set(expected[row, 50:])
     assert node_providers(s, "PopPartition") == {"CPUExecutionProvider"}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case,op,changes,message", BAD_SHAPES, ids=[c[0] for c in BAD_SHAPES])
+def test_fused_kernels_reject_bad_shapes(library, dtype, case, op, changes, message, tmp_path):
+    """The shape checks the CPU and CUDA kernels share (pop_ffn_ort.h), for every type."""
+    model, feed = bad_shape_case(op, changes, dtype)
+    with pytest.raises(Exception, match=message):
+        library_session(model, library).run(None, feed)
