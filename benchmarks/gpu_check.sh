@@ -83,7 +83,7 @@ EOF
 
 do_build() {
   # The build's report is doctor's JSON; its exit status says whether the library loads and its ops agree.
-  POPC_CUDA_ARCHITECTURES=90 "$PY" -m popc doctor --rebuild --json > "$OUT/doctor.json"
+  "$PY" -m popc doctor --rebuild --json > "$OUT/doctor.json"
   local rc=$?
   "$PY" - "$OUT/doctor.json" <<'EOF' || return 1
 import json, sys
@@ -107,16 +107,58 @@ do_pytest() {
     --junitxml="$OUT/pytest.xml" "${files[@]}"
 }
 
-# `--dtype fp16` where `popc export` has it (engineer A's option); else what the bench picks.
+# `--dtype fp16` where `popc export` has it; else the bench's own choice on CUDA (fp16).
 export_dtype() { "$PY" -m popc export --help 2>/dev/null | grep -q -- "--dtype" && echo "--dtype fp16"; }
+
+llama1b_help() { "$PY" "$REPO/benchmarks/llama1b_shaped.py" --help 2>&1; }
+
+# The benches' CPU work (exports, genai's model build) runs in the background while the op
+# library builds and the tests run; the timed runs come after the tests, alone on the GPU.
+do_prewarm_smollm2() {
+  local dir=$WORK/smollm2 dense
+  export POPC_OPLIB_AUTOBUILD=0  # the build stage builds the op library, once
+  # shellcheck disable=SC2046 # the dtype flag is one or zero words
+  "$PY" -m popc export smollm2-135m --out "$dir/pop" --sparsity 0.5 --force $(export_dtype) || return 1
+  # shellcheck disable=SC2046
+  "$PY" -m popc export smollm2-135m --out "$dir/dense" --force $(export_dtype) &
+  dense=$!
+  "$PY" -c "from popc.bench.peers import genai_model; print('genai build', genai_model('smollm2-135m', device='cuda'))" \
+    || echo "onnxruntime-genai's CUDA build of SmolLM2 failed (the bench goes on without that peer)"
+  wait "$dense"
+}
+
+do_prewarm_llama1b() {
+  # One quick run builds the model and both exports into the work directory; the timed run reuses them.
+  grep -q -- "--device" <<< "$(llama1b_help)" || { echo "benchmarks/llama1b_shaped.py has no --device"; return 2; }
+  export POPC_OPLIB_AUTOBUILD=0  # the build stage builds the op library, once
+  llama1b --repeats 1 --batches 1 --json "$WORK/llama1b-warm.json" --markdown "$WORK/llama1b-warm.md"
+}
+
+llama1b() {
+  local dtype=()
+  grep -q -- "--dtype" <<< "$(llama1b_help)" && dtype=(--dtype fp16)
+  "$PY" "$REPO/benchmarks/llama1b_shaped.py" --layers "$L1B_LAYERS" --device cuda "${dtype[@]}" \
+    --prompt-lengths 16 --sparsities 0.5 --out-dir "$WORK/llama1b" "$@"
+}
+
+# Waits for a background job of run_in_background (its .rc file) and shows its log.
+wait_for() {
+  while [[ ! -e $WORK/$1.rc ]]; do sleep 2; done
+  echo "--- background $1 (exit $(cat "$WORK/$1.rc")):"
+  cat "$WORK/$1.log"
+  echo "---"
+  return "$(cat "$WORK/$1.rc")"
+}
 
 do_bench_smollm2() {
   local dir=$WORK/smollm2
-  # shellcheck disable=SC2046 # the dtype flag is one or zero words
-  "$PY" -m popc export smollm2-135m --out "$dir/pop" --sparsity 0.5 --force $(export_dtype) || return 1
+  wait_for prewarm_smollm2 || echo "the prewarm failed: the bench exports what is missing itself"
+  local dense=()
+  [[ -f $dir/dense/popc.json ]] && dense=(--dense "$dir/dense")
   # shellcheck disable=SC2054 # the commas are popc's list syntax
-  local common=(--device cuda --batches 1,4 --prompt-lengths 16,128 --sparsities 0.5 --repeats 3
+  local common=("${dense[@]}" --device cuda --batches 1,4 --prompt-lengths 16,128 --sparsities 0.5 --repeats 3
                 --memory-batches none --json "$OUT/bench-smollm2.json" --markdown "$dir/bench.md")
+  [[ -f $dir/pop/popc.json ]] || { echo "no POP export of SmolLM2"; return 1; }
   # A named genai variant that cannot be built fails the whole bench: then once more without it.
   "$PY" -m popc bench "$dir/pop" --variants dense-ort,pop-oplib,ort-genai "${common[@]}" && return 0
   echo "popc bench with the ort-genai peer failed: again without it"
@@ -125,17 +167,10 @@ do_bench_smollm2() {
 }
 
 do_bench_llama1b() {
-  local script=$REPO/benchmarks/llama1b_shaped.py help
-  help=$("$PY" "$script" --help 2>&1)
-  if ! grep -q -- "--device" <<< "$help"; then
-    echo "benchmarks/llama1b_shaped.py has no --device option: the 1B-shaped check cannot run on CUDA"
-    return 2
-  fi
-  local dtype=()
-  grep -q -- "--dtype" <<< "$help" && dtype=(--dtype fp16)
-  "$PY" "$script" --layers "$L1B_LAYERS" --device cuda "${dtype[@]}" --batches 1,4 --prompt-lengths 16 \
-    --sparsities 0.5 --repeats 3 --out-dir "$WORK/llama1b" --json "$OUT/bench-llama1b.json" \
-    --markdown "$WORK/llama1b.md"
+  wait_for prewarm_llama1b || echo "the prewarm failed: the timed run builds what is missing itself"
+  grep -q -- "--device" <<< "$(llama1b_help)" || return 2
+  # shellcheck disable=SC2054 # the commas are popc's list syntax
+  llama1b --repeats 3 --batches 1,4 --json "$OUT/bench-llama1b.json" --markdown "$WORK/llama1b.md"
 }
 
 do_summary() {
@@ -236,59 +271,105 @@ if [[ -z ${POPC_GPU_CHECK_ENV:-} ]]; then
   export PATH=$SITE/bin:$PATH
   export POPC_CACHE_DIR=$WORK/cache
   export POPC_ORT_INCLUDE_DIR=$WORK/ort-headers/onnxruntime
+  export POPC_CUDA_ARCHITECTURES=90  # the H200's only: a fraction of the default's build time
   unset POPC_OPLIB
   NVIDIA_LIBS=$(nvidia_library_path)
   export LD_LIBRARY_PATH=${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 
-if [[ ${1:-} == --do ]]; then
-  : "${OUT:?set OUT to the results directory}"
-  "do_$2"
-  exit $?
-fi
-
-export OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
-mkdir -p "$OUT" "$WORK"
-OUT=$(cd "$OUT" && pwd)
-LOG=$OUT/check.log
-STAGES=$OUT/stages.tsv
-: > "$LOG"
-printf 'stage\tstatus\tseconds\tnote\n' > "$STAGES"
-START=$SECONDS
-
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES"; echo "[$1] $2 ${4:-}"; }
 skip() { record "$1" skipped 0 "$2"; }
 
 # stage NAME CAP: `--do NAME` under timeout min(CAP, what is left of the budget); 0 if it passed.
+limit_for() {
+  local left=$(( BUDGET - (SECONDS - START) ))
+  echo $(( $1 < left ? $1 : left ))
+}
+
+finished() {  # NAME RC SECONDS LIMIT
+  if (( $2 == 0 )); then record "$1" ok "$3" ""
+  elif (( $2 == 124 || $2 == 137 )); then record "$1" timeout "$3" "stopped after ${4}s"
+  else record "$1" failed "$3" "exit $2: $(grep -v '^\s*$' "$5" | tail -1 | cut -c1-200)"
+  fi
+}
+
 stage() {
-  local name=$1 cap=$2 left=$(( BUDGET - (SECONDS - START) ))
-  local limit=$(( cap < left ? cap : left ))
+  local name=$1 limit
+  limit=$(limit_for "$2")
   if (( limit < 5 )); then skip "$name" "no time left in the ${BUDGET}s budget"; return 1; fi
   echo "=== $name (at most ${limit}s) $(date -u +%T)" >> "$LOG"
   local began=$SECONDS rc
   timeout --kill-after=10 "$limit" bash "$REPO/benchmarks/gpu_check.sh" --do "$name" >> "$LOG" 2>&1
   rc=$?
-  local took=$(( SECONDS - began ))
-  if (( rc == 0 )); then record "$name" ok "$took" ""
-  elif (( rc == 124 || rc == 137 )); then record "$name" timeout "$took" "stopped after ${limit}s"
-  else record "$name" failed "$took" "exit $rc: $(grep -v '^\s*$' "$LOG" | tail -1 | cut -c1-200)"
-  fi
+  finished "$name" "$rc" $(( SECONDS - began )) "$limit" "$LOG"
   return $rc
 }
 
-stage join 60 && joined=1 || joined=0
-if (( joined )); then stage install 120 && installed=1 || installed=0
-else skip install "the carried files did not join"; installed=0; fi
-stage probe 60 && gpu=1 || gpu=0
-if (( gpu )); then
-  stage build 150
-  stage pytest 240
-  stage bench_smollm2 150
-  stage bench_llama1b 600
-else
-  for name in build pytest bench_smollm2 bench_llama1b; do skip "$name" "no working CUDA execution provider (probe)"; done
+# in_background NAME CAP: like stage, but not waited for; its log and exit status land in
+# $WORK/NAME.log and .rc, which the stage that needs it waits for (wait_for).
+in_background() {
+  local name=$1 limit
+  limit=$(limit_for "$2")
+  rm -f "$WORK/$name.rc"
+  echo "=== $name in the background (at most ${limit}s) $(date -u +%T): its log comes with the stage that waits for it" >> "$LOG"
+  (
+    began=$SECONDS
+    timeout --kill-after=10 "$limit" bash "$REPO/benchmarks/gpu_check.sh" --do "$name" > "$WORK/$name.log" 2>&1 &
+    echo $! > "$WORK/$name.pid"
+    wait $!
+    rc=$?
+    rm -f "$WORK/$name.pid"
+    finished "$name" "$rc" $(( SECONDS - began )) "$limit" "$WORK/$name.log" > /dev/null
+    echo "$rc" > "$WORK/$name.rc"
+  ) &
+}
+
+# begin_run OUT_DIR: the results directory, its log and stage table, the budget's clock.
+begin_run() {
+  export OUT=$1
+  mkdir -p "$OUT" "$WORK"
+  OUT=$(cd "$OUT" && pwd)
+  LOG=$OUT/check.log
+  STAGES=$OUT/stages.tsv
+  : > "$LOG"
+  printf 'stage\tstatus\tseconds\tnote\n' > "$STAGES"
+  START=$SECONDS
+}
+
+# The whole check: OUT_DIR gets the results (see the top of this file).
+main() {
+  begin_run "${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}"
+  stage join 60 && joined=1 || joined=0
+  if (( joined )); then stage install 120 && installed=1 || installed=0
+  else skip install "the carried files did not join"; installed=0; fi
+  stage probe 60 && gpu=1 || gpu=0
+  if (( gpu )); then
+    in_background prewarm_smollm2 300
+    in_background prewarm_llama1b 360
+    stage build 150
+    stage pytest 240
+    stage bench_smollm2 150
+    stage bench_llama1b 600
+  else
+    for name in build pytest bench_smollm2 bench_llama1b; do skip "$name" "no working CUDA execution provider (probe)"; done
+  fi
+  for pid in "$WORK"/*.pid; do  # a background job nothing waited for: stop it (timeout passes TERM on)
+    [[ -e $pid ]] && kill -TERM "$(cat "$pid")" 2> /dev/null
+    rm -f "$pid"
+  done
+  wait
+  not_ok=$(sed 1d "$STAGES" | cut -f2 | grep -cv '^ok$')
+  record total "$( (( not_ok == 0 )) && echo ok || echo "$not_ok not ok")" "$(( SECONDS - START ))" "installed=$installed gpu=$gpu"
+  bash "$REPO/benchmarks/gpu_check.sh" --do summary 2>> "$LOG"
+  (( not_ok == 0 ))
+}
+
+# `bash gpu_check.sh OUT_DIR` runs the check, `--do NAME` one stage; sourced, it only defines.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  if [[ ${1:-} == --do ]]; then
+    : "${OUT:?set OUT to the results directory}"
+    "do_$2"
+    exit $?
+  fi
+  main "$@"
 fi
-not_ok=$(sed 1d "$STAGES" | cut -f2 | grep -cv '^ok$')
-record total "$( (( not_ok == 0 )) && echo ok || echo "$not_ok not ok")" "$(( SECONDS - START ))" "installed=$installed gpu=$gpu"
-bash "$REPO/benchmarks/gpu_check.sh" --do summary 2>> "$LOG"
-(( not_ok == 0 ))

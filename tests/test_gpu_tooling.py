@@ -460,3 +460,33 @@ def test_gpu_check_summary_judges_the_targets(tmp_path):
     assert "| MET |" in lines["1B-shaped POP 50% decode >= 1.15x dense (b1)"]
     assert "| MISSED |" in lines["1B-shaped POP 50% decode >= 1.0x dense (b4)"]
     assert "test passed" in lines["SmolLM2 fp16 greedy 32 tokens == transformers'"]
+
+
+def test_gpu_check_stages_in_the_background_are_waited_for_and_timed_out(tmp_path):
+    """The script's own stage machinery, on stand-in stages: a background stage that a later
+    one waits for (its log shown there), and a stage stopped at its time limit."""
+    script = f"""
+set -u
+export POPC_GPU_WORK={tmp_path / "work"} POPC_GPU_CHECK_SECONDS=60
+source {GPU_CHECK}
+begin_run {tmp_path / "out"}
+do_slow() {{ sleep 2; echo slow-done; }}
+do_waiter() {{ wait_for slow && echo waited; }}
+do_hang() {{ sleep 100; }}
+do_fails() {{ echo the reason; return 3; }}
+export -f do_slow do_waiter do_hang do_fails
+in_background slow 30
+stage waiter 30
+stage hang 5
+stage fails 30
+wait
+"""
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r.split("\t")[0]: r.split("\t") for r in (tmp_path / "out" / "stages.tsv").read_text().splitlines()[1:]}
+    assert rows["slow"][1] == "ok" and rows["waiter"][1] == "ok", rows
+    assert rows["hang"][1] == "timeout" and int(rows["hang"][2]) < 30
+    assert rows["fails"][1] == "failed" and rows["fails"][3] == "exit 3: the reason"
+    log = (tmp_path / "out" / "check.log").read_text()
+    assert log.index("slow-done") < log.index("waited")
+    assert not list((tmp_path / "work").glob("*.pid"))
