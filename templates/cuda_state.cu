@@ -36,7 +36,9 @@ Status make_slot(int device, cudaStream_t stream, Slot** out) {
   slot->device = device;
   slot->stream = stream;
   if (cudaError_t e = cudaMalloc(&slot->counters, sizeof(Counters)); e != cudaSuccess) return cuda_error(e, "cudaMalloc");
-  if (cudaError_t e = cudaMemset(slot->counters, 0, sizeof(Counters)); e != cudaSuccess) return cuda_error(e, "cudaMemset");
+  // On the slot's stream: ORT's streams do not wait for the legacy default stream.
+  if (cudaError_t e = cudaMemsetAsync(slot->counters, 0, sizeof(Counters), stream); e != cudaSuccess)
+    return cuda_error(e, "cudaMemsetAsync");
   if (cudaError_t e = cudaMallocHost(&slot->mirror, sizeof(Counters)); e != cudaSuccess) {
     cudaFree(slot->counters);
     return cuda_error(e, "cudaMallocHost");
