@@ -318,3 +318,23 @@ def test_tiny_bench_on_cuda_defaults_to_fp16(family, cuda, monkeypatch, tmp_path
     assert result.settings.dtype == "float16" and result.machine.gpu
     assert set(result.settings.variants) == {"dense-ort", "pop-body", "pop-oplib"}
     assert all(r.ms_per_step.median > 0 for r in result.decode)
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+@pytest.mark.parametrize("variant", ["float32-plain", "float16"])
+def test_eval_on_cuda_equals_eval_on_cpu(family, variant, cuda, tmp_path):
+    """``popc eval --device cuda``: every row's perplexity as on the CPU (POP rows included),
+    the device and GPU recorded."""
+    from popc.eval import EvalPlan, run_eval
+
+    _, root = family
+    load_on(root / f"pop-{variant}", cuda)  # the known gap: an xfail
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins. " * 8)
+    plans = {device: EvalPlan(root / f"pop-{variant}", text=text, tasks=[], windows=2, window=40, sparsities=[0.5],
+                              device=device) for device in ("cpu", cuda)}  # fmt: skip
+    results = {device: run_eval(plan) for device, plan in plans.items()}
+    assert results[cuda].info["device"] == "cuda" and results[cuda].info["gpu"]
+    for on_cpu, on_gpu in zip(results["cpu"].rows, results[cuda].rows, strict=True):
+        assert (on_cpu.method, on_cpu.sparsity) == (on_gpu.method, on_gpu.sparsity)
+        assert on_gpu.ppl == pytest.approx(on_cpu.ppl, rel=2e-2), on_cpu.method

@@ -191,3 +191,10 @@ def test_half_fused_export_on_cuda_is_refused_at_load_with_why(exports):
         popc.load(exports / "pop-fp16", device="cuda")
     with pytest.raises(PopcError, match="CUDA execution provider"):  # fp32: its attention runs on the CPU EP
         popc.load(exports / "pop", device="cuda")
+
+
+def test_eval_on_cuda_refuses_quantized_rows_before_loading(exports):
+    from popc.eval import EvalPlan, run_eval
+
+    with pytest.raises(PopcError, match="--quant exports run on the CPU only"):
+        run_eval(EvalPlan(exports / "pop", device="cuda", quant=["int4"], tasks=[]))
