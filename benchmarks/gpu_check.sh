@@ -97,15 +97,54 @@ EOF
   return $rc
 }
 
+# The GPU tests in three processes at once: SmolLM2's greedy test in each of its two variants
+# (their fixture makes two SmolLM2 exports, minutes on the CPU) and the rest (over 4 xdist
+# workers where pytest-xdist is installed). test_smollm2_bench_on_cuda is left out: the
+# bench_smollm2 stage measures that, with the peer. Each ends 15 s before the stage would
+# (SIGINT: pytest still writes its junit XML); the XMLs are merged into $OUT/pytest.xml.
 do_pytest() {
   cd "$REPO" || return 1
-  local files
+  local files part pids=() failed=0
   mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
   [[ ${#files[@]} -gt 0 ]] || { echo "no test file uses the gpu marker"; return 1; }
   echo "GPU test files: ${files[*]}"
-  # test_smollm2_bench_on_cuda is left out: the bench_smollm2 stage measures that, with the peer.
-  "$PY" -m pytest -q -m gpu -k "not test_smollm2_bench_on_cuda" -o addopts= -p no:cacheprovider -rs \
-    --durations=15 --junitxml="$OUT/pytest.xml" "${files[@]}"
+  local limit=$(( ${STAGE_LIMIT:-240} - 15 )) xdist=()
+  "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 4)
+  local greedy=test_smollm2_greedy_tokens_equal_transformers_on_cuda
+  declare -A selection=(
+    [main]="not test_smollm2_bench_on_cuda and not $greedy"
+    [smollm2-fp16]="$greedy and float16"
+    [smollm2-fp32]="$greedy and float32"
+  )
+  for part in main smollm2-fp16 smollm2-fp32; do
+    local extra=()
+    [[ $part == main ]] && extra=("${xdist[@]}")
+    timeout -s INT -k 10 "$limit" "$PY" -m pytest -q -m gpu -k "${selection[$part]}" -o addopts= -p no:cacheprovider \
+      -rs --durations=10 "${extra[@]}" --junitxml="$WORK/pytest-$part.xml" "${files[@]}" > "$WORK/pytest-$part.log" 2>&1 &
+    pids+=($!)
+  done
+  local i=0
+  for part in main smollm2-fp16 smollm2-fp32; do
+    wait "${pids[$i]}"
+    local rc=$?
+    i=$(( i + 1 ))
+    echo "--- pytest $part (exit $rc):"
+    cat "$WORK/pytest-$part.log"
+    (( rc == 0 )) || failed=1
+  done
+  "$PY" - "$OUT/pytest.xml" "$WORK"/pytest-main.xml "$WORK"/pytest-smollm2-fp16.xml "$WORK"/pytest-smollm2-fp32.xml <<'EOF'
+import sys, xml.etree.ElementTree as ET
+merged = ET.Element("testsuites")
+for path in sys.argv[2:]:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as error:
+        print(f"{path}: no junit XML ({error})")
+        continue
+    merged.extend(root.iter("testsuite"))
+ET.ElementTree(merged).write(sys.argv[1], encoding="utf-8", xml_declaration=True)
+EOF
+  return $failed
 }
 
 # `--dtype fp16` where `popc export` has it; else the bench's own choice on CUDA (fp16).
@@ -198,11 +237,11 @@ if doctor:
               f"cuda_problem {doctor.get('cuda_problem')}"]
 greedy = "not run"
 try:
-    suite = ET.parse(out / "pytest.xml").getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    counts = {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped")}
+    root = ET.parse(out / "pytest.xml").getroot()
+    suites = list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k) or 0) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     lines += ["", f"pytest -m gpu: {counts}"]
-    for case in suite.iter("testcase"):
+    for case in root.iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         skipped = case.find("skipped")
@@ -212,7 +251,7 @@ try:
             lines.append(f"- skipped {name}: {(skipped.get('message') or '')[:200]}")
         if "greedy" in name.lower() and "smollm" in name.lower():
             greedy = "FAILED" if bad is not None else "skipped" if skipped is not None else "passed"
-except (OSError, ET.ParseError, AttributeError):
+except (OSError, ET.ParseError):
     lines += ["", "pytest -m gpu: no pytest.xml"]
 
 def decode(data, variant, sparsity, batch):
@@ -300,7 +339,7 @@ stage() {
   if (( limit < 5 )); then skip "$name" "no time left in the ${BUDGET}s budget"; return 1; fi
   echo "=== $name (at most ${limit}s) $(date -u +%T)" >> "$LOG"
   local began=$SECONDS rc
-  timeout --kill-after=10 "$limit" bash "$REPO/benchmarks/gpu_check.sh" --do "$name" >> "$LOG" 2>&1
+  STAGE_LIMIT=$limit timeout --kill-after=10 "$limit" bash "$REPO/benchmarks/gpu_check.sh" --do "$name" >> "$LOG" 2>&1
   rc=$?
   finished "$name" "$rc" $(( SECONDS - began )) "$limit" "$LOG"
   return $rc
