@@ -126,7 +126,7 @@ def find_nvcc() -> str | None:
     """``$CUDACXX`` if set; else the first nvcc (PATH, /usr/local/cuda, PyPI's nvidia wheels) of
     the installed onnxruntime-gpu's CUDA major, else the first found."""
     if os.environ.get("CUDACXX"):
-        return os.environ["CUDACXX"] if os.access(os.environ["CUDACXX"], os.X_OK) else None
+        return shutil.which(os.environ["CUDACXX"])  # a path or a name on PATH; None if not executable
     found = [c for c in (shutil.which("nvcc"), *NVCC_LOCATIONS, *pip_nvcc_candidates())
              if c and Path(c).is_file() and os.access(c, os.X_OK)]  # fmt: skip
     if len(found) < 2:
