@@ -208,7 +208,10 @@ do_bench_smollm2() {
 
 do_bench_llama1b() {
   wait_for prewarm_llama1b || echo "the prewarm failed: the timed run builds what is missing itself"
-  grep -q -- "--device" <<< "$(llama1b_help)" || return 2
+  if ! grep -q -- "--device" <<< "$(llama1b_help)"; then
+    echo "benchmarks/llama1b_shaped.py has no --device option: the 1B-shaped check cannot run on CUDA"
+    return 2
+  fi
   # shellcheck disable=SC2054 # the commas are popc's list syntax
   llama1b --repeats 3 --batches 1,4 --json "$OUT/bench-llama1b.json" --markdown "$WORK/llama1b.md"
 }
