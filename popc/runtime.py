@@ -41,7 +41,11 @@ class GenerationResult:
         return asdict(self)
 
 
-def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None):
+def _make_session(
+    model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None, model_bytes: bytes | None = None
+):
+    """An ONNX Runtime session over ``model_path`` (or over ``model_bytes``, a rewritten copy of
+    its graph whose external data stays beside ``model_path``) and whether the op library is in."""
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -68,8 +72,10 @@ def _make_session(model_path: Path, device: str, use_oplib: bool = True, threads
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
+    if model_bytes is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=providers)
+        session = ort.InferenceSession(model_bytes or str(model_path), options, providers=providers)
     except Exception as error:  # ORT raises its own exception types for corrupt models
         raise PopcError(f"ONNX Runtime cannot load {model_path}: {str(error).splitlines()[0]}") from None
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
@@ -113,9 +119,12 @@ class PopcModel:
         # uses_oplib: whether the popc op library's kernels run the ai.popc ops.
         # Dense exports have no ai.popc ops: no need to load (or first build) the op library.
         has_popc_ops = config.get("pop") is not None
-        if device == "cuda" and config.get("ort_fusions") and config.get("dtype") in ("float16", "bfloat16"):
-            _refuse_attention_bias_on_cuda(location.model_path)  # before minutes of session setup
-        self.session, self.uses_oplib = _make_session(location.model_path, device, use_oplib and has_popc_ops, threads)
+        # takes_padding: whether left-padded batches run (see _bias_free_graph).
+        graph = _bias_free_graph(location.model_path) if _needs_bias_free_attention(device, config) else None
+        self.takes_padding = graph is None
+        self.session, self.uses_oplib = _make_session(
+            location.model_path, device, use_oplib and has_popc_ops, threads, graph
+        )
         graph_outputs = [o.name for o in self.session.get_outputs()]
         shapes = {v.name: v.shape for v in (*self.session.get_inputs(), *self.session.get_outputs())}
         inputs = {i.name: i.type for i in self.session.get_inputs()}
@@ -234,6 +243,7 @@ class PopcModel:
         ``logits_to_keep`` > 0 returns only the last that many positions' logits (the LM
         head runs on those alone); 0 returns every position's.
         """
+        self.check_padding(attention_mask)
         batch, new = input_ids.shape
         extends = bool(state) and state[0].ndim == 4 and state[0].shape[2] > 0
         if self.fused_attention and batch > 1 and new > 1 and extends:
@@ -261,6 +271,16 @@ class PopcModel:
         read and written in place; ``capacity`` (tokens, default: prompt + 256) sizes it,
         and it grows if outrun."""
         return BoundSteps(self, pop, capacity)
+
+    def check_padding(self, attention_mask: np.ndarray) -> None:
+        """Refuse a left-padded batch where the graph runs without its padding mask (a fused
+        fp16/bf16 export on CUDA: see ``_bias_free_graph``)."""
+        if not self.takes_padding and not np.all(attention_mask):
+            raise PopcError(
+                "this fp16/bf16 export runs on CUDA without its padding mask (ONNX Runtime's CUDA "
+                "GroupQueryAttention takes no attention_bias): give it prompts of equal length, one "
+                "batch at a time, or run it with --device cpu"
+            )
 
     def check_context(self, prompt_length: int) -> None:
         if prompt_length >= self.max_positions:
@@ -290,6 +310,11 @@ class PopcModel:
             raise PopcError("--max-new-tokens must be at least 1")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise PopcError("the prompt is empty")
+        if not self.takes_padding and len({len(p) for p in prompts}) > 1:
+            # Unequal prompts would need left padding, which this graph cannot mask: one
+            # prompt at a time (``on_tokens`` then sees each one's steps as a batch of one).
+            runs = [self.generate_ids([p], max_new_tokens, sampling, on_tokens, pop) for p in prompts]
+            return [r[0][0] for r in runs], sum(r[1] for r in runs) / len(runs), sum(r[2] for r in runs) / len(runs)
         longest = max(len(p) for p in prompts)
         self.check_context(longest)
         max_new_tokens = min(max_new_tokens, self.max_positions - longest)
@@ -363,19 +388,25 @@ class PopcModel:
         )
 
 
-def _refuse_attention_bias_on_cuda(model_path: Path) -> None:
-    """ORT's CUDA GroupQueryAttention (fp16/bf16) rejects an ``attention_bias`` input at every
-    call (onnxruntime's contrib_ops/cuda/bert/group_query_attention.cc); popc's fused graph
-    feeds one for left padding. Say so at load, not as ORT's error at the first step."""
+def _needs_bias_free_attention(device: str, config: dict[str, Any]) -> bool:
+    """A fused half-precision export on CUDA: its GroupQueryAttention runs on the GPU, where
+    ORT's kernel rejects any ``attention_bias`` input (onnxruntime's
+    contrib_ops/cuda/bert/group_query_attention.cc)."""
+    return device == "cuda" and bool(config.get("ort_fusions")) and config.get("dtype") in ("float16", "bfloat16")
+
+
+def _bias_free_graph(model_path: Path) -> bytes | None:
+    """The export's graph with GroupQueryAttention's ``attention_bias`` inputs dropped (None when
+    none has one). popc's graph feeds that bias only to mask left padding (0 at every real
+    token; ORT applies the causal mask itself), so without padding the graph computes the
+    same; padded batches are refused (:meth:`PopcModel.check_padding`)."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    if any(n.op_type == "GroupQueryAttention" and len(n.input) > 10 and n.input[10] for n in graph.node):
-        raise PopcError(
-            f"{model_path.parent} feeds GroupQueryAttention an attention_bias (popc's left padding), which "
-            "ONNX Runtime's CUDA kernel rejects: run this half-precision export with --device cpu, or an "
-            "fp32 export (--dtype fp32, --no-fuse for attention on the GPU) with --device cuda"
-        )
+    model = onnx.load(str(model_path), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 10 and n.input[10]]
+    for node in nodes:
+        node.input[10] = ""
+    return model.SerializeToString() if nodes else None
 
 
 def load(path: str | Path, device: str = "cpu", use_oplib: bool = True, threads: int | None = None) -> PopcModel:

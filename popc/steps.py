@@ -104,6 +104,7 @@ class BoundSteps:
         position's with 0; None with ``logits=False``: they stay on the device, for
         :meth:`greedy`); starts a new state. The default 1 runs the LM head on the last
         token only."""
+        self.model.check_padding(attention_mask)
         self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
         batch, length = input_ids.shape
         self.kv_buffers = {}

@@ -57,17 +57,16 @@ def family(request, tmp_path_factory):
     return source, root
 
 
-def load_on(directory: Path, device: str, **options):
-    """``popc.load`` on ``device``; a known gap is an xfail with its reason, not a failure: ORT's
-    CUDA GroupQueryAttention rejects the attention_bias popc's fused half-precision graph
-    feeds it (popc.runtime refuses such a load, saying so). Once the export feeds none, these
-    tests run for real."""
-    try:
-        return popc.load(directory, device=device, **options)
-    except popc.errors.PopcError as error:
-        if "attention_bias" in str(error):
-            pytest.xfail(str(error))
-        raise
+def unpadded_where_needed(model, lengths: list[int]) -> list[int]:
+    """``lengths``, or as many prompts of the longest length where the model cannot take left
+    padding (a fused fp16/bf16 export on CUDA: ORT's CUDA GroupQueryAttention takes no
+    attention_bias); that such a model refuses the padded batch is checked on the way."""
+    if model.takes_padding or len(set(lengths)) == 1:
+        return lengths
+    ids, mask = padded(lengths, 262)
+    with pytest.raises(popc.errors.PopcError, match="prompts of equal length"):
+        model.bound().prefill(ids, mask)
+    return [max(lengths)] * len(lengths)
 
 
 def on_device(value, device: str) -> bool:
@@ -94,7 +93,8 @@ def check_dense(source: Path, directory: Path, dtype: str, lengths: list[int], d
     greedy token), through the bound stepper; its on-device greedy pick = the argmax of the
     logits it returns."""
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH[dtype]).eval()
-    model = load_on(directory, device)
+    model = popc.load(directory, device=device)
+    lengths = unpadded_where_needed(model, lengths)
     ids, mask = padded(lengths, hf.config.vocab_size)
     stepper = model.bound(capacity=ids.shape[1] + 2)
     stepper.GROWTH = 2  # grows on the device twice along the way
@@ -148,8 +148,9 @@ def check_pop(
     partitions (up to near-ties), then decode steps from the graph's partitions, each row until
     its first near-tied decode selection. Returns how many (row, step) pairs were compared."""
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH[dtype]).eval()
-    model = load_on(directory, device, use_oplib=use_oplib)
+    model = popc.load(directory, device=device, use_oplib=use_oplib)
     assert model.uses_oplib == use_oplib
+    lengths = unpadded_where_needed(model, lengths)
     reference = PopReference(hf, settings)
     compared = 0
     try:
@@ -207,13 +208,14 @@ def test_pop_on_cuda_equals_reference(family, variant, settings, runner, cuda):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_generate_on_cuda_equals_generate_on_cpu(family, variant, cuda):
-    """popc's generate (greedy ids picked on the GPU, left-padded batch) gives the CPU's tokens
+    """popc's generate (greedy ids picked on the GPU; a left-padded batch, or one prompt at a
+    time where the graph cannot take padding) gives the CPU's tokens
     up to the first step where the CPU's own top-2 logits are near-tied (fp16 / TF32 rounding
     may flip those)."""
     _, root = family
     prompts = [[10, 11, 12, 13, 14, 15], [20, 21, 22]]
     dtype = VARIANTS[variant][0]
-    got, _, _ = load_on(root / f"dense-{variant}", cuda).generate_ids(prompts, DECODE_STEPS)
+    got, _, _ = popc.load(root / f"dense-{variant}", device=cuda).generate_ids(prompts, DECODE_STEPS)
     on_cpu = popc.load(root / f"dense-{variant}")
     ids = np.array([prompts[0], [on_cpu.pad_token_id] * 3 + prompts[1]], np.int64)
     mask = (np.arange(6) >= np.array([[0], [3]])).astype(np.int64)
@@ -234,8 +236,7 @@ def test_generate_on_cuda_equals_generate_on_cpu(family, variant, cuda):
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PROMPT = "What is the capital of France? Answer in one sentence."
 SMOLLM2_TOKENS = 32
-# fp16: what people deploy on a GPU; fp32 --no-fuse: every op on the GPU while the fused
-# half-precision graph cannot run there (see load_on).
+# fp16: what people deploy on a GPU; fp32 --no-fuse: every op on the GPU in fp32.
 SMOLLM2_VARIANTS = ["float16", "float32-plain"]
 
 
@@ -246,10 +247,6 @@ def smollm2(request, cuda, tmp_path_factory):
 
     dtype, fuse = VARIANTS[request.param]
     root = tmp_path_factory.mktemp(f"smollm2-{request.param}")
-    # The known gap in seconds on a tiny export, not after minutes of exporting SmolLM2.
-    tiny = make_tiny_model_dir(root, "llama")
-    export(ExportPlan(model=str(tiny), out=root / "probe", dtype=dtype, fuse=fuse))
-    load_on(root / "probe", cuda)
     export(ExportPlan(model=SMOLLM2, out=root / "dense", dtype=dtype, fuse=fuse))
     export(ExportPlan(model=SMOLLM2, out=root / "pop", dtype=dtype, fuse=fuse, pop=settings_for_sparsity(0.5)))
     return root, dtype
@@ -263,7 +260,7 @@ def test_smollm2_greedy_tokens_equal_transformers_on_cuda(smollm2, cuda):
     from popc.loading import load_model
 
     root, dtype = smollm2
-    model = load_on(root / "dense", cuda)
+    model = popc.load(root / "dense", device=cuda)
     result = model.generate(SMOLLM2_PROMPT, chat=True, max_new_tokens=SMOLLM2_TOKENS)
     hf = load_model(SMOLLM2).model.to(device="cuda", dtype=TORCH[dtype]).eval()
     ids = torch.tensor([result.prompt_ids], device="cuda")
@@ -311,7 +308,6 @@ def test_tiny_bench_on_cuda_defaults_to_fp16(family, cuda, monkeypatch, tmp_path
 
     _, root = family
     monkeypatch.setenv("POPC_CACHE_DIR", str(tmp_path / "cache"))
-    load_on(root / "pop-float16", cuda)  # the known gap first: an xfail, not a failed bench
     plan = BenchPlan(directory=root / "pop-float32", device=cuda, prompt_lengths=[8], batches=[1, 4], repeats=1,
                      warmup=0, decode_tokens=4, decode_prompt=8, memory_batches=())  # fmt: skip
     result = run_bench(plan)
@@ -328,7 +324,6 @@ def test_eval_on_cuda_equals_eval_on_cpu(family, variant, cuda, tmp_path):
     from popc.eval import EvalPlan, run_eval
 
     _, root = family
-    load_on(root / f"pop-{variant}", cuda)  # the known gap: an xfail
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins. " * 8)
     plans = {device: EvalPlan(root / f"pop-{variant}", text=text, tasks=[], windows=2, window=40, sparsities=[0.5],

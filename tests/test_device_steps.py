@@ -184,13 +184,35 @@ def test_greedy_before_prefill_is_a_clear_error(exports):
         stepper.greedy()
 
 
-def test_half_fused_export_on_cuda_is_refused_at_load_with_why(exports):
-    """ONNX Runtime's CUDA GroupQueryAttention rejects the attention_bias input popc's fused
-    graph feeds it: popc.load says so before building a session (checked without a GPU)."""
-    with pytest.raises(PopcError, match="attention_bias.*--device cpu"):
-        popc.load(exports / "pop-fp16", device="cuda")
-    with pytest.raises(PopcError, match="CUDA execution provider"):  # fp32: its attention runs on the CPU EP
-        popc.load(exports / "pop", device="cuda")
+def test_half_fused_exports_on_cuda_drop_the_padding_mask():
+    from popc.runtime import _needs_bias_free_attention
+
+    fused = {"ort_fusions": {"attention": "GroupQueryAttention"}}
+    assert _needs_bias_free_attention("cuda", {**fused, "dtype": "float16"})
+    assert _needs_bias_free_attention("cuda", {**fused, "dtype": "bfloat16"})
+    assert not _needs_bias_free_attention("cuda", {**fused, "dtype": "float32"})  # its attention runs on the CPU EP
+    assert not _needs_bias_free_attention("cpu", {**fused, "dtype": "float16"})
+    assert not _needs_bias_free_attention("cuda", {"ort_fusions": None, "dtype": "float16"})
+
+
+def test_the_bias_free_graph_equals_the_export_without_padding_and_refuses_padding(exports, monkeypatch):
+    """The graph a CUDA session of a fused fp16 export runs (GroupQueryAttention without
+    attention_bias, which ORT's CUDA kernel rejects), built here on the CPU: the same greedy
+    ids as the export on an unpadded batch; a padded batch is refused with why; generate_ids
+    runs unequal prompts one at a time, with each one's own tokens."""
+    whole = load(exports, "pop-fp16")
+    monkeypatch.setattr(popc.runtime, "_needs_bias_free_attention", lambda device, config: True)
+    bias_free = load(exports, "pop-fp16")
+    assert whole.takes_padding and not bias_free.takes_padding
+    equal = [[10, 11, 12, 13, 14], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]]
+    np.testing.assert_array_equal(host_greedy(bias_free, equal, NEW_TOKENS), host_greedy(whole, equal, NEW_TOKENS))
+    ids, mask = left_padded(bias_free, PROMPTS)
+    with pytest.raises(PopcError, match="prompts of equal length"):
+        bias_free.bound().prefill(ids, mask)
+    with pytest.raises(PopcError, match="prompts of equal length"):
+        bias_free.step(ids, mask, bias_free.initial_state(3))
+    one_by_one, _, _ = bias_free.generate_ids(PROMPTS, 6)
+    assert one_by_one == [whole.generate_ids([p], 6)[0][0] for p in PROMPTS]
 
 
 def test_eval_on_cuda_refuses_quantized_rows_before_loading(exports):
