@@ -579,13 +579,20 @@ def test_cached_pop_exports_without_the_default_score_are_made_again(tmp_path: P
 # ---- --device cuda: fp16 by default, popc's ORT variants, the GPU named ----------------------
 def test_cuda_plans_default_to_fp16_and_popc_variants(tiny):
     _, _, pop_dir = tiny
+    from popc.bench.peers import genai_available_on
+
     plan = BenchPlan(directory=pop_dir, device="cuda").resolved()
-    assert plan.dtype == "float16" and set(plan.variants) <= {"dense-ort", "pop-body", "pop-oplib"}
-    assert "dense-ort" in plan.variants and "pop-body" in plan.variants
+    peer = ["ort-genai"] if genai_available_on("cuda") else []  # genai's CUDA build, where installed
+    assert plan.dtype == "float16" and list(plan.variants) == ["dense-ort", "pop-body", "pop-oplib", *peer]
     assert BenchPlan(directory=pop_dir, device="cuda", dtype="bf16").resolved().dtype == "bfloat16"
     assert BenchPlan(directory=pop_dir).resolved().dtype == "float32"  # the CPU: the directory's own
     with pytest.raises(PopcError, match="hf-eager run on the CPU only"):
         BenchPlan(directory=pop_dir, device="cuda", variants=["dense-ort", "hf-eager"]).resolved()
+    if not peer:  # named, a genai peer that cannot run on CUDA here is an error saying what to install
+        with pytest.raises(PopcError, match="onnxruntime-genai"):
+            BenchPlan(directory=pop_dir, device="cuda", variants=["dense-ort", "ort-genai"]).resolved()
+    with pytest.raises(PopcError, match="dense-genai-runtime run on the CPU only"):
+        BenchPlan(directory=pop_dir, device="cuda", variants=["dense-genai-runtime"]).resolved()
     with pytest.raises(PopcError, match="quantized exports"):
         BenchPlan(directory=pop_dir, device="cuda", quant=["int4"]).resolved()
     with pytest.raises(PopcError, match="--dtype"):

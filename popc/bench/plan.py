@@ -87,8 +87,9 @@ DEVICES = ("cpu", "cuda")
 # The element type of popc's exports on each device when the plan names none: on a GPU
 # people deploy fp16 (bf16 on request), on a CPU fp32 (or a quantization scheme).
 DEVICE_DTYPES = {"cpu": "float32", "cuda": "float16"}
-# What runs on --device cuda: popc's ORT variants (PyTorch and onnxruntime-genai run on the CPU).
-CUDA_VARIANTS = ORT_VARIANTS
+# What runs on --device cuda: popc's ORT variants and onnxruntime-genai's own (fp16) CUDA build
+# (PyTorch, genai's runtime over popc's graph and the quantized variants run on the CPU).
+CUDA_VARIANTS = (*ORT_VARIANTS, GENAI_VARIANT)
 
 # `--full`: every measured sparsity, a 2048-token prompt, more repeats (~15 min
 # for SmolLM2-135M on 2 cores, against a few minutes for the defaults).
@@ -139,14 +140,14 @@ class BenchPlan:
     def resolved(self) -> BenchPlan:
         """This plan checked, with its variants and thread count filled in."""
         from popc.bench.machine import default_threads
-        from popc.bench.peers import default_variants, genai_available, import_genai
+        from popc.bench.peers import default_variants, genai_available, genai_available_on, import_genai_for
 
         if self.device not in DEVICES:
             raise PopcError(f"--device must be one of {', '.join(DEVICES)}, got {self.device}")
         variants = list(dict.fromkeys(self.variants)) if self.variants is not None else default_variants()
         if self.device == "cuda":
-            if self.variants is None:
-                variants = [v for v in variants if v in CUDA_VARIANTS]
+            if self.variants is None:  # the genai peer where its CUDA build is installed
+                variants = [*ORT_VARIANTS, *([GENAI_VARIANT] if genai_available_on("cuda") else [])]
             elif off := [v for v in variants if v in VARIANTS and v not in CUDA_VARIANTS]:
                 raise PopcError(
                     f"{', '.join(off)} run on the CPU only; with --device cuda choose from {', '.join(CUDA_VARIANTS)}"
@@ -169,7 +170,7 @@ class BenchPlan:
         if not variants:
             raise PopcError("--variants names no variant")
         if any(v in GENAI_RUNNERS for v in variants):
-            import_genai()  # asked for by name: a missing package is an error, not a silent skip
+            import_genai_for(self.device)  # asked for by name: a missing package is an error, not a silent skip
         if self.repeats < 1 or self.decode_tokens < 1:
             raise PopcError("--repeats and --decode-tokens must be at least 1")
         if self.warmup < 0:

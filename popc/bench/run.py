@@ -226,7 +226,7 @@ def make_runners(
         if variant not in variants:
             continue
         try:
-            built = genai_model(exports.spec, progress, precision=precision)
+            built = genai_model(exports.spec, progress, precision=precision, device=device)
             runners[variant] = GenaiRunner(built, threads, device, progress)
         except PopcError as error:
             if named:
