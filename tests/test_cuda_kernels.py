@@ -480,3 +480,24 @@ def test_bad_shapes_are_errors_on_cuda(gpu_library, dtype, case, op, changes, me
     model, feed = bad_shape_case(op, changes, dtype)
     with pytest.raises(Exception, match=message):
         library_session(model, gpu_library, "cuda").run(None, feed)
+
+
+@pytest.mark.gpu
+def test_provider_cuda_keeps_the_whole_ffn_on_the_gpu(gpu_library, monkeypatch, tmp_path):
+    """POPC_OPLIB_PROVIDER=cuda (popc's CUDA sessions): the CPU-only whole-FFN kernel is left out,
+    so its body runs on the CUDA EP with the decode kernel inside it on the GPU."""
+    from test_pop_decode_kernel import ffn_model
+
+    monkeypatch.setenv("POPC_OPLIB_PROVIDER", "cuda")  # read when the library is registered
+    rng = np.random.default_rng(10)
+    H, D = 64, 256
+    weights, norm = decode_weights(rng, D, H, "fp32")
+    model = ffn_model("PopSwiGLU", weights, rng.random(D).astype(np.float32), norm)
+    feed = decode_feed(rng, 2, 1, H, D, (32, 96, 40), 0, "fp32")
+    feed = {"X": feed["X"], "M": np.ones((2, 1), np.float32), "P": feed["P"], "C": feed["C"]}
+    (expected, _) = body_session(model).run(None, feed)
+    session = library_session(model, gpu_library, "cuda", tmp_path)
+    (got, partition) = session.run(None, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(partition, feed["P"])
+    assert node_providers(session, "PopSwiGLUDecode") == {"CUDAExecutionProvider"}
