@@ -490,3 +490,24 @@ wait
     log = (tmp_path / "out" / "check.log").read_text()
     assert log.index("slow-done") < log.index("waited")
     assert not list((tmp_path / "work").glob("*.pid"))
+
+
+def test_gpu_check_summary_does_not_judge_an_fp32_fallback(tmp_path):
+    """Where the fp16 export could not run on CUDA and SmolLM2 was measured in fp32, the fp16
+    target is not judged on those numbers."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stages.tsv").write_text("stage\tstatus\tseconds\tnote\n")
+    timing = {"median": 2.0, "min": 2.0, "max": 2.0, "samples": [2.0]}
+    smol = {"settings": {"dtype": "float32"}, "decode": [
+        {"variant": "dense-ort", "sparsity": 0.0, "batch": 1, "speedup": 1.0, "ms_per_step": timing},
+        {"variant": "ort-genai", "sparsity": 0.0, "batch": 1, "speedup": 0.5, "ms_per_step": timing},
+        {"variant": "pop-oplib", "sparsity": 0.5, "batch": 4, "speedup": 1.3, "ms_per_step": timing}]}  # fmt: skip
+    (out / "bench-smollm2.json").write_text(json.dumps(smol))
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out))
+    done = subprocess.run(["bash", str(GPU_CHECK), "--do", "summary"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = (out / "summary.md").read_text()
+    target = next(line for line in text.splitlines() if line.startswith("| SmolLM2 fp16 dense decode"))
+    assert "(float32)" in target and target.endswith("| n/a |")
+    assert "| (SmolLM2 POP 50% decode vs dense, b4, float32) | 1.300x | info |" in text
