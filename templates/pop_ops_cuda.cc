@@ -55,8 +55,9 @@ struct CudaPopDecodeKernel {
                                         g.RC, g.R, g.K, activation};
       args.output_norm = output_norm_for<T>(kName, optional_input(ctx, 6), cfg, g.D);
       const popc::cuda::Status status = popc::cuda::pop_decode(device.state, ctx.GetGPUComputeStream(), args);
-      raise_cuda_status(kName, status,
-                        "an index of partition is outside [0, " + std::to_string(g.D) + ") (D = rows of the weights)");
+      if (status.code != popc::cuda::kOk)
+        raise_cuda_status(kName, status,
+                          "an index of partition is outside [0, " + std::to_string(g.D) + ") (D = rows of the weights)");
     });
   }
 };

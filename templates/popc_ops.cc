@@ -121,8 +121,8 @@ struct CudaGatherKernel : GatherSignature<T, Transposed> {
       const popc::cuda::Status status =
           Transposed ? popc::cuda::gather_matmul_t(device.state, stream, A, W, I, Y, g.rows, g.H, g.N, g.K)
                      : popc::cuda::gather_matmul(device.state, stream, A, W, I, Y, g.rows, g.H, g.N, g.K);
-      raise_cuda_status(op, status,
-                        "an index of I is outside [0, " + std::to_string(g.N) + ") (N = rows of W)");
+      if (status.code != popc::cuda::kOk)  // (the message is built only then: this is the hot path)
+        raise_cuda_status(op, status, "an index of I is outside [0, " + std::to_string(g.N) + ") (N = rows of W)");
     });
   }
 };
