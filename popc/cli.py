@@ -565,6 +565,9 @@ def doctor(
         table.add_row("onnxruntime", report["onnxruntime"])
         table.add_row("available providers", ", ".join(report["available_providers"]))
         table.add_row("nvcc", str(report["nvcc"] or "not found"))
+        table.add_row("CUDA", str(report.get("cuda_majors", "?")))
+        if report.get("cuda_problem"):
+            table.add_row("CUDA problem", f"[red]{report['cuda_problem']}[/]")
         if report["toolchain_problem"]:
             table.add_row("build toolchain", f"[yellow]{report['toolchain_problem']}[/]")
         if report["build_error"]:
@@ -574,7 +577,9 @@ def doctor(
         Console().print(table)
         if not present and not report["disabled"]:
             console.print("build it with `popc doctor --build`", style="dim")
-    ok = report["disabled"] or (report["present"] and report.get("loaded") and all(report.get("ops_ok", {}).values()))
+    ok = not report.get("cuda_problem") and (
+        report["disabled"] or (report["present"] and report.get("loaded") and all(report.get("ops_ok", {}).values()))
+    )
     if (build or rebuild) and not ok:
         raise typer.Exit(1)
 

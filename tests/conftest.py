@@ -70,7 +70,11 @@ def cuda_unavailable_reason() -> str | None:
     from popc import oplib
 
     info = oplib.find_library()
-    if info is None or not info.cuda:
+    if info is None:
+        return "the popc op library is not built (popc doctor --build)"
+    if info.cuda_problem:
+        return info.cuda_problem
+    if "CUDAExecutionProvider" not in info.providers:
         return "the popc op library was built without CUDA kernels (popc doctor --rebuild with nvcc)"
     return None
 
