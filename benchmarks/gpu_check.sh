@@ -158,9 +158,10 @@ do_prewarm_smollm2() {
   local dir=$WORK/smollm2 dense flags
   export POPC_OPLIB_AUTOBUILD=0  # the build stage builds the op library, once
   flags=$(export_dtype)
-  # popc refuses, at load, a fused half-precision export that ORT's CUDA attention cannot run.
-  # Asked of a tiny export in seconds (not of SmolLM2's after minutes): if so, SmolLM2 is
-  # measured as fp32 --no-fuse (every op on the GPU), and the summary says so.
+  # Whether a fused fp16 export loads and generates on CUDA (ORT's CUDA GroupQueryAttention
+  # takes no attention_bias: popc loads the graph without it), asked of a tiny export in
+  # seconds, not of SmolLM2's after minutes. If not, SmolLM2 is measured as fp32 --no-fuse
+  # (every op on the GPU), and the summary says so.
   mkdir -p "$dir"
   if [[ -n $flags ]] && ! "$PY" - "$WORK/fp16-probe" "$REPO/tests" <<'EOF'
 import shutil, sys
@@ -176,8 +177,9 @@ root = Path(sys.argv[1])
 shutil.rmtree(root, ignore_errors=True)
 tiny = make_tiny_model_dir(root, "llama")
 export(ExportPlan(model=str(tiny), out=root / "export", dtype="float16"))
-popc.load(root / "export", device="cuda", use_oplib=False)
-print("a fused fp16 export loads on CUDA")
+model = popc.load(root / "export", device="cuda", use_oplib=False)
+ids = model.generate_ids([[5, 6, 7]], max_new_tokens=2)
+print("a fused fp16 export generates on CUDA:", ids)
 EOF
   then
     echo "the fused fp16 export does not run on CUDA (above): SmolLM2 is measured as fp32 --no-fuse instead"

@@ -4,6 +4,7 @@
     python benchmarks/llama1b_shaped.py --sparsities 0.25,0.5,0.75 --batches 1,4 --repeats 5
     python benchmarks/llama1b_shaped.py --quant int4 --variants dense-ort-int4,pop-oplib-int4 \
         --json benchmarks/results/llama1b-shaped-int4.json --markdown benchmarks/results/llama1b-shaped-int4.md
+    python benchmarks/llama1b_shaped.py --device cuda                 # on a GPU: fp16 exports, CUDA EP
     python benchmarks/llama1b_shaped.py --layers 1 --repeats 1 --batches 1 --out-dir /tmp/l1b
                                             # smoke test: 1 layer (~1.3 GB), 3-5 minutes on 2 cores
 
@@ -182,9 +183,9 @@ def write_model(directory: Path, wanted: dict, force: bool) -> bool:
     return True
 
 
-def write_export(source: Path, out: Path, sparsity: float | None, force: bool) -> bool:
-    """``popc export source --out out`` (``--sparsity`` when given), unless ``out`` already holds
-    an export of ``source`` of that kind. Returns whether it exported.
+def write_export(source: Path, out: Path, sparsity: float | None, force: bool, dtype: str = "fp32") -> bool:
+    """``popc export source --out out --dtype dtype`` (``--sparsity`` when given), unless ``out``
+    already holds an export of ``source`` of that kind and element type. Returns whether it exported.
 
     A child process: the export's peak memory (a few times the model's size) goes back to
     the system before the bench loads both exports."""
@@ -192,12 +193,15 @@ def write_export(source: Path, out: Path, sparsity: float | None, force: bool) -
     existing = out / "popc.json"
     if not force and existing.is_file():
         config = json.loads(existing.read_text())
+        from popc.export import canonical_dtype
+
         same = config.get("source") == str(source) and bool(config.get("pop")) == (sparsity is not None)
+        same = same and config.get("dtype", "float32") == canonical_dtype(dtype)
         # Made from this model, not from one built earlier in the same place.
         if same and existing.stat().st_mtime >= (source / SHAPE_FILE).stat().st_mtime:
             console.print(f"[green]reusing[/] the {kind} export in {out}")
             return False
-    command = [sys.executable, "-m", "popc", "export", str(source), "--out", str(out), "--force"]
+    command = [sys.executable, "-m", "popc", "export", str(source), "--out", str(out), "--force", "--dtype", dtype]
     command += [] if sparsity is None else ["--sparsity", str(sparsity)]
     console.print(f"[bold]exporting {kind}[/]: popc {' '.join(command[3:])}", highlight=False)
     done = subprocess.run(command, check=False)
@@ -274,11 +278,16 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per run (default: 32)")
     parser.add_argument("--decode-prompt", type=int, default=64, help="prompt tokens before decode (default: 64)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: one per physical core)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the bench runs (default: cpu)")
+    parser.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), help="element type of both exports (default: fp32 on cpu, fp16 on cuda)"
+    )
     parser.add_argument("--json", type=Path, help="bench JSON (default: benchmarks/results/llama1b-shaped[-<N>l].json)")
     parser.add_argument(
         "--markdown", type=Path, help="bench tables (default: benchmarks/results/llama1b-shaped[-<N>l].md)"
     )
     args = parser.parse_args()
+    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     if args.layers < 1:
         parser.error("--layers must be at least 1")
     if not args.sparsities or any(not 0 < s < 1 for s in args.sparsities):
@@ -306,7 +315,7 @@ def main() -> None:
         exported = False
         for kind, sparsity in (("dense", None), ("pop", args.sparsities[0])):
             mark = time.perf_counter()
-            exported |= write_export(work / "model", work / kind, sparsity, redo)
+            exported |= write_export(work / "model", work / kind, sparsity, redo, args.dtype)
             seconds[f"export_{kind}"] = round(time.perf_counter() - mark, 1)
         mark = time.perf_counter()
         result = bench(work, args)
@@ -349,7 +358,7 @@ def bench(work: Path, args: argparse.Namespace):  # noqa: ANN201 - popc.bench.Be
         variants=[v.strip() for v in args.variants.split(",") if v.strip()],
         prompt_lengths=args.prompt_lengths, batches=args.batches, sparsities=args.sparsities,
         repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
-        decode_prompt=args.decode_prompt, threads=args.threads,
+        decode_prompt=args.decode_prompt, threads=args.threads, device=args.device, dtype=args.dtype,
         quant=[q.strip() for q in args.quant.split(",") if q.strip()],
     )  # fmt: skip
     with console_progress(console) as progress:

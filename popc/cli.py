@@ -464,6 +464,10 @@ def bench(
     torch_max_prompt: Annotated[Optional[int], typer.Option(help="Longest prompt the PyTorch variants prefill.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model for the PyTorch variants (default: the export's source).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="fp32, fp16 or bf16: the element type of the exports measured (re-exported where DIR's differs). [default: DIR's on cpu, fp16 on cuda]"),
+    ] = None,
     quant: Annotated[Optional[str], typer.Option(help="Comma list of int4,int8: also popc's quantized exports (dense-ort-int4, pop-oplib-int4, ...; exported once into the cache), and with int4 the quantized peers ort-genai-int4 and llama.cpp-q4_0 (where llama-bench is found) unless --variants names them. A quantized DIR adds its own scheme.")] = None,
 ) -> None:
     """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai, llama.cpp), against the memory roofline."""
@@ -483,7 +487,7 @@ def bench(
         variants=parse_list(variants, "--variants") or None,
         memory_batches=[] if (memory_batches or "").strip().lower() == "none" else parse_list(memory_batches, "--memory-batches", int),
         warmup=warmup, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
-        threads=threads, device=device, torch_max_prompt=torch_max_prompt,
+        threads=threads, device=device, dtype=dtype, torch_max_prompt=torch_max_prompt,
         quant=parse_list(quant, "--quant") or (),
     )  # fmt: skip
     plan = BenchPlan.full(directory, **options) if full else BenchPlan(directory=directory, **options)

@@ -61,7 +61,7 @@ def _make_session(
     # registers only the ops it has CUDA kernels for (the others run their function bodies on
     # the GPU): a CPU-only kernel there would pull the FFNs onto the CPU.
     with _scoped_env("POPC_OPLIB_PROVIDER", "cuda" if device == "cuda" else None):
-        uses_oplib = use_oplib and register_library(options)
+        uses_oplib = use_oplib and register_library(options, device=device)
     options.log_severity_level = 3
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
