@@ -1,0 +1,257 @@
+"""The KV-eviction reference (popc/reference/kv_eviction.py) and the long-context tasks.
+
+Tiny random-weight Llama and Gemma-3 (sliding-window layers) models in float64."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model_dir, make_tiny_tokenizer
+from popc import longcontext
+from popc.reference.kv_eviction import (
+    LAPROX_SCORES,
+    METHODS,
+    EvictionReference,
+    forced_mask,
+    global_keep,
+    laprox_scores,
+    random_keep,
+    snapkv_scores,
+    streaming_keep,
+    topk_per_head,
+    whole_cache_budget,
+)
+
+FAMILIES = ("llama", "gemma3")
+PROMPT, SINKS, WINDOW = 40, 2, 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        path = make_tiny_model_dir(tmp_path_factory.mktemp(family), family)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        model.config._attn_implementation = "eager"  # per-head 4-D masks in the masked check
+        out[family] = model
+    return out
+
+
+def prompt_ids(model, length=PROMPT, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(6, model.config.vocab_size, (1, length), generator=generator)
+
+
+def masked_forward(model, ids, prompt_length, kept):
+    """Logits [S, vocab] of the whole sequence through HF's own decoder layers, where every
+    query after the prompt sees, of the prompt, only the kept tokens of its layer and KV
+    head (``kept``: {layer: [Hkv, n]}); causal and sliding windows as HF applies them."""
+    base = model.model
+    config = model.config
+    length = ids.shape[1]
+    positions = torch.arange(length)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(base.layers))
+    hidden = base.embed_tokens(ids)
+    for index, layer in enumerate(base.layers):
+        allowed = (positions[None, :] <= positions[:, None]).expand(heads, -1, -1).clone()
+        if types[index] == "sliding_attention":
+            allowed &= positions[None, :] > positions[:, None] - config.sliding_window
+        if index in kept:
+            visible = torch.zeros(kv_heads, prompt_length, dtype=torch.bool)
+            visible.scatter_(1, kept[index], True)
+            visible = visible.repeat_interleave(heads // kv_heads, dim=0)  # [H, T]
+            allowed[:, prompt_length:, :prompt_length] &= visible[:, None, :]
+        # HF's eager softmax runs in fp32: a float64-min mask would overflow there.
+        mask = torch.where(allowed, 0.0, -1e30).to(torch.float64)[None]
+        if "layer_type" in inspect.signature(base.rotary_emb.forward).parameters:
+            rope = base.rotary_emb(hidden, positions[None], types[index])
+        else:
+            rope = base.rotary_emb(hidden, positions[None])
+        out = layer(hidden, attention_mask=mask, position_ids=positions[None], position_embeddings=rope)
+        hidden = out[0] if isinstance(out, tuple) else out
+    logits = model.lm_head(base.norm(hidden))[0]
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap is not None else logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_equals_hf_greedy(models, family):
+    model = models[family]
+    ids = prompt_ids(model)
+    with torch.no_grad():
+        expected = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    reference = EvictionReference(model)
+    prefill = reference.prefill(ids, window=WINDOW)
+    state = reference.evict(prefill, "laprox", 1.0, sinks=SINKS)
+    tokens = reference.greedy(state, prefill.last_logits, 6)
+    assert tokens == expected.sequences[0, PROMPT:].tolist()
+    logits = [prefill.last_logits]
+    state = reference.evict(prefill, "full")
+    for token in tokens[:-1]:
+        logits.append(reference.extend(state, torch.tensor([[token]]))[-1])
+    # HF returns fp32 logits (and its eager softmax runs in fp32): compare at fp32 precision.
+    torch.testing.assert_close(torch.stack(logits).float(), torch.cat(expected.logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["streaming", "snapkv", "random", "laprox"])
+def test_eviction_equals_masked_full_attention(models, family, method):
+    model = models[family]
+    reference = EvictionReference(model)
+    ids = prompt_ids(model)
+    follow = prompt_ids(model, length=5, seed=2)
+    prefill = reference.prefill(ids, window=WINDOW)
+    state = reference.evict(prefill, method, 0.4, sinks=SINKS)
+    kept = dict(zip(reference.evictable, reference.select(prefill, method, 0.4, sinks=SINKS)))
+    assert all(k.shape[1] < PROMPT for k in kept.values())  # something was evicted
+    got = torch.cat([prefill.last_logits[None], reference.extend(state, follow[:, :-1])])
+    with torch.no_grad():
+        expected = masked_forward(model, torch.cat([ids, follow], 1), PROMPT, kept)[PROMPT - 1 : -1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # One token at a time over a fresh compaction gives the same logits as the chunk.
+    state = reference.evict(prefill, method, 0.4, sinks=SINKS)
+    steps = [reference.extend(state, follow[:, i : i + 1])[-1] for i in range(4)]
+    torch.testing.assert_close(torch.stack(steps), got[1:], rtol=1e-8, atol=1e-8)
+
+
+def test_true_positions_after_compaction(models):
+    """Renumbering the compacted cache (positions 0..n-1) changes the logits: the reference
+    must not do it, and the masked check above pins the true-position result."""
+    model = models["llama"]
+    reference = EvictionReference(model)
+    ids = prompt_ids(model)
+    follow = prompt_ids(model, length=3, seed=3)
+    prefill = reference.prefill(ids, window=WINDOW)
+    state = reference.evict(prefill, "streaming", 0.3, sinks=SINKS)
+    true = reference.extend(state, follow)
+    renumbered = reference.evict(prefill, "streaming", 0.3, sinks=SINKS)
+    kept = renumbered.cache[0].positions.shape[1]
+    renumbered.next_position = kept
+    for layer in renumbered.cache:
+        layer.positions = torch.arange(kept).expand_as(layer.positions).clone()
+    assert not torch.allclose(true, reference.extend(renumbered, follow), atol=1e-4)
+    assert state.next_position == PROMPT + 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 12])
+def test_kept_counts_sinks_and_window(models, family, budget):
+    model = models[family]
+    reference = EvictionReference(model)
+    prefill = reference.prefill(prompt_ids(model), window=WINDOW)
+    layers = len(reference.evictable)
+    total = whole_cache_budget(budget, PROMPT, layers)
+    forced = forced_mask(PROMPT, SINKS, WINDOW).nonzero().flatten()
+    for method in METHODS[1:]:
+        for score in LAPROX_SCORES if method == "laprox" else (None,):
+            options = {"score": score} if score else {}
+            kept = reference.select(prefill, method, budget, sinks=SINKS, **options)
+            counts = [k.shape[1] for k in kept]
+            floor = SINKS + WINDOW
+            if method == "laprox":
+                assert sum(counts) == max(total, floor * layers)
+            else:
+                assert counts == [max(total // layers, floor)] * layers
+            for k in kept:
+                for head in k:
+                    assert set(forced.tolist()) <= set(head.tolist())
+                    assert head.unique().numel() == head.numel()
+    # Sliding-window layers (Gemma) are not evicted: they keep their window.
+    state = reference.evict(prefill, "laprox", budget, sinks=SINKS)
+    for index, window in enumerate(reference.windows):
+        if window is not None:
+            assert state.cache[index].positions[0].tolist() == list(range(PROMPT - window, PROMPT))
+    if family == "gemma3":
+        assert len(reference.evictable) < len(reference.layers)
+
+
+def test_streaming_random_patterns():
+    assert streaming_keep(20, 8, 2).tolist() == [0, 1, 14, 15, 16, 17, 18, 19]
+    forced = forced_mask(20, 2, 3)
+    first = random_keep(20, 9, forced, torch.Generator().manual_seed(5))
+    again = random_keep(20, 9, forced, torch.Generator().manual_seed(5))
+    other = random_keep(20, 9, forced, torch.Generator().manual_seed(6))
+    assert first.tolist() == again.tolist() and first.tolist() != other.tolist()
+    assert first.numel() == 9 and {0, 1, 17, 18, 19} <= set(first.tolist())
+
+
+def test_snapkv_per_kv_head_selection():
+    heads, window, length = 4, 2, 30  # 2 KV heads, 2 query heads each
+    probs = torch.full((heads, window, length), 1.0 / length)
+    probs[0:2, :, 10] += 1.0  # KV head 0's queries attend token 10
+    probs[2:4, :, 20] += 1.0  # KV head 1's queries attend token 20
+    probs[0, :, 5] += 0.5  # one query head of KV head 0 alone: still averaged in
+    scores = snapkv_scores(probs, kv_heads=2, pool=1)
+    keep = topk_per_head(scores, 4 + 2, forced_mask(length, 2, 2))
+    assert keep[0].tolist() == [0, 1, 5, 10, 28, 29]
+    assert 20 in keep[1].tolist() and 10 not in keep[1].tolist()
+    # Pooling spreads a peak to its neighbours (SnapKV's clustering).
+    pooled = snapkv_scores(probs, kv_heads=2, pool=3)
+    assert pooled[1, 19] > pooled[1, 15] and pooled[1, 21] > pooled[1, 25]
+
+
+def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
+    heads, hidden, dim, length = 2, 3, 2, 6
+    # o_proj: head 0 writes its value to the output, head 1 writes its negation.
+    o_weight = torch.zeros(hidden, heads * dim, dtype=torch.float64)
+    o_weight[:dim, :dim] = torch.eye(dim)
+    o_weight[:dim, dim:] = -torch.eye(dim)
+    values = torch.ones(1, length, dim, dtype=torch.float64)  # one KV head shared (GQA)
+    values[0, 3] = torch.tensor([2.0, 2.0])
+    probs = torch.full((heads, 1, length), 0.1, dtype=torch.float64)
+    probs[:, 0, 2] = 0.5  # both heads attend token 2: the heads' contributions cancel
+    probs[0, 0, 3] = 0.5  # only head 0 attends token 3: it survives
+    out = torch.ones(1, hidden, dtype=torch.float64)
+    for score in LAPROX_SCORES:
+        s = laprox_scores(probs, values, o_weight, out, score)
+        assert s[2] < 1e-9 < s[3], score  # attention-only scores would rank token 2 first
+    assert snapkv_scores(probs, 1, pool=1)[0, 2] > snapkv_scores(probs, 1, pool=1)[0, 3]
+    # Two window queries reading token 4 through opposite heads: each query's contribution
+    # is large, their average is zero. "mean" ranks token 4 first, "sum" scores it 0.
+    probs = torch.full((heads, 2, length), 0.1, dtype=torch.float64)
+    probs[0, 0, 4], probs[1, 1, 4] = 0.6, 0.6
+    out = torch.ones(2, hidden, dtype=torch.float64)
+    assert laprox_scores(probs, values, o_weight, out, "mean-total").argmax() == 4
+    assert laprox_scores(probs, values, o_weight, out, "sum-total")[4] < 1e-9
+
+
+def test_global_keep_gives_budget_to_the_layer_that_needs_it():
+    forced = forced_mask(12, 1, 2)
+    flat = torch.full((12,), 0.01)
+    peaked = flat.clone()
+    peaked[[4, 6, 8]] = torch.tensor([0.9, 0.8, 0.7])
+    kept = global_keep([flat, peaked], total=3 * 2 + 3, forced=forced)
+    assert kept[0].tolist() == [0, 10, 11]
+    assert kept[1].tolist() == [0, 4, 6, 8, 10, 11]
+    floored = global_keep([flat, peaked], total=3 * 2 + 3, forced=forced, floor=1)
+    assert len(floored[0]) == 4 and {4, 6} <= set(floored[1].tolist())
+    assert sum(len(k) for k in floored) == 9
+
+
+def test_passkey_items_are_deterministic_with_the_needle_at_depth():
+    tokenizer = make_tiny_tokenizer()
+    text = " ".join(f"Sentence number {i} talks about the weather in town {i % 7}." for i in range(200))
+    for depth in longcontext.PASSKEY_DEPTHS:
+        item = longcontext.passkey_item(tokenizer, text, 600, depth, seed=3)
+        assert item == longcontext.passkey_item(tokenizer, text, 600, depth, seed=3)
+        assert len(item.ids) == 600
+        needle = tokenizer.decode(item.ids[item.needle_start : item.needle_start + item.needle_length])
+        assert needle.strip() == longcontext.NEEDLE.format(key=item.key)
+        head = len(tokenizer(longcontext.INSTRUCTION, add_special_tokens=False)["input_ids"])
+        filler = 600 - head - item.needle_length - len(longcontext._encode(tokenizer, longcontext.QUESTION))
+        assert abs((item.needle_start - head) / filler - depth) < 0.1
+        assert tokenizer.decode(item.ids).endswith(longcontext.QUESTION)
+    keys = {longcontext.passkey_item(tokenizer, text, 600, 0.5, seed=s).key for s in range(5)}
+    assert len(keys) > 1 and all(len(k) == 5 for k in keys)
+    assert longcontext.passkey_correct(" 12345. The", "12345")
+    assert not longcontext.passkey_correct(" 1234", "12345")
+    items = longcontext.continuation_items(tokenizer, text, prefix=300, continuation=20, count=3)
+    assert len(items) == 3 and all(len(i.prefix) == 300 and len(i.continuation) == 20 for i in items)
