@@ -53,6 +53,11 @@ struct Slot {
   bool pending = false;          // a copy was queued and not yet looked at
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
+  // A CUDA graph captured on this stream keeps the scratch addresses it was captured with, and
+  // may be replayed after a regular (uncaptured) call grew the scratch: once a capture has used
+  // this slot, outgrown buffers are kept until the state is deleted instead of freed.
+  bool captured = false;
+  std::vector<void*> retired;
 };
 
 struct DeviceState {

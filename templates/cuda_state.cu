@@ -23,6 +23,7 @@ void delete_device_state(DeviceState* state) {
     cudaFree(slot->counters);
     cudaFreeHost(slot->mirror);
     cudaFree(slot->scratch);
+    for (void* old : slot->retired) cudaFree(old);
   }
   if (restore) cudaSetDevice(current);
   cudaGetLastError();  // leave no sticky error for the application
@@ -89,6 +90,7 @@ Status open_slot(DeviceState* state, cudaStream_t stream, size_t scratch_bytes, 
     if (Status s = make_slot(device, stream, &slot); s.code != kOk) return s;
     state->slots.emplace_back(slot);
   }
+  if (*capturing) slot->captured = true;
   // Reports left by earlier calls, on this stream or another one of this kernel object (concurrent
   // Runs use several streams): the first whose copy has completed.
   if (!*capturing && !state->sync_checks) {
@@ -104,7 +106,8 @@ Status open_slot(DeviceState* state, cudaStream_t stream, size_t scratch_bytes, 
   if (slot->scratch_bytes < scratch_bytes) {
     // Grows (rarely: shapes grew); the old buffer may still be in use by queued kernels.
     if (cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) return cuda_error(e, "cudaStreamSynchronize");
-    cudaFree(slot->scratch);
+    if (slot->captured && slot->scratch) slot->retired.push_back(slot->scratch);  // a graph may still use it
+    else cudaFree(slot->scratch);
     slot->scratch = nullptr;
     slot->scratch_bytes = 0;
     const size_t bytes = scratch_bytes + scratch_bytes / 4;  // headroom for the next growth
