@@ -97,7 +97,12 @@ Status open_slot(DeviceState* state, cudaStream_t stream, size_t scratch_bytes, 
     for (auto& other : state->slots) {
       if (!other->pending || other->device != device) continue;
       const cudaError_t q = cudaEventQuery(other->copied);
-      if (q == cudaErrorNotReady) continue;
+      if (q == cudaErrorNotReady) {
+        // Not an error, but the runtime records it as the thread's last error: cleared here, or
+        // the launch's cudaGetLastError() would report this call as failed ("device not ready").
+        cudaGetLastError();
+        continue;
+      }
       if (q != cudaSuccess) return cuda_error(q, "cudaEventQuery");
       other->pending = false;
       if (Status s = new_errors(other.get(), true); s.code != kOk) return s;
