@@ -126,14 +126,22 @@ class Compacted:
 # --------------------------------------------------------------------------- scores
 
 
+def pool_scores(score: torch.Tensor, pool: int) -> torch.Tensor:
+    """Scores [..., T] average-pooled along tokens with an odd kernel ``pool`` (SnapKV's
+    clustering: a peak's neighbours are kept with it, e.g. the digits after the first one
+    a question attends to, which decoding reads only later)."""
+    if pool <= 1:
+        return score
+    shape = score.shape
+    flat = score.reshape(-1, 1, shape[-1])
+    return F.avg_pool1d(flat, pool, stride=1, padding=pool // 2, count_include_pad=False).reshape(shape)
+
+
 def snapkv_scores(probs: torch.Tensor, kv_heads: int, pool: int = SNAPKV_POOL) -> torch.Tensor:
     """[Hkv, T]: the window probabilities [H, w, T] averaged over window queries and over
     each KV head's query heads, then average-pooled along tokens (SnapKV's clustering)."""
     heads, _, length = probs.shape
-    score = probs.mean(1).view(kv_heads, heads // kv_heads, length).mean(1)
-    if pool > 1:
-        score = F.avg_pool1d(score[:, None], pool, stride=1, padding=pool // 2, count_include_pad=False)[:, 0]
-    return score
+    return pool_scores(probs.mean(1).view(kv_heads, heads // kv_heads, length).mean(1), pool)
 
 
 def laprox_scores(
@@ -151,14 +159,16 @@ def laprox_scores(
     w_o = o_weight.view(o_weight.shape[0], heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
     u = torch.bmm(per_head, w_o)  # [H, T, hidden]: v_t W_O[h], what head h writes per unit weight
     if aggregation == "sum":
-        contribution = torch.einsum("ht,htk->tk", probs.mean(1), u)
+        contribution = (probs.mean(1)[:, :, None] * u).sum(0)  # [T, hidden]
         value = contribution.norm(dim=-1)
         reference = window_out.mean(0).norm()
     elif aggregation == "mean":
         # ||sum_h a_h u_h||^2 = a^T G a with the per-token Gram matrix G_t = U_t U_t^T [H, H]:
         # the per-query norms without materialising [w, T, hidden].
-        gram = torch.einsum("htk,gtk->thg", u, u)
-        squared = torch.einsum("hit,thg,git->it", probs, gram, probs)
+        per_token = u.transpose(0, 1)  # [T, H, hidden]
+        gram = torch.bmm(per_token, per_token.transpose(1, 2))  # [T, H, H]
+        a = probs.permute(2, 1, 0)  # [T, w, H]
+        squared = (torch.bmm(a, gram) * a).sum(-1).transpose(0, 1)  # [w, T]
         value = squared.clamp_min(0).sqrt().mean(0)
         reference = window_out.norm(dim=-1).mean()
     else:
@@ -363,8 +373,11 @@ class EvictionReference:
         score: str = DEFAULT_LAPROX_SCORE,
         seed: int = 0,
         floor: int = 0,
+        pool: int = SNAPKV_POOL,
     ) -> list[torch.Tensor]:
-        """Per evictable layer, the kept token indices [Hkv, n] (sorted per head)."""
+        """Per evictable layer, the kept token indices [Hkv, n] (sorted per head). ``score``,
+        ``floor`` (tokens each layer keeps beyond sinks and window before the model-wide
+        top-k) and ``pool`` (the token pooling of the scores) are LaProx's; ``seed`` random's."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         length, heads = prefill.length, self.kv_heads
@@ -386,9 +399,12 @@ class EvictionReference:
                 for i in self.evictable
             ]
         scores = [
-            laprox_scores(
-                prefill.window_probs[i], prefill.cache[i].values, self.layers[i].self_attn.o_proj.weight,
-                prefill.window_out[i], score,
+            pool_scores(
+                laprox_scores(
+                    prefill.window_probs[i], prefill.cache[i].values, self.layers[i].self_attn.o_proj.weight,
+                    prefill.window_out[i], score,
+                ),
+                pool,
             )
             for i in self.evictable
         ]

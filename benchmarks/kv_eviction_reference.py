@@ -1,0 +1,202 @@
+"""KV-eviction reference on a real model: passkey accuracy and continuation perplexity.
+
+One prefill per prompt serves every method and budget (the scores come from that
+prefill; only the compaction and the decode differ). Writes the JSON after every prompt
+(a partial run keeps what it measured) and a Markdown table from it.
+
+    nice -n 10 python benchmarks/kv_eviction_reference.py --model smollm2-135m \
+        --out benchmarks/results/kv-eviction-reference-smollm2
+    python benchmarks/kv_eviction_reference.py --report benchmarks/results/kv-eviction-reference-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from popc import longcontext
+from popc.reference.kv_eviction import DEFAULT_SINKS, DEFAULT_WINDOW, LAPROX_SCORES, EvictionReference
+
+BUDGETS = (0.05, 0.1, 0.2, 0.5)
+# (label, method, options): every LaProx variant pooled as SnapKV pools, and the default
+# variant unpooled, to show what the pooling is worth.
+VARIANTS = [
+    ("streaming", "streaming", {}),
+    ("snapkv", "snapkv", {}),
+    ("random", "random", {}),
+    *[(f"laprox:{score}", "laprox", {"score": score}) for score in LAPROX_SCORES],
+    ("laprox:mean-out:nopool", "laprox", {"score": "mean-out", "pool": 1}),
+]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
+
+
+def run_prompt(reference, ids, window, decode):
+    """Prefill once, then for full and every variant x budget: ``decode(state, logits)``."""
+    prefill = reference.prefill(torch.tensor([ids]), window=window)
+    rows = []
+    configs = [("full", "full", {}, 1.0)] + [(label, m, o, b) for label, m, o in VARIANTS for b in BUDGETS]
+    for label, method, options, budget in configs:
+        state = reference.evict(prefill, method, budget, sinks=DEFAULT_SINKS, **options)
+        value = decode(state, prefill.last_logits)
+        rows.append({
+            "method": label, "budget": budget, "value": value, "evict_s": state.seconds,
+            "kept": sum(state.kept), "full": prefill.length * len(reference.evictable),
+        })
+    return prefill.seconds, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, help="results path without extension")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(longcontext.PASSKEY_LENGTHS))
+    parser.add_argument("--depths", type=float, nargs="+", default=list(longcontext.PASSKEY_DEPTHS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--ppl-prefixes", type=int, nargs="*", default=[2048, 4096])
+    parser.add_argument("--ppl-count", type=int, default=1)
+    parser.add_argument("--continuation", type=int, default=128)
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", type=Path, help="only rewrite the .md from an existing .json")
+    args = parser.parse_args()
+    if args.report:
+        write_report(args.report)
+        return
+    torch.set_num_threads(args.threads)
+    from popc.loading import load_model
+
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    reference = EvictionReference(model)
+    text = longcontext.held_text()
+    result = {
+        "model": args.model, "machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "window": args.window, "sinks": DEFAULT_SINKS, "evictable_layers": len(reference.evictable),
+        "layers": len(reference.layers), "passkey": [], "ppl": [],
+    }
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        write_report(args.out)
+
+    for item in longcontext.passkey_items(tokenizer, text, args.lengths, args.depths, args.seeds):
+        start = time.perf_counter()
+
+        def decode(state, logits, item=item):
+            generated = tokenizer.decode(reference.greedy(state, logits, 6))
+            return {"correct": longcontext.passkey_correct(generated, item.key), "text": generated}
+
+        prefill_s, rows = run_prompt(reference, item.ids, args.window, decode)
+        result["passkey"].append({
+            "length": len(item.ids), "depth": item.depth, "seed": item.seed, "key": item.key,
+            "prefill_s": prefill_s, "rows": rows,
+        })
+        save()
+        print(f"passkey {len(item.ids)} {item.depth}: {time.perf_counter() - start:.0f}s", flush=True)
+    for prefix in args.ppl_prefixes:
+        for item in longcontext.continuation_items(tokenizer, text, prefix, args.continuation, args.ppl_count):
+            start = time.perf_counter()
+
+            def decode(state, logits, item=item):
+                return reference.continuation_nll(state, logits, torch.tensor([item.continuation]))
+
+            prefill_s, rows = run_prompt(reference, item.prefix, args.window, decode)
+            result["ppl"].append({"prefix": prefix, "offset": item.offset, "prefill_s": prefill_s, "rows": rows})
+            save()
+            print(f"ppl {prefix}: {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def write_report(out: Path) -> None:
+    result = json.loads(out.with_suffix(".json").read_text())
+    methods = list(dict.fromkeys(r["method"] for p in result["passkey"] + result["ppl"] for r in p["rows"]))
+    budgets = [1.0, *BUDGETS]
+    lines = [
+        f"# KV-eviction reference: {result['model']}",
+        "",
+        f"Machine: {result['machine']}. Date: {result['date']}. Sinks {result['sinks']}, observation window "
+        f"{result['window']} (both always kept); budget = fraction of prompt x {result['evictable_layers']} "
+        f"evictable layers (of {result['layers']}), whole cache. PyTorch reference "
+        "(`popc/reference/kv_eviction.py`), one prefill per prompt for every method and budget.",
+        "",
+    ]
+    prompts = result["passkey"]
+    if prompts:
+        lengths = sorted({p["length"] for p in prompts})
+        lines += [
+            f"## Passkey retrieval: accuracy % (n = {len(prompts)} prompts: lengths {lengths}, "
+            f"depths {sorted({p['depth'] for p in prompts})})",
+            "",
+            "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|",
+        ]
+        for method in methods:
+            cells = []
+            for budget in budgets:
+                hits = [r["value"]["correct"] for p in prompts for r in p["rows"] if r["method"] == method and r["budget"] == budget]
+                cells.append(f"{100 * sum(hits) / len(hits):.0f} ({len(hits)})" if hits else "")
+            if method == "full":
+                cells = [cells[0]] + [""] * len(BUDGETS)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Per length (full / snapkv / best LaProx at each budget):", ""]
+        for length in lengths:
+            subset = [p for p in prompts if p["length"] == length]
+            parts = []
+            for method in methods:
+                for budget in budgets:
+                    hits = [r["value"]["correct"] for p in subset for r in p["rows"] if r["method"] == method and r["budget"] == budget]
+                    if hits and (method == "full") == (budget == 1.0):
+                        parts.append(f"{method}@{budget:g}={sum(hits)}/{len(hits)}")
+            lines.append(f"- {length} tokens: " + ", ".join(parts))
+        lines.append("")
+    if result["ppl"]:
+        lines += [
+            f"## Continuation perplexity of the next tokens (n = {len(result['ppl'])} prefixes: "
+            f"{[p['prefix'] for p in result['ppl']]} tokens); geometric mean over prefixes",
+            "",
+            "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|",
+        ]
+        for method in methods:
+            cells = []
+            for budget in budgets:
+                nll = [r["value"] for p in result["ppl"] for r in p["rows"] if r["method"] == method and r["budget"] == budget]
+                cells.append(f"{math.exp(statistics.mean(nll)):.2f}" if nll else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    every = prompts + result["ppl"]
+    if every:
+        lines += ["## Eviction cost (scores + selection + compaction) / prefill, median over prompts", ""]
+        for method in methods:
+            ratios = [r["evict_s"] / p["prefill_s"] for p in every for r in p["rows"] if r["method"] == method and r["budget"] != 1.0]
+            if ratios:
+                lines.append(f"- {method}: {100 * statistics.median(ratios):.1f} % (n = {len(ratios)})")
+        prefill = {}
+        for p in every:
+            prefill.setdefault(p.get("length", p.get("prefix")), []).append(p["prefill_s"])
+        lines.append("- prefill seconds (median): " + ", ".join(f"{k}: {statistics.median(v):.1f}" for k, v in sorted(prefill.items())))
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
