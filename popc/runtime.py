@@ -42,10 +42,16 @@ class GenerationResult:
 
 
 def _make_session(
-    model_path: Path, device: str, use_oplib: bool = True, threads: int | None = None, model_bytes: bytes | None = None
+    model_path: Path,
+    device: str,
+    use_oplib: bool = True,
+    threads: int | None = None,
+    model_bytes: bytes | None = None,
+    dtype: str = "float32",
 ):
     """An ONNX Runtime session over ``model_path`` (or over ``model_bytes``, a rewritten copy of
-    its graph whose external data stays beside ``model_path``) and whether the op library is in."""
+    its graph whose external data stays beside ``model_path``) and whether the op library is in.
+    ``dtype``: the export's element type (popc.json's ``dtype``)."""
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -60,7 +66,13 @@ def _make_session(
     # The popc op library when present; else the ops' ONNX bodies run. In a CUDA session it
     # registers only the ops it has CUDA kernels for (the others run their function bodies on
     # the GPU): a CPU-only kernel there would pull the FFNs onto the CPU.
-    with _scoped_env("POPC_OPLIB_PROVIDER", "cuda" if device == "cuda" else None):
+    # The whole-FFN kernels are float32 only, and a registered op's types override its function
+    # body (ORT refuses the graph rather than falling back): half exports run the body, whose
+    # decode and partition ops have kernels for every float type.
+    whole_ffn = None if dtype == "float32" else "0"
+    with _scoped_env("POPC_OPLIB_PROVIDER", "cuda" if device == "cuda" else None), _scoped_env(
+        "POPC_OPLIB_WHOLE_FFN", whole_ffn
+    ):
         uses_oplib = use_oplib and register_library(options, device=device)
     options.log_severity_level = 3
     if device == "cuda":
@@ -123,7 +135,7 @@ class PopcModel:
         graph = _bias_free_graph(location.model_path) if _needs_bias_free_attention(device, config) else None
         self.takes_padding = graph is None
         self.session, self.uses_oplib = _make_session(
-            location.model_path, device, use_oplib and has_popc_ops, threads, graph
+            location.model_path, device, use_oplib and has_popc_ops, threads, graph, config.get("dtype", "float32")
         )
         graph_outputs = [o.name for o in self.session.get_outputs()]
         shapes = {v.name: v.shape for v in (*self.session.get_inputs(), *self.session.get_outputs())}
