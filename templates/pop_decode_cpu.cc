@@ -11,8 +11,10 @@
 //   * a stream that skips rows prefetches the next row it needs (the gap ends the
 //     hardware prefetcher's stream).
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -412,6 +414,10 @@ void CpuPopDecode<T, Rows>::select(PopDecodePlan& p, int64_t i) const {
   } else {
     for (int64_t j = 0; j < C; ++j) key[j] = std::fabs(a[ids[R + j]]);
   }
+  // A NaN key ranks highest (as on the GPU): comparisons with NaN would break nth_element's
+  // ordering and leave `kept` with fewer than K fresh ids, or write past it.
+  for (float& k : key)
+    if (std::isnan(k)) k = std::numeric_limits<float>::infinity();
   order.assign(key.begin(), key.end());
   std::nth_element(order.begin(), order.begin() + (K - 1), order.end(), std::greater<float>());
   const float t = order[K - 1];
@@ -422,6 +428,7 @@ void CpuPopDecode<T, Rows>::select(PopDecodePlan& p, int64_t i) const {
     const float k = key[j];
     if (k > t || (k == t && ties-- > 0)) kept[n++] = static_cast<int32_t>(ids[R + j]);
   }
+  assert(n == static_cast<int64_t>(kept.size()));
 }
 
 template <class T, class Rows>

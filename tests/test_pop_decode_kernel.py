@@ -119,6 +119,25 @@ def test_fused_decode_rejects_bad_partitions(library, bad, message):
         session(decode_model("PopSwiGLUDecode", weights), library).run(None, feed)
 
 
+def test_a_nan_candidate_key_ranks_highest(library):
+    """A NaN selection key (here a NaN output_norm entry, mode 2) ranks above every finite key,
+    as on the GPU: exactly K candidates are kept, the same as with a huge finite norm there."""
+    rng = np.random.default_rng(3)
+    H, D = 40, 96
+    weights = [(rng.standard_normal((D, H)) / 4).astype(np.float32) for _ in range(3)]
+    partition = np.stack([rng.permutation(D)[:56] for _ in range(3)]).astype(np.int64)
+    norms = spread_norms(rng, D, np.float32)
+    huge, nan = norms.copy(), norms.copy()
+    for row in partition:  # one candidate channel of each sequence
+        huge[row[30]], nan[row[30]] = 1e30, np.nan
+    feed = {"X": rng.standard_normal((3, 1, H)).astype(np.float32), "P": partition,
+            "C": np.array([16, 40, 20, 2], np.int64)}  # fmt: skip
+    (expected,) = session(decode_model("PopSwiGLUDecode", weights, output_norm=huge), None).run(None, feed)
+    for _ in range(2):  # twice: a second call must not reuse the first one's selection
+        (got,) = session(decode_model("PopSwiGLUDecode", weights, output_norm=nan), library).run(None, feed)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def partition_model(dtype, with_norm: bool = True) -> onnx.ModelProto:
     """One PopPartition node; static_score ``S`` and output_norm ``N`` are inputs (``N`` absent,
     as in an older export's node, without ``with_norm``)."""
