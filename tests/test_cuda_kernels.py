@@ -45,7 +45,8 @@ def rounded(values: np.ndarray, dtype: str) -> np.ndarray:
     return values
 
 
-def _functions() -> list[onnx.FunctionProto]:
+def pop_function_protos() -> list[onnx.FunctionProto]:
+    """The ai.popc function bodies, each importing the domain it calls (a model's functions)."""
     functions = []
     for function in POP_FUNCTIONS:
         proto = function.to_function_proto()
@@ -95,7 +96,7 @@ def op_model(
     graph = helper.make_graph(nodes, op, graph_inputs, graph_outputs, initializer=inits)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)],
-        functions=_functions(),
+        functions=pop_function_protos(),
     )  # fmt: skip
     model.ir_version = 10
     return model
@@ -450,7 +451,7 @@ def test_decode_step_replays_as_a_cuda_graph(gpu_library):
         initializer=[numpy_helper.from_array(a, n) for a, n in zip([config, *weights, norm], ["C", "Wg", "Wu", "Wd", "N"])],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)],
-                              functions=_functions())  # fmt: skip
+                              functions=pop_function_protos())  # fmt: skip
     model.ir_version = 10
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(gpu_library.path))

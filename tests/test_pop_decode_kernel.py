@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_cuda_kernels import pop_function_protos
 
 from popc import oplib
 from popc.templates.ops import DOMAIN, VERSION
-from popc.templates.pop_ffn import POP_FUNCTIONS
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,9 @@ def decode_model(
         [helper.make_tensor_value_info("Y", elem, ["b", "s", "h"])],
         initializer=[numpy_helper.from_array(w, n) for w, n in zip(weights, ("Wg", "Wu", "Wd"))] + norm,
     )  # fmt: skip
-    functions = []
-    for function in POP_FUNCTIONS:
-        proto = function.to_function_proto()
-        if not any(o.domain == DOMAIN for o in proto.opset_import):
-            proto.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
-        functions.append(proto)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)], functions=functions
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, VERSION)],
+        functions=pop_function_protos(),
     )
     model.ir_version = 10
     return model
