@@ -35,6 +35,17 @@ VARIANTS = [
     *[(f"laprox:{score}", "laprox", {"score": score}) for score in LAPROX_SCORES],
     ("laprox:mean-out:nopool", "laprox", {"score": "mean-out", "pool": 1}),
 ]
+# The second pass: how much of each layer's share is fixed before the model-wide top-k.
+FLOOR_VARIANTS = [
+    ("streaming", "streaming", {}),
+    ("snapkv", "snapkv", {}),
+    ("random", "random", {}),
+    ("laprox:sum-total", "laprox", {"score": "sum-total"}),
+    ("laprox:sum-total:floor0.5", "laprox", {"score": "sum-total", "floor": 0.5}),
+    ("laprox:sum-total:floor1", "laprox", {"score": "sum-total", "floor": 1.0}),
+    ("laprox:mean-out:floor0.5", "laprox", {"score": "mean-out", "floor": 0.5}),
+    ("laprox:mean-out:floor1", "laprox", {"score": "mean-out", "floor": 1.0}),
+]
 
 
 def machine() -> str:
@@ -49,11 +60,11 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
 
 
-def run_prompt(reference, ids, window, decode):
+def run_prompt(reference, ids, window, decode, variants):
     """Prefill once, then for full and every variant x budget: ``decode(state, logits)``."""
     prefill = reference.prefill(torch.tensor([ids]), window=window)
     rows = []
-    configs = [("full", "full", {}, 1.0)] + [(label, m, o, b) for label, m, o in VARIANTS for b in BUDGETS]
+    configs = [("full", "full", {}, 1.0)] + [(label, m, o, b) for label, m, o in variants for b in BUDGETS]
     for label, method, options, budget in configs:
         state = reference.evict(prefill, method, budget, sinks=DEFAULT_SINKS, **options)
         value = decode(state, prefill.last_logits)
@@ -68,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, help="results path without extension")
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(longcontext.PASSKEY_LENGTHS))
+    parser.add_argument("--lengths", type=int, nargs="*", default=list(longcontext.PASSKEY_LENGTHS))
     parser.add_argument("--depths", type=float, nargs="+", default=list(longcontext.PASSKEY_DEPTHS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ppl-prefixes", type=int, nargs="*", default=[2048, 4096])
@@ -76,6 +87,7 @@ def main() -> None:
     parser.add_argument("--continuation", type=int, default=128)
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--floors", action="store_true", help="the floor variants instead of the score variants")
     parser.add_argument("--report", type=Path, help="only rewrite the .md from an existing .json")
     args = parser.parse_args()
     if args.report:
@@ -87,6 +99,7 @@ def main() -> None:
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     reference = EvictionReference(model)
+    variants = FLOOR_VARIANTS if args.floors else VARIANTS
     text = longcontext.held_text()
     result = {
         "model": args.model, "machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
@@ -106,7 +119,7 @@ def main() -> None:
             generated = tokenizer.decode(reference.greedy(state, logits, 6))
             return {"correct": longcontext.passkey_correct(generated, item.key), "text": generated}
 
-        prefill_s, rows = run_prompt(reference, item.ids, args.window, decode)
+        prefill_s, rows = run_prompt(reference, item.ids, args.window, decode, variants)
         result["passkey"].append({
             "length": len(item.ids), "depth": item.depth, "seed": item.seed, "key": item.key,
             "prefill_s": prefill_s, "rows": rows,
@@ -120,7 +133,7 @@ def main() -> None:
             def decode(state, logits, item=item):
                 return reference.continuation_nll(state, logits, torch.tensor([item.continuation]))
 
-            prefill_s, rows = run_prompt(reference, item.prefix, args.window, decode)
+            prefill_s, rows = run_prompt(reference, item.prefix, args.window, decode, variants)
             result["ppl"].append({"prefix": prefix, "offset": item.offset, "prefill_s": prefill_s, "rows": rows})
             save()
             print(f"ppl {prefix}: {time.perf_counter() - start:.0f}s", flush=True)
@@ -157,16 +170,16 @@ def write_report(out: Path) -> None:
             if method == "full":
                 cells = [cells[0]] + [""] * len(BUDGETS)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Per length (full / snapkv / best LaProx at each budget):", ""]
         for length in lengths:
             subset = [p for p in prompts if p["length"] == length]
-            parts = []
+            lines += ["", f"{length} tokens (n = {len(subset)}): correct / n", ""]
+            lines += ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
             for method in methods:
+                cells = []
                 for budget in budgets:
                     hits = [r["value"]["correct"] for p in subset for r in p["rows"] if r["method"] == method and r["budget"] == budget]
-                    if hits and (method == "full") == (budget == 1.0):
-                        parts.append(f"{method}@{budget:g}={sum(hits)}/{len(hits)}")
-            lines.append(f"- {length} tokens: " + ", ".join(parts))
+                    cells.append(f"{sum(hits)}/{len(hits)}" if hits and (method == "full") == (budget == 1.0) else "")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if result["ppl"]:
         lines += [

@@ -255,3 +255,17 @@ def test_passkey_items_are_deterministic_with_the_needle_at_depth():
     assert not longcontext.passkey_correct(" 1234", "12345")
     items = longcontext.continuation_items(tokenizer, text, prefix=300, continuation=20, count=3)
     assert len(items) == 3 and all(len(i.prefix) == 300 and len(i.continuation) == 20 for i in items)
+
+
+def test_laprox_floor_interpolates_between_model_wide_and_uniform(models):
+    model = models["llama"]
+    reference = EvictionReference(model)
+    prefill = reference.prefill(prompt_ids(model), window=WINDOW)
+    layers = len(reference.evictable)
+    uniform = [k.shape[1] for k in reference.select(prefill, "laprox", 0.5, sinks=SINKS, floor=1.0)]
+    assert uniform == [whole_cache_budget(0.5, PROMPT, layers) // layers] * layers
+    wide = [k.shape[1] for k in reference.select(prefill, "laprox", 0.5, sinks=SINKS, floor=0.0)]
+    half = [k.shape[1] for k in reference.select(prefill, "laprox", 0.5, sinks=SINKS, floor=0.5)]
+    assert sum(wide) == sum(half) == sum(uniform)
+    share = uniform[0] - SINKS - WINDOW
+    assert min(half) >= SINKS + WINDOW + round(0.5 * share)

@@ -73,6 +73,7 @@ from popc.rotary import apply_rotary
 METHODS = ("full", "streaming", "snapkv", "random", "laprox")
 LAPROX_SCORES = ("mean-out", "mean-total", "sum-out", "sum-total")
 DEFAULT_LAPROX_SCORE = "mean-out"
+DEFAULT_LAPROX_FLOOR = 0.0
 SNAPKV_POOL = 7
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 16
@@ -372,12 +373,14 @@ class EvictionReference:
         sinks: int = DEFAULT_SINKS,
         score: str = DEFAULT_LAPROX_SCORE,
         seed: int = 0,
-        floor: int = 0,
+        floor: float = DEFAULT_LAPROX_FLOOR,
         pool: int = SNAPKV_POOL,
     ) -> list[torch.Tensor]:
         """Per evictable layer, the kept token indices [Hkv, n] (sorted per head). ``score``,
-        ``floor`` (tokens each layer keeps beyond sinks and window before the model-wide
-        top-k) and ``pool`` (the token pooling of the scores) are LaProx's; ``seed`` random's."""
+        ``floor`` (the fraction of the uniform per-layer share, beyond sinks and window,
+        that every layer keeps by its own ranking before the model-wide top-k: 0 = all
+        model-wide, 1 = uniform per layer) and ``pool`` (the token pooling of the scores)
+        are LaProx's; ``seed`` is random's."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         length, heads = prefill.length, self.kv_heads
@@ -408,7 +411,8 @@ class EvictionReference:
             )
             for i in self.evictable
         ]
-        return [keep.expand(heads, -1) for keep in global_keep(scores, total, forced, floor)]
+        share = max(per_layer - int(forced.sum()), 0)
+        return [keep.expand(heads, -1) for keep in global_keep(scores, total, forced, round(floor * share))]
 
     def compact(self, prefill: Prefill, kept: list[torch.Tensor]) -> Compacted:
         """Each evictable layer's cache gathered to its kept tokens (per head); sliding-window
