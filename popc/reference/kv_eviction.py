@@ -157,13 +157,16 @@ def laprox_scores(
     heads, _, length = probs.shape
     head_dim = values.shape[-1]
     per_head = values.repeat_interleave(heads // values.shape[0], dim=0)  # [H, T, d]
-    w_o = o_weight.view(o_weight.shape[0], heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
-    u = torch.bmm(per_head, w_o)  # [H, T, hidden]: v_t W_O[h], what head h writes per unit weight
     if aggregation == "sum":
-        contribution = (probs.mean(1)[:, :, None] * u).sum(0)  # [T, hidden]
+        # One GEMM: the window-averaged probabilities scale each head's values, o_proj sums
+        # the heads (what the layer's o_proj costs over the prompt, no [H, T, hidden]).
+        scaled = probs.mean(1)[:, :, None] * per_head  # [H, T, d]
+        contribution = scaled.transpose(0, 1).reshape(length, heads * head_dim) @ o_weight.T  # [T, hidden]
         value = contribution.norm(dim=-1)
         reference = window_out.mean(0).norm()
     elif aggregation == "mean":
+        w_o = o_weight.view(o_weight.shape[0], heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
+        u = torch.bmm(per_head, w_o)  # [H, T, hidden]: v_t W_O[h], what head h writes per unit weight
         # ||sum_h a_h u_h||^2 = a^T G a with the per-token Gram matrix G_t = U_t U_t^T [H, H]:
         # the per-query norms without materialising [w, T, hidden].
         per_token = u.transpose(0, 1)  # [T, H, hidden]
