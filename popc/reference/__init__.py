@@ -7,10 +7,13 @@ Every exported graph is checked against these. They import the graph side
 * :class:`SkipReference` — POP-prefill and the layer-dropping baseline, optionally
   with POP-online (``pop_prefill.py``);
 * :func:`fake_quantize_model` — the weights a quantized export stores (``quantized.py``);
-* :func:`greedy_generate` — greedy decoding with either (``generate.py``).
+* :func:`greedy_generate` — greedy decoding with either (``generate.py``);
+* :class:`EvictionReference` — KV-cache eviction after the prompt: LaProx and its
+  baselines (``kv_eviction.py``).
 """
 
 from popc.reference.generate import greedy_generate
+from popc.reference.kv_eviction import EvictionReference
 from popc.reference.pop_online import (
     GatedWeights,
     PopExperts,
@@ -24,6 +27,7 @@ from popc.reference.pop_prefill import PARTITION_SOURCES, SkipReference, continu
 from popc.reference.quantized import fake_quantize_model
 
 __all__ = [
+    "EvictionReference",
     "PARTITION_SOURCES",
     "GatedWeights",
     "PopExperts",
