@@ -49,15 +49,9 @@ FLOOR_VARIANTS = [
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
+    from popc.bench.machine import cpu_name
+
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
 
 
 def run_prompt(reference, ids, window, decode, variants):
@@ -155,30 +149,33 @@ def write_report(out: Path) -> None:
     prompts = result["passkey"]
     if prompts:
         lengths = sorted({p["length"] for p in prompts})
+        header = ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+
+        def hits(subset: list, method: str, budget: float) -> list:
+            return [r["value"]["correct"] for p in subset for r in p["rows"] if r["method"] == method and r["budget"] == budget]
+
         lines += [
             f"## Passkey retrieval: accuracy % (n = {len(prompts)} prompts: lengths {lengths}, "
             f"depths {sorted({p['depth'] for p in prompts})})",
             "",
-            "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
-            "|---" * (len(budgets) + 1) + "|",
+            *header,
         ]
         for method in methods:
             cells = []
             for budget in budgets:
-                hits = [r["value"]["correct"] for p in prompts for r in p["rows"] if r["method"] == method and r["budget"] == budget]
-                cells.append(f"{100 * sum(hits) / len(hits):.0f} ({len(hits)})" if hits else "")
+                found = hits(prompts, method, budget)
+                cells.append(f"{100 * sum(found) / len(found):.0f} ({len(found)})" if found else "")
             if method == "full":
                 cells = [cells[0]] + [""] * len(BUDGETS)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         for length in lengths:
             subset = [p for p in prompts if p["length"] == length]
-            lines += ["", f"{length} tokens (n = {len(subset)}): correct / n", ""]
-            lines += ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+            lines += ["", f"{length} tokens (n = {len(subset)}): correct / n", "", *header]
             for method in methods:
                 cells = []
                 for budget in budgets:
-                    hits = [r["value"]["correct"] for p in subset for r in p["rows"] if r["method"] == method and r["budget"] == budget]
-                    cells.append(f"{sum(hits)}/{len(hits)}" if hits and (method == "full") == (budget == 1.0) else "")
+                    found = hits(subset, method, budget)
+                    cells.append(f"{sum(found)}/{len(found)}" if found and (method == "full") == (budget == 1.0) else "")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if result["ppl"]:
