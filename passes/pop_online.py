@@ -67,6 +67,9 @@ class PopRewriteState:
     input_ids: ir.Value
     attention_mask: ir.Value
     per_ffn_token_mask: bool = False
+    # A KV-eviction export's per-layer mask (popc.kv_eviction): attention_mask is then
+    # layer_attention_mask [L, B, T], whose layer 0 uses its first layer_lengths[0] slots.
+    layer_lengths: ir.Value | None = None
     config: ir.Value = dataclasses.field(
         default_factory=lambda: ir.Value(name="pop_config", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
     )
@@ -77,6 +80,10 @@ class PopRewriteState:
     @classmethod
     def for_graph(cls, graph: ir.Graph, per_ffn_token_mask: bool = False) -> PopRewriteState:
         inputs = {value.name: value for value in graph.inputs}
+        if "layer_attention_mask" in inputs and "layer_lengths" in inputs and "input_ids" in inputs:
+            return cls(
+                graph, inputs["input_ids"], inputs["layer_attention_mask"], per_ffn_token_mask, inputs["layer_lengths"]
+            )
         if "attention_mask" not in inputs or "input_ids" not in inputs:
             raise ValueError("POP needs a popc-traced graph with input_ids and attention_mask inputs")
         return cls(graph, inputs["input_ids"], inputs["attention_mask"], per_ffn_token_mask)
@@ -108,7 +115,15 @@ class PopRewriteState:
             start = tape.op("Neg", [sequence])
             end = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([np.iinfo(np.int64).max]))})
             axes = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))})
-            window = tape.op("Slice", [self.attention_mask, start, end, axes])
+            mask = self.attention_mask
+            if self.layer_lengths is not None:  # layer 0's slots in use: [B, layer_lengths[0]]
+                first = tape.op("Constant", [], attributes={"value": ir.tensor(np.array(0, np.int64))})
+                mask = tape.op("Gather", [mask, first], attributes={"axis": 0})
+                zero = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([0], np.int64))})
+                used = tape.op("Slice", [self.layer_lengths, zero, tape.op("Constant", [], attributes={
+                    "value": ir.tensor(np.array([1], np.int64))})])  # fmt: skip
+                mask = tape.op("Slice", [mask, zero, used, axes])
+            window = tape.op("Slice", [mask, start, end, axes])
             self._token_mask = tape.op("Cast", [window], attributes={"to": ir.DataType.FLOAT})
             self._token_mask.name = "pop_token_mask"
             for node in tape.nodes:
@@ -119,7 +134,7 @@ class PopRewriteState:
     def token_mask_for(self, op, x: ir.Value) -> ir.Value:
         """The real-token mask of the tokens ``x`` holds: the graph-wide one, or with
         ``per_ffn_token_mask`` float(attention_mask[:, -S:]) with S = x.shape[1], built by ``op``."""
-        if not self.per_ffn_token_mask:
+        if not self.per_ffn_token_mask or self.layer_lengths is not None:
             return self.token_mask
         start = op.Neg(op.Shape(x, start=1, end=2))
         end = op.Constant(value_ints=[np.iinfo(np.int64).max])

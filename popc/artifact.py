@@ -269,6 +269,8 @@ def check_replaceable(directory: Path) -> None:
 # ---- the graph an export holds ------------------------------------------------------------
 # The inputs a popc graph takes besides its state (``past_*``) and what each must be.
 TOKEN_INPUTS = ("input_ids", "attention_mask")
+# A KV-eviction export (popc.kv_eviction) takes per-layer masks instead of attention_mask.
+EVICTION_INPUTS = ("input_ids", "layer_attention_mask", "layer_lengths")
 OPTIONAL_INPUTS = ("pop_config", "logits_to_keep")
 STATE_TYPES = ("tensor(float)", "tensor(float16)", "tensor(int64)")
 
@@ -283,7 +285,8 @@ def present_name(past_name: str) -> str:
 def interface_problem(inputs: dict[str, str], outputs: Collection[str], num_layers: int) -> str | None:
     """What makes a graph with ``inputs`` (name -> ORT type, e.g. ``tensor(int64)``) and
     ``outputs`` other than the graph popc exports for ``num_layers`` layers, or None."""
-    for name in TOKEN_INPUTS:
+    token_inputs = EVICTION_INPUTS if EVICTION_INPUTS[1] in inputs else TOKEN_INPUTS
+    for name in token_inputs:
         if inputs.get(name) != "tensor(int64)":
             return f"no int64 input {name!r}" if name not in inputs else f"input {name!r} is {inputs[name]}, not int64"
     if "logits" not in outputs:
@@ -293,7 +296,7 @@ def interface_problem(inputs: dict[str, str], outputs: Collection[str], num_laye
             if f"past_key_values.{layer}.{kind}" not in inputs:
                 return f"no input 'past_key_values.{layer}.{kind}' for layer {layer} of {num_layers}"
     for name, kind in inputs.items():
-        if name in TOKEN_INPUTS or name in OPTIONAL_INPUTS:
+        if name in token_inputs or name in OPTIONAL_INPUTS:
             continue
         if not name.startswith("past_"):
             return f"an input {name!r} that popc does not feed"

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from popc import __version__, atomic, families
+from popc import __version__, atomic, families, kv_eviction
 from popc.artifact import (
     CHAT_TEMPLATES_DIRECTORY,
     CONFIG_NAME,
@@ -76,6 +76,9 @@ class ExportPlan:
     # Weights, activations and KV cache: "float32", "float16" or "bfloat16" (canonical_dtype);
     # logits stay float32 (passes/convert_dtype.py).
     dtype: str = "float32"
+    # KV eviction after long prompts (popc.kv_eviction): per-layer cache lengths and the
+    # window queries the runtime scores tokens with; None exports the plain cache.
+    kv_window: int | None = None
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype)  # "fp16" -> "float16"; an unknown name is refused here
@@ -124,10 +127,15 @@ def check_dtype(plan: ExportPlan) -> str:
     return dtype
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Graph input and output names (the Optimum / onnxruntime-genai convention)."""
+def io_names(num_layers: int, kv_evict: bool = False) -> tuple[list[str], list[str]]:
+    """Graph input and output names (the Optimum / onnxruntime-genai convention; an eviction
+    export's per-layer mask and window queries: popc.kv_eviction)."""
     cache_in = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     cache_out = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    if kv_evict:
+        windows = [kv_eviction.window_query_name(i) for i in range(num_layers)]
+        inputs = ["input_ids", kv_eviction.LAYER_MASK, kv_eviction.LAYER_LENGTHS, *cache_in, LOGITS_TO_KEEP]
+        return inputs, ["logits", *cache_out, *windows]
     return ["input_ids", "attention_mask", *cache_in, LOGITS_TO_KEEP], ["logits", *cache_out]
 
 
@@ -142,29 +150,45 @@ def trace_to_onnx(
     prefill_skip: int | None = None,
     drop_layers: int | None = None,
     fused: bool = False,
+    kv_window: int | None = None,
 ) -> None:
     """Trace the model with its KV cache into an ONNX file with dynamic batch and lengths."""
-    decoder = ExportableDecoder(loaded.model, prefill_skip=prefill_skip, drop_layers=drop_layers, fused=fused).eval()
+    decoder = ExportableDecoder(
+        loaded.model, prefill_skip=prefill_skip, drop_layers=drop_layers, fused=fused, kv_window=kv_window
+    ).eval()
     shape = decoder.shape
-    inputs, outputs = io_names(shape.num_layers)
+    inputs, outputs = io_names(shape.num_layers, kv_evict=kv_window is not None)
     batch, seq, past = 2, 3, 2  # any sizes; every one of them is marked dynamic below
+    mask_shape = (batch, past + seq) if kv_window is None else (shape.num_layers, batch, past + seq)
+    lengths = [torch.full((shape.num_layers,), past + seq, dtype=torch.long)] if kv_window is not None else []
+    first_past = 2 + len(lengths)
     example = (
         torch.zeros(batch, seq, dtype=torch.long),
-        torch.ones(batch, past + seq, dtype=torch.long),
-        *[torch.zeros(batch, shape.num_kv_heads, past, shape.head_dim) for _ in inputs[2:-1]],
+        torch.ones(mask_shape, dtype=torch.long),
+        *lengths,
+        *[torch.zeros(batch, shape.num_kv_heads, past, shape.head_dim) for _ in inputs[first_past:-1]],
         torch.tensor(0, dtype=torch.long),  # logits_to_keep
     )
     dynamic = {
         "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
+        inputs[1]: {0: "batch", 1: "total_sequence"} if kv_window is None else {1: "batch", 2: "mask_sequence"},
         "logits": {0: "batch", 1: "sequence" if prefill_skip is None else "logits_sequence"},
     }
-    dynamic |= {name: {0: "batch", 2: "past_sequence"} for name in inputs[2:-1]}
-    dynamic |= {name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]}
+    dynamic |= {name: {0: "batch", 2: "past_sequence"} for name in inputs[first_past:-1]}
+    # Under eviction every layer's cache has a length of its own.
+    dynamic |= {
+        name: {0: "batch", 2: "total_sequence" if kv_window is None else f"total_sequence_{index // 2}"}
+        for index, name in enumerate(outputs[1 : 1 + 2 * shape.num_layers])
+    }
+    if kv_window is not None:
+        dynamic |= {name: {0: "batch", 1: "window"} for name in outputs[1 + 2 * shape.num_layers :]}
+        dynamic |= {
+            name: {0: "batch", 2: f"past_sequence_{index // 2}"} for index, name in enumerate(inputs[first_past:-1])
+        }
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived values are expected
         torch.onnx.export(
-            _PositionalEntry(decoder),
+            _PositionalEntry(decoder) if kv_window is None else _EvictionEntry(decoder),
             example,
             str(path),
             input_names=inputs,
@@ -184,6 +208,13 @@ class _PositionalEntry(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, *rest):  # noqa: ANN001, ANN201
         return self.decoder(input_ids, attention_mask, *rest[:-1], logits_to_keep=rest[-1])
+
+
+class _EvictionEntry(_PositionalEntry):
+    """``(input_ids, layer_attention_mask, layer_lengths, *past, logits_to_keep)``."""
+
+    def forward(self, input_ids, layer_mask, layer_lengths, *rest):  # noqa: ANN001, ANN201
+        return self.decoder(input_ids, layer_mask, *rest[:-1], logits_to_keep=rest[-1], layer_lengths=layer_lengths)
 
 
 def give_default(graph: ir.Graph, name: str, value: np.ndarray) -> None:
@@ -213,7 +244,7 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
 def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPlan) -> dict[str, Any]:
     config = loaded.model.config
     shape = decoder_shape(config)
-    inputs, outputs = io_names(shape.num_layers)
+    inputs, outputs = io_names(shape.num_layers, kv_evict=plan.kv_window is not None)
     tokenizer = loaded.tokenizer
     eos_ids = eos_token_ids(loaded)
     dtype = canonical_dtype(plan.dtype)
@@ -253,6 +284,7 @@ def export_config(loaded: LoadedModel, location: ExportLocation, plan: ExportPla
         "drop_layers": plan.drop_layers or None,
         "ort_fusions": ORT_FUSIONS_NOTE if plan.fused else None,
         "quant": None if plan.quant is None else plan.quant.config(),
+        "kv_eviction": None if plan.kv_window is None else kv_eviction.export_section(plan.kv_window),
     }
 
 
@@ -505,7 +537,7 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         content.mkdir()
         traced = staging / "traced.onnx"
         progress.stage("tracing the model to ONNX")
-        trace_to_onnx(loaded, traced, plan.prefill_skip, plan.drop_layers, fused=plan.fused)
+        trace_to_onnx(loaded, traced, plan.prefill_skip, plan.drop_layers, fused=plan.fused, kv_window=plan.kv_window)
 
         model = ir.load(traced)
         give_default(model.graph, LOGITS_TO_KEEP, np.array(0, np.int64))

@@ -190,6 +190,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hf_attn.k_norm, features.unit_offset_norm) if features.qk_norm else None
         self.fused = False  # trace as ORT's GroupQueryAttention (see ExportableDecoder)
         self.window: int | None = None
+        # KV eviction (popc.kv_eviction): the last ``kv_window`` queries (before RoPE) of
+        # each call, a graph output the runtime scores the prompt's tokens with.
+        self.kv_window: int | None = None
+        self.window_query: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, mask, past_key, past_value):
         if self.fused:
@@ -223,6 +227,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)).view(batch, seq, -1)
             k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim)).view(batch, seq, -1)
+        if self.kv_window is not None:
+            self.window_query = q[:, -self.kv_window :]
         out, key, value = ort_contrib.group_query_attention(
             q, k, v, past_key, past_value, inputs.seqlens_k, inputs.total, cos_cache, sin_cache, inputs.bias,
             self.num_heads, self.num_kv_heads, self.scaling, -1 if self.window is None else self.window,
@@ -237,6 +243,28 @@ class FusedInputs:
     seqlens_k: torch.Tensor  # int32 [B]: total - 1 in every row (left padding occupies slots)
     total: torch.Tensor  # int32 []: past + new
     bias: torch.Tensor  # float [B, 1, S, T]: 0 at tokens, most negative at padding
+
+
+def fused_inputs(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> FusedInputs:
+    """GroupQueryAttention's shared inputs for a cache of ``attention_mask.shape[1]`` slots."""
+    total = torch._shape_as_tensor(attention_mask)[1]
+    # A pad token's slot gets the most negative bias; ORT adds the causal mask itself.
+    # GroupQueryAttention wants it [B, 1, S, T]: broadcast against zeros shaped like the
+    # new tokens (fewer nodes than an Expand to a computed shape: decode runs them all).
+    pad_bias = torch.where(attention_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, None, None, :]
+    rows = (input_ids * 0).to(torch.float32)[:, None, :, None]
+    return FusedInputs(
+        seqlens_k=(attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32),
+        total=total.to(torch.int32),
+        bias=pad_bias + rows,
+    )
+
+
+def layer_inputs(layer_mask: torch.Tensor, layer_length: torch.Tensor, input_ids: torch.Tensor) -> FusedInputs:
+    """One layer's inputs under KV eviction, where every layer's cache has a length of its
+    own: the first ``layer_length`` (past + new) columns of its row [B, T] of the per-layer
+    mask (the past's shape is not the length: a shared KV buffer has spare slots)."""
+    return fused_inputs(ort_contrib.leading_slots(layer_mask, layer_length), input_ids)
 
 
 class DecoderLayer(nn.Module):
@@ -281,6 +309,7 @@ class ExportableDecoder(nn.Module):
         prefill_skip: int | None = None,
         drop_layers: int | None = None,
         fused: bool = False,
+        kv_window: int | None = None,
     ):
         super().__init__()
         config = hf_model.config
@@ -344,6 +373,12 @@ class ExportableDecoder(nn.Module):
                 scale = getattr(self, f"rope_scale_{name}")
                 self.register_buffer(f"cos_cache_{name}", (freqs.cos() * scale).contiguous(), persistent=False)
                 self.register_buffer(f"sin_cache_{name}", (freqs.sin() * scale).contiguous(), persistent=False)
+        # KV eviction: per-layer masks in, every layer's window queries out (forward_fused).
+        if kv_window is not None and not fused:
+            raise PopcError("--kv-evict is built on the fused graph (GroupQueryAttention); drop --no-fuse")
+        self.kv_window = kv_window
+        for layer in self.layers:
+            layer.self_attn.kv_window = kv_window
 
     def forward(
         self,
@@ -351,6 +386,7 @@ class ExportableDecoder(nn.Module):
         attention_mask: torch.Tensor,
         *past: torch.Tensor,
         logits_to_keep: torch.Tensor | None = None,
+        layer_lengths: torch.Tensor | None = None,
     ):
         batch, seq = input_ids.shape
         total = attention_mask.shape[1]
@@ -358,7 +394,7 @@ class ExportableDecoder(nn.Module):
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
         if self.fused:
-            return self.forward_fused(hidden, input_ids, attention_mask, past, logits_to_keep)
+            return self.forward_fused(hidden, input_ids, attention_mask, past, logits_to_keep, layer_lengths)
 
         # Positions count real tokens only, so left padding does not shift them.
         positions = (torch.cumsum(attention_mask, dim=-1) - 1).clamp(min=0)[:, total - seq :]
@@ -394,26 +430,21 @@ class ExportableDecoder(nn.Module):
             hidden = ort_contrib.keep_last_positions(hidden, logits_to_keep)
         return (self.logits(hidden), *presents)
 
-    def forward_fused(self, hidden, input_ids, attention_mask, past, logits_to_keep):
-        total = torch._shape_as_tensor(attention_mask)[1]
-        # A pad token's slot gets the most negative bias; ORT adds the causal mask itself.
-        # GroupQueryAttention wants it [B, 1, S, T]: broadcast against zeros shaped like the
-        # new tokens (fewer nodes than an Expand to a computed shape: decode runs them all).
-        pad_bias = torch.where(attention_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, None, None, :]
-        rows = (input_ids * 0).to(torch.float32)[:, None, :, None]
-        inputs = FusedInputs(
-            seqlens_k=(attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32),
-            total=total.to(torch.int32),
-            bias=pad_bias + rows,
-        )
+    def forward_fused(self, hidden, input_ids, attention_mask, past, logits_to_keep, layer_lengths=None):
+        # With KV eviction, attention_mask is per layer [L, B, T] (layer_inputs, per layer).
+        inputs = None if self.kv_window is not None else fused_inputs(attention_mask, input_ids)
         presents = []
         for index, layer in enumerate(self.layers):
             cos = getattr(self, f"cos_cache_{layer.rope}")
             sin = getattr(self, f"sin_cache_{layer.rope}")
+            if self.kv_window is not None:
+                inputs = layer_inputs(attention_mask[index], layer_lengths[index], input_ids)
             hidden, key, value = layer(hidden, cos, sin, inputs, past[2 * index], past[2 * index + 1])
             presents += [key, value]
         if logits_to_keep is not None:
             hidden = ort_contrib.keep_last_positions(hidden, logits_to_keep)
+        if self.kv_window is not None:
+            presents += [layer.self_attn.window_query for layer in self.layers]
         return (self.logits(hidden), *presents)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

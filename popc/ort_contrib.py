@@ -121,12 +121,34 @@ class KeepLastPositions(torch.autograd.Function):
         return out
 
 
+class LeadingSlots(torch.autograd.Function):
+    """``mask[:, :length]`` for a 0-d int64 ``length`` that stays a graph value (a Python
+    slice would bake the traced length in as a constant)."""
+
+    @staticmethod
+    def forward(ctx, mask, length):
+        return mask[:, : int(length)]
+
+    @staticmethod
+    def symbolic(g, mask, length):
+        starts = g.op("Constant", value_t=torch.tensor([0]))
+        ends = g.op("Reshape", length, g.op("Constant", value_t=torch.tensor([1])))
+        axes = g.op("Constant", value_t=torch.tensor([1]))
+        out = g.op("Slice", mask, starts, ends, axes)
+        out.setType(mask.type().with_sizes([None, None]) if hasattr(mask.type(), "with_sizes") else mask.type())
+        return out
+
+
 def group_query_attention(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return GroupQueryAttention.apply(*args)
 
 
 def simplified_layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return SimplifiedLayerNorm.apply(x, weight, eps)
+
+
+def leading_slots(mask: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    return LeadingSlots.apply(mask, length)
 
 
 def keep_last_positions(hidden: torch.Tensor, logits_to_keep: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ is given.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,8 @@ import numpy as np
 from popc.artifact import ExportLocation, check_interface, load_tokenizer, present_name, read_export
 from popc.device_ops import NUMPY_TYPES, DeviceOps
 from popc.errors import PopcError
+from popc.evicting_steps import EvictingSteps
+from popc.kv_eviction import LAYER_LENGTHS, LAYER_MASK, EvictionSettings, LayerAttention, read_layers
 from popc.pop import PopSettings
 from popc.sampling import SamplingOptions, check_sampling
 from popc.steps import BoundSteps
@@ -143,6 +146,8 @@ class PopcModel:
         check_interface(inputs, graph_outputs, config, location.model_path, shapes)
         self.tokenizer = load_tokenizer(location.directory)
         self.num_layers = int(config["num_layers"])
+        # KV eviction (popc.kv_eviction): per-layer masks in, window queries out.
+        self.kv_eviction = config.get("kv_eviction") or None
         self.num_kv_heads = int(config["num_kv_heads"])
         self.head_dim = int(config["head_dim"])
         self.max_positions = int(config["max_positions"])
@@ -264,7 +269,7 @@ class PopcModel:
                 for r in range(batch)
             ]  # fmt: skip
             return np.concatenate([r[0] for r in rows]), [np.concatenate(parts) for parts in zip(*(r[1] for r in rows))]
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        feed = {"input_ids": input_ids.astype(np.int64)} | self.mask_feed(attention_mask)
         feed |= {meta.name: value for meta, value in zip(self.state_inputs, state)}
         if self.has_pop_config:
             feed["pop_config"] = self.pop_counts(pop)
@@ -276,12 +281,36 @@ class PopcModel:
         outputs = self.session.run(self.output_order, feed)
         return outputs[0], outputs[1:]
 
-    def bound(self, pop: PopSettings | None = None, capacity: int | None = None) -> BoundSteps:
+    def mask_feed(self, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The mask inputs for ``attention_mask`` [B, T] (an eviction export's per-layer form,
+        every layer's cache the same length: the full cache)."""
+        mask = attention_mask.astype(np.int64)
+        if not self.kv_eviction:
+            return {"attention_mask": mask}
+        stacked = np.ascontiguousarray(np.broadcast_to(mask, (self.num_layers, *mask.shape)))
+        return {LAYER_MASK: stacked, LAYER_LENGTHS: np.full(self.num_layers, mask.shape[1], np.int64)}
+
+    @functools.cached_property
+    def attention_layers(self) -> list[LayerAttention]:
+        """Each layer's attention as KV eviction scores it (read from the graph once)."""
+        return read_layers(self.location.model_path)
+
+    def bound(
+        self, pop: PopSettings | None = None, capacity: int | None = None, kv: EvictionSettings | None = None
+    ) -> BoundSteps:
         """A prefill-then-decode stepper whose state stays in ONNX Runtime (IOBinding).
 
         With fused attention the KV cache is one buffer per layer on the session's device,
         read and written in place; ``capacity`` (tokens, default: prompt + 256) sizes it,
-        and it grows if outrun."""
+        and it grows if outrun. An eviction export's stepper evicts after the prefill
+        under ``kv`` (default: keep the full cache)."""
+        if self.kv_eviction:
+            return EvictingSteps(self, kv, pop, capacity)
+        if kv is not None and kv.evicts:
+            raise PopcError(
+                f"{self.location.directory} was exported without KV eviction; re-export it with "
+                "`popc export --kv-evict` to use --kv-budget"
+            )
         return BoundSteps(self, pop, capacity)
 
     def check_padding(self, attention_mask: np.ndarray) -> None:
@@ -309,6 +338,7 @@ class PopcModel:
         sampling: SamplingOptions | None = None,
         on_tokens: Callable[[np.ndarray], None] | None = None,
         pop: PopSettings | None = None,
+        kv: EvictionSettings | None = None,
     ) -> tuple[list[list[int]], float, float]:
         """Batched generation over left-padded prompts.
 
@@ -325,7 +355,7 @@ class PopcModel:
         if not self.takes_padding and len({len(p) for p in prompts}) > 1:
             # Unequal prompts would need left padding, which this graph cannot mask: one
             # prompt at a time (``on_tokens`` then sees each one's steps as a batch of one).
-            runs = [self.generate_ids([p], max_new_tokens, sampling, on_tokens, pop) for p in prompts]
+            runs = [self.generate_ids([p], max_new_tokens, sampling, on_tokens, pop, kv) for p in prompts]
             return [r[0][0] for r in runs], sum(r[1] for r in runs) / len(runs), sum(r[2] for r in runs) / len(runs)
         longest = max(len(p) for p in prompts)
         self.check_context(longest)
@@ -337,7 +367,7 @@ class PopcModel:
             input_ids[row, longest - len(ids) :] = ids
             attention_mask[row, longest - len(ids) :] = 1
 
-        stepper = self.bound(pop, capacity=longest + max_new_tokens)
+        stepper = self.bound(pop, capacity=longest + max_new_tokens, kv=kv)
         started = time.perf_counter()
         greedy = sampling.temperature == 0
         logits = stepper.prefill(input_ids, attention_mask, logits=not greedy)
@@ -372,6 +402,7 @@ class PopcModel:
         seed: int | None = None,
         on_text: Callable[[str], None] | None = None,
         pop: PopSettings | None = None,
+        kv: EvictionSettings | None = None,
     ) -> GenerationResult:
         """Generate from one prompt (text, or token ids); ``on_text`` receives text as it streams."""
         prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(i) for i in prompt]
@@ -390,7 +421,7 @@ class PopcModel:
                 on_text(text[len(shown) :])
                 shown = text
 
-        (generated,), prefill, decode = self.generate_ids([prompt_ids], max_new_tokens, sampling, stream, pop)
+        (generated,), prefill, decode = self.generate_ids([prompt_ids], max_new_tokens, sampling, stream, pop, kv)
         return GenerationResult(
             prompt_ids=prompt_ids,
             generated_ids=generated,

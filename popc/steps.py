@@ -70,11 +70,15 @@ class BoundSteps:
             state.append(self.ops.empty(shape, meta.type, on_host=True) if empty else self.ops.zeros(shape, meta.type))
         return state
 
+    def _bind_masks(self, binding: Any) -> None:
+        """The mask inputs of a step (an eviction export's are per layer: popc.evicting_steps)."""
+        binding.bind_ortvalue_input("attention_mask", self.ops.host(self.attention_mask))
+
     def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True, keep: int = 0) -> np.ndarray | None:
         binding = self.session.io_binding()
         host = self.ops.host
         binding.bind_ortvalue_input("input_ids", host(np.asarray(input_ids, np.int64)))
-        binding.bind_ortvalue_input("attention_mask", host(self.attention_mask))
+        self._bind_masks(binding)
         if self.model.has_logits_to_keep:
             binding.bind_ortvalue_input("logits_to_keep", host(np.array(keep, np.int64)))
         for meta, item in zip(self.model.state_inputs, state):
@@ -159,7 +163,7 @@ class BoundSteps:
         # Bound afresh each step, never updated in place: IOBinding copies a host value bound
         # to a GPU session's input when it is bound, so an in-place update would go unseen.
         binding.bind_ortvalue_input("input_ids", host(np.asarray(next_ids, np.int64)))
-        binding.bind_ortvalue_input("attention_mask", host(self.attention_mask))
+        self._bind_masks(binding)
         for meta, item in zip(self.model.state_inputs, self.state):
             if meta.name not in self.kv_buffers:
                 binding.bind_ortvalue_input(meta.name, item)

@@ -270,6 +270,58 @@ def whole_cache_budget(budget: float | int, length: int, layers: int) -> int:
     return min(budget, length) * layers
 
 
+@torch.no_grad()
+def select_tokens(
+    prefill: Prefill,
+    evictable: list[int],
+    kv_heads: int,
+    o_weights: list[torch.Tensor],
+    method: str,
+    budget: float | int = 1.0,
+    sinks: int = DEFAULT_SINKS,
+    score: str = DEFAULT_LAPROX_SCORE,
+    seed: int = 0,
+    floor: float = DEFAULT_LAPROX_FLOOR,
+    pool: int = SNAPKV_POOL,
+) -> list[torch.Tensor]:
+    """Per layer of ``evictable``, the kept token indices [Hkv, n] (sorted per head), from a
+    prefill's window probabilities and values (``o_weights``: each evictable layer's o_proj
+    weight [hidden, H * d]). ``score``,
+    ``floor`` (the fraction of the uniform per-layer share, beyond sinks and window,
+    that every layer keeps by its own ranking before the model-wide top-k: 0 = all
+    model-wide, 1 = uniform per layer) and ``pool`` (the token pooling of the scores)
+    are LaProx's; ``seed`` is random's."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    length, heads = prefill.length, kv_heads
+    forced = forced_mask(length, sinks, prefill.window)
+    layers = len(evictable)
+    total = whole_cache_budget(budget, length, layers)
+    per_layer = total // layers
+    if method == "full" or total >= length * layers:
+        return [torch.arange(length).expand(heads, -1) for _ in evictable]
+    if method == "streaming":
+        keep = streaming_keep(length, max(per_layer, int(forced.sum())), sinks)
+        return [keep.expand(heads, -1) for _ in evictable]
+    if method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return [random_keep(length, per_layer, forced, generator).expand(heads, -1) for _ in evictable]
+    if method == "snapkv":
+        return [
+            topk_per_head(snapkv_scores(prefill.window_probs[i], heads), per_layer, forced)
+            for i in evictable
+        ]
+    scores = [
+        pool_scores(
+            laprox_scores(prefill.window_probs[i], prefill.cache[i].values, o_weight, prefill.window_out[i], score),
+            pool,
+        )
+        for i, o_weight in zip(evictable, o_weights)
+    ]
+    share = max(per_layer - int(forced.sum()), 0)
+    return [keep.expand(heads, -1) for keep in global_keep(scores, total, forced, round(floor * share))]
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -382,55 +434,10 @@ class EvictionReference:
 
     # ---- selection and compaction
 
-    @torch.no_grad()
-    def select(
-        self,
-        prefill: Prefill,
-        method: str,
-        budget: float | int = 1.0,
-        sinks: int = DEFAULT_SINKS,
-        score: str = DEFAULT_LAPROX_SCORE,
-        seed: int = 0,
-        floor: float = DEFAULT_LAPROX_FLOOR,
-        pool: int = SNAPKV_POOL,
-    ) -> list[torch.Tensor]:
-        """Per evictable layer, the kept token indices [Hkv, n] (sorted per head). ``score``,
-        ``floor`` (the fraction of the uniform per-layer share, beyond sinks and window,
-        that every layer keeps by its own ranking before the model-wide top-k: 0 = all
-        model-wide, 1 = uniform per layer) and ``pool`` (the token pooling of the scores)
-        are LaProx's; ``seed`` is random's."""
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}")
-        length, heads = prefill.length, self.kv_heads
-        forced = forced_mask(length, sinks, prefill.window)
-        layers = len(self.evictable)
-        total = whole_cache_budget(budget, length, layers)
-        per_layer = total // layers
-        if method == "full" or total >= length * layers:
-            return [torch.arange(length).expand(heads, -1) for _ in self.evictable]
-        if method == "streaming":
-            keep = streaming_keep(length, max(per_layer, int(forced.sum())), sinks)
-            return [keep.expand(heads, -1) for _ in self.evictable]
-        if method == "random":
-            generator = torch.Generator().manual_seed(seed)
-            return [random_keep(length, per_layer, forced, generator).expand(heads, -1) for _ in self.evictable]
-        if method == "snapkv":
-            return [
-                topk_per_head(snapkv_scores(prefill.window_probs[i], heads), per_layer, forced)
-                for i in self.evictable
-            ]
-        scores = [
-            pool_scores(
-                laprox_scores(
-                    prefill.window_probs[i], prefill.cache[i].values, self.layers[i].self_attn.o_proj.weight,
-                    prefill.window_out[i], score,
-                ),
-                pool,
-            )
-            for i in self.evictable
-        ]
-        share = max(per_layer - int(forced.sum()), 0)
-        return [keep.expand(heads, -1) for keep in global_keep(scores, total, forced, round(floor * share))]
+    def select(self, prefill: Prefill, method: str, budget: float | int = 1.0, **options) -> list[torch.Tensor]:
+        """Per evictable layer, the kept token indices [Hkv, n] (:func:`select_tokens`)."""
+        o_weights = [self.layers[i].self_attn.o_proj.weight for i in self.evictable]
+        return select_tokens(prefill, self.evictable, self.kv_heads, o_weights, method, budget, **options)
 
     def compact(self, prefill: Prefill, kept: list[torch.Tensor]) -> Compacted:
         """Each evictable layer's cache gathered to its kept tokens (per head); sliding-window

@@ -1,0 +1,333 @@
+"""KV-cache eviction after a long prompt, on an exported graph: settings, scores, compaction.
+
+An export made with ``popc export --kv-evict`` differs from a plain one in two ways:
+
+* its attention mask is per layer, ``layer_attention_mask`` int64 [L, B, T] with
+  ``layer_lengths`` int64 [L]: layer l's cache uses its first ``layer_lengths[l]`` slots
+  (past + new) and ``layer_attention_mask[l, b, j]`` says whether slot j of row b holds a
+  token. Every layer's cache can thus have its own length (LaProx's model-wide budget);
+* it returns each layer's last ``window`` queries before RoPE, ``window_query.{l}``
+  [B, min(window, S), H * d], which score the prompt's tokens here.
+
+After the prefill (:func:`evict`) the window's attention probabilities are recomputed
+from those queries and the cached keys, every method's selection runs
+(:func:`popc.reference.kv_eviction.select_tokens`, the same policy as the PyTorch
+reference), and each layer's cache is gathered to its kept tokens, left-padded per row
+to the layer's longest row (the mask hides the padding).
+
+Positions. GroupQueryAttention rotates a new token by its slot in the layer's cache, which
+after compaction is not its true position. Attention scores depend only on the difference
+of the rotation angles of query and key, so every kept key is rotated once more, by minus
+the number of slots the compaction removed (``prompt slots - kept slots``): later tokens
+then see each kept key at exactly its true distance, whatever the compacted length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popc.errors import PopcError
+
+LAYER_MASK = "layer_attention_mask"
+LAYER_LENGTHS = "layer_lengths"
+WINDOW_QUERY_PREFIX = "window_query."
+DEFAULT_WINDOW = 16
+DEFAULT_SINKS = 4
+METHODS = ("full", "streaming", "snapkv", "random", "laprox")
+
+
+def window_query_name(layer: int) -> str:
+    return f"{WINDOW_QUERY_PREFIX}{layer}"
+
+
+def export_section(window: int) -> dict[str, Any]:
+    """The ``kv_eviction`` section of popc.json."""
+    return {
+        "window": window,
+        "methods": list(METHODS),
+        "inputs": {
+            LAYER_MASK: "int64 [num_layers, batch, slots]: 1 where slot j of layer l's cache holds a token of row b",
+            LAYER_LENGTHS: "int64 [num_layers]: slots in use per layer (past + new)",
+        },
+        "outputs": {"window_query.{i}": "float32 [batch, min(window, sequence), heads * head_dim], before RoPE"},
+        "positions": "kept keys are re-rotated by -(removed slots): later tokens attend at their true distances",
+    }
+
+
+def check_window(window: int) -> int:
+    if not isinstance(window, int) or window < 1:
+        raise PopcError(f"--kv-window must be a positive number of tokens, got {window!r}")
+    return window
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EvictionSettings:
+    """What to keep after the prefill: ``method`` (:data:`METHODS`) under ``budget`` (a
+    fraction of the prompt in (0, 1], or an int: the average tokens per layer), the first
+    ``sinks`` tokens and the observation window always kept. ``score``, ``floor`` and
+    ``pool`` are LaProx's (:mod:`popc.reference.kv_eviction`), ``seed`` random's."""
+
+    method: str = "laprox"
+    budget: float | int = 1.0
+    sinks: int = DEFAULT_SINKS
+    score: str = "sum-total"
+    floor: float = 1.0
+    pool: int = 7
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PopcError(f"--kv-method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise PopcError(f"--kv-budget must be a fraction in (0, 1] or a token count; got {budget!r}")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise PopcError(f"--kv-budget {budget} is not a fraction in (0, 1] (or give a token count such as 256)")
+        if isinstance(budget, int) and budget < 1:
+            raise PopcError(f"--kv-budget {budget} tokens: give at least 1 (or a fraction such as 0.05)")
+        if self.sinks < 0:
+            raise PopcError(f"--kv-sinks must be >= 0, got {self.sinks}")
+
+    @property
+    def evicts(self) -> bool:
+        return self.method != "full" and self.budget != 1.0
+
+    def options(self) -> dict[str, Any]:
+        return {"sinks": self.sinks, "score": self.score, "seed": self.seed, "floor": self.floor, "pool": self.pool}
+
+
+def parse_budget(text: str) -> float | int:
+    """``"0.05"`` -> 0.05 (a fraction), ``"256"`` -> 256 (tokens per layer on average)."""
+    cleaned = str(text).strip()
+    try:
+        value: float | int = int(cleaned)
+    except ValueError:
+        try:
+            value = float(cleaned.rstrip("%")) / (100 if cleaned.endswith("%") else 1)
+        except ValueError:
+            raise PopcError(f"--kv-budget {text!r} is neither a fraction (0.05, 5%) nor a token count (256)") from None
+    if value == 1:
+        value = 1.0  # "1": the whole cache (one token per layer would be below sinks + window anyway)
+    EvictionSettings(budget=value)  # validates
+    return value
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+@dataclass
+class LayerAttention:
+    """What scoring needs of one layer, read from its GroupQueryAttention node."""
+
+    heads: int
+    kv_heads: int
+    scale: float
+    local_window: int | None  # sliding-window layers keep their window and are not scored
+    cos: np.ndarray  # [max_positions, d/2], RoPE scaling folded in (GroupQueryAttention's tables)
+    sin: np.ndarray
+    o_weight: np.ndarray  # [hidden, heads * d], o_proj as nn.Linear stores it (no bias)
+
+
+def read_layers(model_path: Path) -> list[LayerAttention]:
+    """Every layer's attention, in layer order, from the exported graph: the attributes and
+    rotary tables of its GroupQueryAttention and the weight of the MatMul that reads its
+    output (o_proj)."""
+    import onnx_ir as ir
+
+    model = ir.load(model_path)
+    layers = []
+    for node in model.graph:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        o_proj = [user for user, _ in node.outputs[0].uses() if user.op_type == "MatMul"]
+        weight = o_proj[0].inputs[1].const_value if o_proj else None
+        cos, sin = node.inputs[7].const_value, node.inputs[8].const_value
+        if weight is None or cos is None or sin is None:
+            raise PopcError(
+                f"{model_path}: cannot read layer {len(layers)}'s o_proj weight or rotary tables for KV eviction "
+                "(a quantized o_proj is not supported yet); re-export with `popc export --kv-evict` without --quant"
+            )
+        window = int(attrs.get("local_window_size", -1))
+        layers.append(
+            LayerAttention(
+                heads=int(attrs["num_heads"]),
+                kv_heads=int(attrs["kv_num_heads"]),
+                scale=float(attrs.get("scale", 0.0)) or float(weight.shape[0] // int(attrs["num_heads"])) ** -0.5,
+                local_window=None if window < 0 else window,
+                cos=np.array(cos.numpy(), np.float32),
+                sin=np.array(sin.numpy(), np.float32),
+                o_weight=np.ascontiguousarray(np.asarray(weight.numpy(), np.float32).T),
+            )
+        )
+    return layers
+
+
+# --------------------------------------------------------------------------- host math
+
+
+def rotate(x: Any, cos: Any, sin: Any) -> Any:
+    """Non-interleaved RoPE of ``x`` [..., S, d] by tables ``cos``/``sin`` [S, d/2] (torch)."""
+    import torch
+
+    half = x.shape[-1] // 2
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def unrotate_by(keys: Any, layer: LayerAttention, shift: int) -> Any:
+    """``keys`` [..., d] rotated by ``-shift`` positions (the tables' scale divided out)."""
+    import torch
+
+    if shift == 0:
+        return keys
+    cos, sin = torch.from_numpy(layer.cos[shift]), torch.from_numpy(layer.sin[shift])
+    norm = torch.sqrt(cos * cos + sin * sin).clamp_min(1e-30)
+    return rotate(keys, (cos / norm)[None], (-sin / norm)[None])
+
+
+def row_prefill(
+    layers: list[LayerAttention], keys: list[Any], values: list[Any], queries: list[Any], pad: int, slots: int
+) -> Any:
+    """One batch row's :class:`popc.reference.kv_eviction.Prefill` over its real tokens:
+    ``keys``/``values`` [Hkv, slots, d] per layer (the row's ``pad`` left-padding slots
+    first), ``queries`` [w, H * d] before RoPE."""
+    import torch
+
+    from popc.reference.kv_eviction import LayerKV, Prefill
+
+    length = slots - pad
+    window = min(queries[0].shape[0], length)
+    query_slots = torch.arange(slots - window, slots)
+    causal = torch.arange(pad, slots)[None, :] <= query_slots[:, None]  # [w, length]
+    cache, probs, outs = [], [], []
+    for layer, k, v, q in zip(layers, keys, values, queries):
+        k, v = k[:, pad:], v[:, pad:]
+        cache.append(LayerKV(k, v, torch.arange(length).expand(layer.kv_heads, -1)))
+        if layer.local_window is not None:
+            probs.append(None)
+            outs.append(None)
+            continue
+        head_dim = k.shape[-1]
+        q = q[-window:].reshape(window, layer.heads, head_dim).transpose(0, 1)  # [H, w, d]
+        q = rotate(q, torch.from_numpy(layer.cos[query_slots]), torch.from_numpy(layer.sin[query_slots]))
+        groups = layer.heads // layer.kv_heads
+        logits = (q @ k.repeat_interleave(groups, 0).transpose(1, 2)) * layer.scale
+        p = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # [H, w, length]
+        probs.append(p)
+        attended = (p @ v.repeat_interleave(groups, 0)).transpose(0, 1).reshape(window, -1)
+        outs.append(attended @ torch.from_numpy(layer.o_weight).T)
+    return Prefill(cache, probs, outs, torch.empty(0), length, window, 0.0)
+
+
+@dataclass
+class Compaction:
+    """Per-layer caches after eviction: keys/values [B, Hkv, K_l, d] (numpy), their masks
+    [B, K_l]; per row, each evictable layer's kept prompt tokens [Hkv, n] (indices among
+    the row's real tokens; None for the full cache) and the kept count per evictable layer."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    masks: list[np.ndarray]
+    kept_tokens: list[list[Any] | None]
+    kept: list[list[int]]
+    seconds: float
+
+    @property
+    def slots(self) -> list[int]:
+        return [k.shape[2] for k in self.keys]
+
+
+def evict(
+    layers: list[LayerAttention],
+    keys: list[np.ndarray],
+    values: list[np.ndarray],
+    queries: list[np.ndarray],
+    attention_mask: np.ndarray,
+    settings: EvictionSettings,
+) -> Compaction:
+    """Compact a prefill's caches (keys/values [B, Hkv, T, d] per layer, window queries
+    [B, w, H * d], the prompt's left-padded ``attention_mask`` [B, T]) under ``settings``."""
+    import torch
+
+    from popc.reference.kv_eviction import select_tokens
+
+    started = time.perf_counter()
+    batch, slots = attention_mask.shape
+    evictable = [i for i, layer in enumerate(layers) if layer.local_window is None]
+    o_weights = [torch.from_numpy(layers[i].o_weight) for i in evictable]
+    kept_slots: list[list[Any]] = [[None] * batch for _ in layers]  # [layer][row] -> [Hkv, n] slot indices
+    kept_tokens: list[list[Any] | None] = [None] * batch
+    for row in range(batch):
+        pad = int(slots - attention_mask[row].sum())
+        for index, layer in enumerate(layers):
+            if layer.local_window is not None:
+                start = max(slots - layer.local_window, 0)
+                kept_slots[index][row] = torch.arange(start, slots).expand(layer.kv_heads, -1)
+        if not settings.evicts:
+            for index in evictable:
+                kept_slots[index][row] = torch.arange(slots).expand(layers[index].kv_heads, -1)
+            continue
+        prefill = row_prefill(
+            layers,
+            [torch.from_numpy(k[row]) for k in keys],
+            [torch.from_numpy(v[row]) for v in values],
+            [torch.from_numpy(q[row]) for q in queries],
+            pad,
+            slots,
+        )
+        kept = select_tokens(
+            prefill, evictable, layers[0].kv_heads, o_weights, settings.method, settings.budget, **settings.options()
+        )
+        kept_tokens[row] = kept
+        for index, indices in zip(evictable, kept):
+            kept_slots[index][row] = indices + pad
+
+    out_keys, out_values, masks, counts = [], [], [], []
+    for index, layer in enumerate(layers):
+        per_row = kept_slots[index]
+        width = max(int(k.shape[1]) for k in per_row)
+        heads, head_dim = keys[index].shape[1], keys[index].shape[3]
+        new_keys = np.zeros((batch, heads, width, head_dim), keys[index].dtype)
+        new_values = np.zeros_like(new_keys)
+        mask = np.zeros((batch, width), np.int64)
+        for row, slots_kept in enumerate(per_row):
+            count = int(slots_kept.shape[1])
+            gather = slots_kept.numpy()
+            rows_k = np.take_along_axis(keys[index][row], gather[..., None], axis=1)
+            rows_v = np.take_along_axis(values[index][row], gather[..., None], axis=1)
+            new_keys[row, :, width - count :] = rows_k
+            new_values[row, :, width - count :] = rows_v
+            # Padding slots kept by a sliding layer stay masked; every kept slot of an evicting row is a token.
+            mask[row, width - count :] = attention_mask[row][gather[0]]
+        shift = slots - width
+        new_keys = unrotate_by(torch.from_numpy(new_keys), layer, shift).numpy() if shift else new_keys
+        out_keys.append(np.ascontiguousarray(new_keys))
+        out_values.append(new_values)
+        masks.append(mask)
+        if layer.local_window is None:
+            counts.append([int(k.shape[1]) for k in per_row])
+    return Compaction(out_keys, out_values, masks, kept_tokens, counts, time.perf_counter() - started)
+
+
+def layer_mask_inputs(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``layer_attention_mask`` [L, B, max slots] (each layer's mask left-aligned, zeros
+    after it) and ``layer_lengths`` [L] for per-layer masks [B, K_l]."""
+    width = max(m.shape[1] for m in masks)
+    stacked = np.zeros((len(masks), masks[0].shape[0], width), np.int64)
+    for index, mask in enumerate(masks):
+        stacked[index, :, : mask.shape[1]] = mask
+    return stacked, np.array([m.shape[1] for m in masks], np.int64)
+
+
+def kv_bytes(compaction_or_slots: list[int], batch: int, kv_heads: int, head_dim: int, itemsize: int = 4) -> int:
+    """Bytes of keys and values that per-layer ``slots`` hold."""
+    return 2 * batch * kv_heads * head_dim * itemsize * sum(compaction_or_slots)

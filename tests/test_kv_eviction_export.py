@@ -1,0 +1,151 @@
+"""An export made with KV eviction (popc.kv_eviction, popc.evicting_steps) against the
+PyTorch reference (popc/reference/kv_eviction.py): the same kept tokens and the same
+logits while decoding over the compacted cache, batch 1 and a left-padded batch of 3.
+
+Tiny random-weight Llama (every layer evicts) and Gemma-3 (sliding-window layers keep
+their window; one full-attention layer evicts) models, float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model_dir
+from popc import runtime
+from popc.errors import PopcError
+from popc.export import ExportPlan, export
+from popc.kv_eviction import EvictionSettings, parse_budget
+from popc.pop import PopSettings
+from popc.reference.kv_eviction import EvictionReference
+
+FAMILIES = ("llama", "gemma3")
+WINDOW, SINKS = 4, 2
+LENGTHS = (40, 33, 27)  # the batch of 3, left-padded to 40
+FOLLOW = 5  # teacher-forced tokens decoded after the eviction
+CASES = [
+    ("full", 1.0, {}),
+    ("streaming", 0.3, {}),
+    ("snapkv", 0.3, {}),
+    ("random", 0.3, {}),
+    ("laprox", 0.3, {}),
+    ("laprox", 0.3, {"floor": 0.0}),  # model-wide: every layer a length of its own
+    ("laprox", 12, {"score": "mean-out"}),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(f"kv-{family}")
+        source = make_tiny_model_dir(root, family)
+        export(ExportPlan(model=str(source), out=str(root / "export"), kv_window=WINDOW))
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        out[family] = (runtime.load(root / "export", use_oplib=False), EvictionReference(hf))
+    return out
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(3)
+    return [[int(t) for t in rng.integers(6, vocab, n)] for n in LENGTHS]
+
+
+def reference_run(reference: EvictionReference, ids: list[int], follow: list[int], method, budget, options):
+    """Kept tokens per evictable layer and the logits [1 + FOLLOW, vocab] of the reference."""
+    prefill = reference.prefill(torch.tensor([ids]), window=WINDOW)
+    kept = reference.select(prefill, method, budget, sinks=SINKS, **options)
+    state = reference.compact(prefill, kept)
+    logits = reference.extend(state, torch.tensor([follow]))
+    return kept, torch.cat([prefill.last_logits[None], logits]).numpy()
+
+
+def onnx_run(model, batch: list[list[int]], follow: list[list[int]], settings: EvictionSettings, pop=None):
+    longest = max(len(p) for p in batch)
+    ids = np.zeros((len(batch), longest), np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(batch):
+        ids[row, longest - len(prompt) :] = prompt
+        mask[row, longest - len(prompt) :] = 1
+    stepper = model.bound(pop, capacity=longest + FOLLOW + 1, kv=settings)
+    logits = [stepper.prefill(ids, mask)[:, -1]]
+    for step in range(FOLLOW):
+        logits.append(stepper.decode(np.array([[f[step]] for f in follow], np.int64))[:, -1])
+    return stepper, np.stack(logits, axis=1)  # [B, 1 + FOLLOW, vocab]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("method", "budget", "options"), CASES, ids=lambda v: str(v))
+def test_export_evicts_as_the_reference(exported, family, method, budget, options):
+    model, reference = exported[family]
+    vocab = int(model.config["vocab_size"])
+    batch = prompts(vocab)
+    follow = [[int(t) for t in np.random.default_rng(row).integers(6, vocab, FOLLOW)] for row in range(len(batch))]
+    settings = EvictionSettings(method=method, budget=budget, sinks=SINKS, **options)
+    for rows in ([0], [0, 1, 2]):  # batch 1, then the left-padded batch of 3
+        stepper, logits = onnx_run(model, [batch[r] for r in rows], [follow[r] for r in rows], settings)
+        for position, row in enumerate(rows):
+            kept, expected = reference_run(reference, batch[row], follow[row], method, budget, options)
+            got_kept = stepper.compaction.kept_tokens[position]
+            if settings.evicts:
+                assert len(got_kept) == len(kept)
+                for got, want in zip(got_kept, kept):
+                    assert torch.equal(got, want), f"row {row}: kept tokens differ"
+            np.testing.assert_allclose(logits[position], expected, atol=2e-4, rtol=1e-3)
+        if method == "laprox" and options.get("floor") == 0.0 and family == "llama":
+            # The model-wide selection gives the layers different lengths (else it tests little).
+            assert len(set(stepper.kv_slots())) > 1
+
+
+def test_eviction_shrinks_the_cache_and_full_equals_the_plain_graph(exported):
+    model, _ = exported["llama"]
+    prompt = prompts(int(model.config["vocab_size"]))[0]
+    evicted = model.bound(capacity=64, kv=EvictionSettings(method="laprox", budget=0.25, sinks=SINKS))
+    evicted.prefill(np.array([prompt]), np.ones((1, len(prompt)), np.int64))
+    # 25 % of 40 tokens = 10 per layer, and the KV mask holds exactly that.
+    assert evicted.kv_slots() == [10] * model.num_layers
+    # Budget 1 keeps every slot: the step path of the plain graph gives the same logits.
+    plain_logits, _ = model.step(np.array([prompt]), np.ones((1, len(prompt)), np.int64), model.initial_state(1))
+    full = model.bound(capacity=64, kv=EvictionSettings(method="laprox", budget=1.0))
+    np.testing.assert_allclose(full.prefill(np.array([prompt]), np.ones((1, len(prompt)), np.int64))[0, -1],
+                               plain_logits[0, -1], atol=1e-5)  # fmt: skip
+
+
+def test_eviction_composes_with_pop(tmp_path):
+    """A POP export with KV eviction: the kept tokens are those of the dense export (POP
+    prunes FFNs, eviction reads attention; the first layer's scores are untouched by POP),
+    and generation runs."""
+    source = make_tiny_model_dir(tmp_path, "llama")
+    pop = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
+    export(ExportPlan(model=str(source), out=str(tmp_path / "pop"), pop=pop, kv_window=WINDOW))
+    model = runtime.load(tmp_path / "pop")
+    prompt = prompts(int(model.config["vocab_size"]))[0]
+    settings = EvictionSettings(method="laprox", budget=0.3, sinks=SINKS)
+    tokens, _, _ = model.generate_ids([prompt], 6, kv=settings)
+    assert len(tokens[0]) == 6
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    kept, _ = reference_run(EvictionReference(hf), prompt, [7] * FOLLOW, "laprox", 0.3, {})
+    stepper = model.bound(pop, capacity=64, kv=settings)
+    stepper.prefill(np.array([prompt]), np.ones((1, len(prompt)), np.int64))
+    assert torch.equal(stepper.compaction.kept_tokens[0][0], kept[0])
+
+
+def test_budgets_parse_and_bad_ones_are_refused(exported):
+    assert parse_budget("0.05") == 0.05
+    assert parse_budget("5%") == 0.05
+    assert parse_budget("256") == 256
+    assert parse_budget("1") == 1.0
+    for bad in ("0", "1.5", "-3", "abc", "0%"):
+        with pytest.raises(PopcError, match="--kv-budget"):
+            parse_budget(bad)
+    with pytest.raises(PopcError, match="--kv-method"):
+        EvictionSettings(method="h2o")
+
+
+def test_plain_export_refuses_a_budget(tmp_path):
+    source = make_tiny_model_dir(tmp_path, "llama")
+    export(ExportPlan(model=str(source), out=str(tmp_path / "plain")))
+    model = runtime.load(tmp_path / "plain")
+    with pytest.raises(PopcError, match="--kv-evict"):
+        model.bound(kv=EvictionSettings(budget=0.1))
