@@ -158,6 +158,24 @@ def pop_settings(sparsity, retain, candidate, keep, score=None):
     return PopSettings(retain=retain, candidate=candidate, keep=keep, score=score or "activation")
 
 
+KV_BUDGET_OPTION = typer.Option(
+    help="KV eviction after the prompt (exports made with --kv-evict): a fraction of the prompt (0.05, 5%) "
+    "or an average number of tokens per layer (256); 1 keeps the full cache."
+)
+KV_METHOD_OPTION = typer.Option(help="--kv-budget: laprox, snapkv, streaming, random or full.")
+
+
+def kv_settings(budget: str | None, method: str):  # noqa: ANN201 - EvictionSettings, imported lazily
+    """EvictionSettings from --kv-budget/--kv-method (None: no eviction asked)."""
+    from popc.kv_eviction import EvictionSettings, parse_budget
+
+    if budget is None:
+        if method != "laprox":
+            raise PopcError("--kv-method needs --kv-budget")
+        return None
+    return EvictionSettings(method=method, budget=parse_budget(budget))
+
+
 @command(interrupted="nothing was written")
 def export(
     model: Annotated[str, typer.Argument(help="HF id (local cache), local HF dir, .gguf file, or built-in name.")],
@@ -205,6 +223,15 @@ def export(
             "fused graph and no --quant). bf16 has no ONNX Runtime CPU kernels: it is for the CUDA EP."
         ),
     ] = "fp32",
+    kv_evict: Annotated[
+        bool,
+        typer.Option(
+            "--kv-evict",
+            help="KV-cache eviction after long prompts: per-layer cache lengths and the scores' window queries "
+            "in the graph; `popc run --kv-budget` (LaProx, SnapKV, StreamingLLM, random) then sets the budget.",
+        ),
+    ] = False,
+    kv_window: Annotated[int, typer.Option(help="--kv-evict: the observation window (last prompt tokens).")] = 16,
 ) -> None:
     """Export MODEL to ONNX with its KV cache as graph inputs/outputs (and POP-online FFNs)."""
     from popc.export import ExportPlan, canonical_dtype
@@ -229,6 +256,7 @@ def export(
         fuse=fuse,
         quant=scheme,
         dtype=dtype,
+        kv_window=kv_window if kv_evict else None,
     )
     with console_progress(console, echo=True) as progress:
         progress.stage(f"exporting {model}")
@@ -248,10 +276,13 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    kv_budget: Annotated[Optional[str], KV_BUDGET_OPTION] = None,
+    kv_method: Annotated[str, KV_METHOD_OPTION] = "laprox",
 ) -> None:
     """Generate text with an exported model, streaming tokens as they come."""
     if (prompt is None) == (prompt_file is None):
         raise PopcError("give exactly one of --prompt or --prompt-file")
+    kv = kv_settings(kv_budget, kv_method)
     if prompt_file is not None:
         from popc.textfile import read_text_file
 
@@ -274,6 +305,7 @@ def run(
         top_p=top_p,
         seed=seed,
         on_text=None if as_json else show,
+        kv=kv,
     )
     if as_json:
         print(json.dumps(result.to_json()))
@@ -286,6 +318,11 @@ def run(
         f"{len(result.generated_ids)} new tokens, {result.decode_ms_per_token:.1f} ms/token "
         f"({tokens_per_second:.1f} tokens/s)[/]"
     )
+    if result.kv_kept is not None:
+        console.print(
+            f"[dim]KV cache after the prompt: {result.kv_kept} of {result.kv_prompt} entries (tokens x layers, "
+            f"{100 * result.kv_kept / max(result.kv_prompt, 1):.1f} %)[/]"
+        )
 
 
 @command()

@@ -12,6 +12,7 @@ budgets compares eviction alone.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +25,18 @@ from popc.steps import KV_PREFIX, BoundSteps
 
 if TYPE_CHECKING:
     from popc.runtime import PopcModel
+
+
+@dataclass
+class PromptState:
+    """What the prompt's full-cache run left: its last logits, the graph's state outputs
+    (every layer's full cache, POP's partitions), the window queries and the mask."""
+
+    logits: np.ndarray
+    state: list[np.ndarray]
+    queries: list[np.ndarray]
+    attention_mask: np.ndarray
+    seconds: float
 
 
 class EvictingSteps(BoundSteps):
@@ -47,7 +60,7 @@ class EvictingSteps(BoundSteps):
         self.settings = settings or EvictionSettings(method="full")
         self.masks: list[np.ndarray] = []
         self.compaction: Compaction | None = None
-        self.prefill_seconds = 0.0
+        self.prompt: PromptState | None = None
 
     # ---- masks
 
@@ -61,16 +74,20 @@ class EvictingSteps(BoundSteps):
     def prefill(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, logits: bool = True, logits_to_keep: int = 1
     ) -> np.ndarray | None:
+        """The prompt's last logits, as :meth:`BoundSteps.prefill`, then the eviction."""
+        self.run_prompt(input_ids, attention_mask, logits_to_keep)
+        self.apply(self.settings)
+        return self.prompt.logits if logits else None
+
+    def run_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray, logits_to_keep: int = 1) -> None:
+        """Run the prompt with the full cache and keep what it leaves (:attr:`prompt`), so that
+        :meth:`apply` can evict from it under one setting after another."""
         model = self.model
         attention_mask = np.ascontiguousarray(attention_mask, np.int64)
         batch, length = input_ids.shape
         layers = model.num_layers
         started = time.perf_counter()
-        feed = {
-            "input_ids": np.asarray(input_ids, np.int64),
-            kv_eviction.LAYER_MASK: np.ascontiguousarray(np.broadcast_to(attention_mask, (layers, batch, length))),
-            kv_eviction.LAYER_LENGTHS: np.full(layers, length, np.int64),
-        }
+        feed = {"input_ids": np.asarray(input_ids, np.int64)} | model.mask_feed(attention_mask)
         feed |= {meta.name: value for meta, value in zip(model.state_inputs, model.initial_state(batch))}
         if self.pop_config is not None:
             feed["pop_config"] = self.pop_config
@@ -78,16 +95,26 @@ class EvictingSteps(BoundSteps):
             feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
         windows = [kv_eviction.window_query_name(i) for i in range(layers)]
         outputs = model.session.run(model.output_order + windows, feed)
-        self.prefill_seconds = time.perf_counter() - started
-        first_logits, state, queries = outputs[0], outputs[1 : len(model.output_order)], outputs[len(model.output_order) :]
+        count = len(model.output_order)
+        self.prompt = PromptState(outputs[0], outputs[1:count], outputs[count:], attention_mask,
+                                  time.perf_counter() - started)  # fmt: skip
 
-        kv = {meta.name: value for meta, value in zip(model.state_inputs, state) if meta.name.startswith(KV_PREFIX)}
+    def apply(self, settings: EvictionSettings) -> Compaction:
+        """Evict from the prompt's full cache under ``settings``; decoding starts afresh from
+        the prompt's last logits."""
+        model, prompt = self.model, self.prompt
+        if prompt is None:
+            raise PopcError("apply() before run_prompt()")
+        layers = model.num_layers
+        kv = {meta.name: value for meta, value in zip(model.state_inputs, prompt.state)}
         keys = [kv[f"{KV_PREFIX}{i}.key"] for i in range(layers)]
         values = [kv[f"{KV_PREFIX}{i}.value"] for i in range(layers)]
-        self.compaction = kv_eviction.evict(model.attention_layers, keys, values, queries, attention_mask, self.settings)
+        self.settings = settings
+        self.compaction = kv_eviction.evict(
+            model.attention_layers, keys, values, prompt.queries, prompt.attention_mask, settings
+        )
         self.masks = list(self.compaction.masks)
-
-        room = self.GROWTH if self.capacity is None else max(self.capacity - length, 1)
+        room = self.GROWTH if self.capacity is None else max(self.capacity - prompt.attention_mask.shape[1], 1)
         self.kv_buffers = {}
         for index in range(layers):
             for kind, compacted in (("key", self.compaction.keys[index]), ("value", self.compaction.values[index])):
@@ -98,12 +125,12 @@ class EvictingSteps(BoundSteps):
                     buffer, self.device_type, 0
                 )
         self.state = [
-            self.kv_buffers[meta.name] if meta.name in self.kv_buffers else self.ops.host(np.ascontiguousarray(value))
-            for meta, value in zip(model.state_inputs, state)
+            self.kv_buffers[meta.name] if meta.name in self.kv_buffers else self.ops.host(np.array(value))
+            for meta, value in zip(model.state_inputs, prompt.state)
         ]
         self._decode_binding = None
-        self.logits = self.ops.host(np.ascontiguousarray(first_logits))
-        return first_logits if logits else None
+        self.logits = self.ops.host(np.ascontiguousarray(prompt.logits))
+        return self.compaction
 
     # ---- decode
 
@@ -115,14 +142,31 @@ class EvictingSteps(BoundSteps):
             raise PopcError(f"decode() takes one token per row, [batch, 1]; got {list(next_ids.shape)}")
         ones = np.ones((batch, 1), np.int64)
         self.masks = [np.concatenate([mask, ones], axis=1) for mask in self.masks]
+        self._grow_to_masks()
+        return self._decode_step(next_ids, copy, logits)
+
+    def extend(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits [1, S, vocab] of ``input_ids`` [1, S] appended in one call (batch 1: ORT's
+        GroupQueryAttention takes several new tokens over a cache one row at a time)."""
+        if self.state is None:
+            raise PopcError("extend() before prefill()")
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or self.masks[0].shape[0] != 1:
+            raise PopcError("extend() takes one row of tokens [1, S] over a batch of one")
+        ones = np.ones((1, input_ids.shape[1]), np.int64)
+        self.masks = [np.concatenate([mask, ones], axis=1) for mask in self.masks]
+        self._grow_to_masks()
+        return self._run(input_ids, self.state, logits=True, keep=0)
+
+    def _grow_to_masks(self) -> None:
+        """Grow any layer's buffer that the masks outrun (by at least GROWTH slots)."""
         for index, mask in enumerate(self.masks):
             for kind in ("key", "value"):
                 name = f"{KV_PREFIX}{index}.{kind}"
                 buffer = self.kv_buffers[name]
-                if mask.shape[1] > buffer.shape()[2]:
-                    self.kv_buffers[name] = self.ops.grow(buffer, buffer.shape()[2] + self.GROWTH)
+                slots = buffer.shape()[2]
+                if mask.shape[1] > slots:
+                    self.kv_buffers[name] = self.ops.grow(buffer, max(slots + self.GROWTH, mask.shape[1]))
                     self._decode_binding = None
-        return self._decode_step(next_ids, copy, logits)
 
     # ---- what it holds
 

@@ -348,7 +348,7 @@ def genai_config(loaded: LoadedModel, plan: ExportPlan, model_file: str) -> dict
     # FamilySpec.genai_type: set where the fused dense graph is exactly onnxruntime-genai's
     # decoder interface (checked by tests/test_genai_interop.py).
     genai_type = families.family(loaded.family).genai_type
-    if not plan.fused or plan.pop is not None or genai_type is None:
+    if not plan.fused or plan.pop is not None or genai_type is None or plan.kv_window is not None:
         return None
     shape = decoder_shape(config)
     tokenizer = loaded.tokenizer
@@ -518,6 +518,8 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     location = location_for_output(plan.out)
     check_destination(location, plan.force)
     dtype = check_dtype(plan)
+    if plan.kv_window is not None:
+        kv_eviction.check_export(plan.kv_window, plan.fused, plan.quant is not None, dtype)
     atomic.remove_stale_staging(staging_parent(location), STAGING_PREFIX)  # left by exports that were SIGKILLed
     started = time.perf_counter()
 

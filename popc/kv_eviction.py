@@ -59,10 +59,19 @@ def export_section(window: int) -> dict[str, Any]:
     }
 
 
-def check_window(window: int) -> int:
-    if not isinstance(window, int) or window < 1:
+def check_export(window: int, fused: bool, quantized: bool, dtype: str) -> None:
+    """Refuse what an eviction export does not cover yet, before any work."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise PopcError(f"--kv-window must be a positive number of tokens, got {window!r}")
-    return window
+    if not fused:
+        raise PopcError(
+            "--kv-evict is built on the fused graph (GroupQueryAttention's per-layer cache lengths); "
+            "drop --no-fuse, --prefill-skip and --drop-layers"
+        )
+    if quantized:
+        raise PopcError("--kv-evict with --quant is not supported yet (eviction scores read o_proj in float32)")
+    if dtype != "float32":
+        raise PopcError("--kv-evict with --dtype fp16/bf16 is not supported yet: export it in fp32")
 
 
 # --------------------------------------------------------------------------- settings

@@ -39,9 +39,12 @@ class GenerationResult:
     text: str
     prefill_ms: float
     decode_ms_per_token: float
+    # KV eviction: the cache entries (tokens x layers) kept after the prompt, of how many.
+    kv_kept: int | None = None
+    kv_prompt: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if value is not None or not key.startswith("kv_")}
 
 
 def _make_session(
@@ -148,6 +151,7 @@ class PopcModel:
         self.num_layers = int(config["num_layers"])
         # KV eviction (popc.kv_eviction): per-layer masks in, window queries out.
         self.kv_eviction = config.get("kv_eviction") or None
+        self.last_kv_slots: list[int] | None = None  # per layer, after the last generate_ids' prompt
         self.num_kv_heads = int(config["num_kv_heads"])
         self.head_dim = int(config["head_dim"])
         self.max_positions = int(config["max_positions"])
@@ -372,6 +376,7 @@ class PopcModel:
         greedy = sampling.temperature == 0
         logits = stepper.prefill(input_ids, attention_mask, logits=not greedy)
         prefill = time.perf_counter() - started
+        self.last_kv_slots = stepper.kv_slots() if isinstance(stepper, EvictingSteps) else None
 
         generated: list[list[int]] = [[] for _ in range(batch)]
         finished = np.zeros(batch, bool)
@@ -422,12 +427,15 @@ class PopcModel:
                 shown = text
 
         (generated,), prefill, decode = self.generate_ids([prompt_ids], max_new_tokens, sampling, stream, pop, kv)
+        kept = self.last_kv_slots
         return GenerationResult(
             prompt_ids=prompt_ids,
             generated_ids=generated,
             text=self.decode(generated),
             prefill_ms=prefill * 1000,
             decode_ms_per_token=decode * 1000,
+            kv_kept=None if kept is None else sum(kept),
+            kv_prompt=None if kept is None else len(prompt_ids) * len(kept),
         )
 
 

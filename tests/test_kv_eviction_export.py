@@ -149,3 +149,19 @@ def test_plain_export_refuses_a_budget(tmp_path):
     model = runtime.load(tmp_path / "plain")
     with pytest.raises(PopcError, match="--kv-evict"):
         model.bound(kv=EvictionSettings(budget=0.1))
+
+
+def test_one_prompt_serves_every_setting_and_extend_equals_decode(exported):
+    """apply() evicts again from the same prompt run; extend() of several tokens gives the
+    logits of as many decode steps."""
+    model, _ = exported["gemma3"]
+    prompt = prompts(int(model.config["vocab_size"]))[0]
+    follow = [7, 8, 9, 10]
+    stepper = model.bound(capacity=64)
+    stepper.run_prompt(np.array([prompt]), np.ones((1, len(prompt)), np.int64))
+    for settings in (EvictionSettings(method="snapkv", budget=0.3, sinks=SINKS), EvictionSettings(method="full")):
+        stepper.apply(settings)
+        stepwise = [stepper.decode(np.array([[t]]))[0, -1] for t in follow]
+        stepper.apply(settings)
+        together = stepper.extend(np.array([follow]))[0]
+        np.testing.assert_allclose(together, np.stack(stepwise), atol=1e-4)
