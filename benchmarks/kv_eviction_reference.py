@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from popc import longcontext
+from popc import longcontext, longcontext_report
 from popc.reference.kv_eviction import DEFAULT_SINKS, DEFAULT_WINDOW, LAPROX_SCORES, EvictionReference
 
-BUDGETS = (0.05, 0.1, 0.2, 0.5)
+BUDGETS = longcontext_report.DEFAULT_BUDGETS
 # (label, method, options): every LaProx variant pooled as SnapKV pools, and the default
 # variant unpooled, to show what the pooling is worth.
 VARIANTS = [
@@ -135,77 +133,9 @@ def main() -> None:
 
 def write_report(out: Path) -> None:
     result = json.loads(out.with_suffix(".json").read_text())
-    methods = list(dict.fromkeys(r["method"] for p in result["passkey"] + result["ppl"] for r in p["rows"]))
-    budgets = [1.0, *BUDGETS]
-    lines = [
-        f"# KV-eviction reference: {result['model']}",
-        "",
-        f"Machine: {result['machine']}. Date: {result['date']}. Sinks {result['sinks']}, observation window "
-        f"{result['window']} (both always kept); budget = fraction of prompt x {result['evictable_layers']} "
-        f"evictable layers (of {result['layers']}), whole cache. PyTorch reference "
-        "(`popc/reference/kv_eviction.py`), one prefill per prompt for every method and budget.",
-        "",
-    ]
-    prompts = result["passkey"]
-    if prompts:
-        lengths = sorted({p["length"] for p in prompts})
-        header = ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-
-        def hits(subset: list, method: str, budget: float) -> list:
-            return [r["value"]["correct"] for p in subset for r in p["rows"] if r["method"] == method and r["budget"] == budget]
-
-        lines += [
-            f"## Passkey retrieval: accuracy % (n = {len(prompts)} prompts: lengths {lengths}, "
-            f"depths {sorted({p['depth'] for p in prompts})})",
-            "",
-            *header,
-        ]
-        for method in methods:
-            cells = []
-            for budget in budgets:
-                found = hits(prompts, method, budget)
-                cells.append(f"{100 * sum(found) / len(found):.0f} ({len(found)})" if found else "")
-            if method == "full":
-                cells = [cells[0]] + [""] * len(BUDGETS)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        for length in lengths:
-            subset = [p for p in prompts if p["length"] == length]
-            lines += ["", f"{length} tokens (n = {len(subset)}): correct / n", "", *header]
-            for method in methods:
-                cells = []
-                for budget in budgets:
-                    found = hits(subset, method, budget)
-                    cells.append(f"{sum(found)}/{len(found)}" if found and (method == "full") == (budget == 1.0) else "")
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if result["ppl"]:
-        lines += [
-            f"## Continuation perplexity of the next tokens (n = {len(result['ppl'])} prefixes: "
-            f"{[p['prefix'] for p in result['ppl']]} tokens); geometric mean over prefixes",
-            "",
-            "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
-            "|---" * (len(budgets) + 1) + "|",
-        ]
-        for method in methods:
-            cells = []
-            for budget in budgets:
-                nll = [r["value"] for p in result["ppl"] for r in p["rows"] if r["method"] == method and r["budget"] == budget]
-                cells.append(f"{math.exp(statistics.mean(nll)):.2f}" if nll else "")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    every = prompts + result["ppl"]
-    if every:
-        lines += ["## Eviction cost (scores + selection + compaction) / prefill, median over prompts", ""]
-        for method in methods:
-            ratios = [r["evict_s"] / p["prefill_s"] for p in every for r in p["rows"] if r["method"] == method and r["budget"] != 1.0]
-            if ratios:
-                lines.append(f"- {method}: {100 * statistics.median(ratios):.1f} % (n = {len(ratios)})")
-        prefill = {}
-        for p in every:
-            prefill.setdefault(p.get("length", p.get("prefix")), []).append(p["prefill_s"])
-        lines.append("- prefill seconds (median): " + ", ".join(f"{k}: {statistics.median(v):.1f}" for k, v in sorted(prefill.items())))
-        lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    out.with_suffix(".md").write_text(
+        longcontext_report.markdown(result, "KV-eviction reference", "PyTorch reference (`popc/reference/kv_eviction.py`)")
+    )
 
 
 if __name__ == "__main__":

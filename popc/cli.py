@@ -383,10 +383,22 @@ def eval_(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     quant: Annotated[Optional[str], typer.Option(help="Comma list of int4,int8: also the dense and POP rows of popc's export in each scheme (exported once into the cache; POP where DIR is POP), on the same windows and questions.")] = None,
     peers: Annotated[Optional[str], typer.Option(help="Comma list of other runtimes' builds scored the same way: ort-genai-int4 (onnxruntime-genai's int4 CPU build, made once).")] = None,
+    long_context: Annotated[bool, typer.Option("--long-context", help="KV eviction on long prompts (an export made with --kv-evict): passkey retrieval and continuation perplexity for every --kv-methods x --kv-budgets.")] = False,
+    lengths: Annotated[Optional[str], typer.Option(help="--long-context: passkey prompt lengths. [default: 1024,2048,4096]")] = None,
+    depths: Annotated[Optional[str], typer.Option(help="--long-context: needle depths (fractions). [default: 0.1,0.5,0.9]")] = None,
+    kv_budgets: Annotated[Optional[str], typer.Option(help="--long-context: budgets (fractions or token counts). [default: 0.05,0.1,0.2,0.5]")] = None,
+    kv_methods: Annotated[Optional[str], typer.Option(help="--long-context: streaming,snapkv,random,laprox (the full cache is always measured).")] = None,
+    ppl_prefixes: Annotated[Optional[str], typer.Option(help="--long-context: continuation prefixes in tokens; 'none' skips. [default: 2048,4096]")] = None,
+    continuation: Annotated[int, typer.Option(help="--long-context: continuation tokens scored after each prefix.")] = 128,
+    threads: Annotated[Optional[int], typer.Option(help="--long-context: ONNX Runtime intra-op threads.")] = None,
 ) -> None:
     """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost.
 
     The defaults take a few minutes on a CPU; --full runs the whole matrix. Options given override either."""
+    if long_context:
+        return long_context_eval(directory, text, as_json, plot, device, threads, lengths=lengths, depths=depths,
+                                 kv_budgets=kv_budgets, kv_methods=kv_methods, ppl_prefixes=ppl_prefixes,
+                                 continuation=continuation)  # fmt: skip
     from popc.eval import METHODS, EvalPlan, parse_split, run_eval
     from popc.eval_report import plot as write_plot
     from popc.eval_report import result_table
@@ -435,6 +447,34 @@ def eval_(
         console.print(f"POP-prefill export: every row skips the deepest {info['prefill_skip']} layers at prefill")
     if info.get("note"):
         console.print(f"[yellow]note:[/] {info['note']}")
+
+
+def long_context_eval(directory, text, as_json, plot, device, threads, **lists) -> None:  # noqa: ANN001
+    """``popc eval --long-context``: popc.eval_longcontext, then its tables (and plot)."""
+    from popc.eval_longcontext import LongContextPlan, run_long_context
+    from popc.kv_eviction import parse_budget
+    from popc.longcontext_report import markdown
+    from popc.longcontext_report import plot as write_plot
+
+    check_outputs(as_json=as_json, plot=plot)
+    options: dict = {"text": text, "device": device, "threads": threads, "continuation": lists.pop("continuation")}
+    for key, kind in (("lengths", int), ("depths", float), ("kv_methods", str), ("ppl_prefixes", int)):
+        raw = lists[key]
+        if raw is not None:
+            options[key.removeprefix("kv_")] = () if raw == "none" else parse_list(raw, f"--{key.replace('_', '-')}", kind)
+    if lists["kv_budgets"] is not None:
+        options["budgets"] = [parse_budget(b) for b in parse_list(lists["kv_budgets"], "--kv-budgets")]
+    plan = LongContextPlan(directory, **options)
+    with console_progress(console) as progress:
+        result = run_long_context(plan, progress)
+    if as_json is not None:
+        try:
+            as_json.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as error:
+            raise PopcError(f"cannot write --json {as_json}: {error}") from None
+    if plot is not None:
+        write_plot(result, plot, "KV eviction")
+    print(markdown(result, "KV eviction, long context", "ONNX export (popc eval --long-context)"))
 
 
 @command()
@@ -506,9 +546,16 @@ def bench(
         typer.Option(help="fp32, fp16 or bf16: the element type of the exports measured (re-exported where DIR's differs). [default: DIR's on cpu, fp16 on cuda]"),
     ] = None,
     quant: Annotated[Optional[str], typer.Option(help="Comma list of int4,int8: also popc's quantized exports (dense-ort-int4, pop-oplib-int4, ...; exported once into the cache), and with int4 the quantized peers ort-genai-int4 and llama.cpp-q4_0 (where llama-bench is found) unless --variants names them. A quantized DIR adds its own scheme.")] = None,
+    kv_budgets: Annotated[Optional[str], typer.Option(help="KV eviction instead (an export made with --kv-evict): decode ms/token and KV memory after a --kv-context prompt at these budgets, e.g. 1,0.2,0.05.")] = None,
+    kv_context: Annotated[int, typer.Option(help="--kv-budgets: prompt tokens before decoding.")] = 4096,
+    kv_method: Annotated[str, KV_METHOD_OPTION] = "laprox",
 ) -> None:
     """TTFT and decode latency of dense vs POP and peers (PyTorch, onnxruntime-genai, llama.cpp), against the memory roofline."""
     from popc.bench import BenchPlan, report, run_bench
+
+    if kv_budgets is not None:
+        return kv_bench(directory, kv_budgets, kv_context, kv_method, decode_tokens, repeats, warmup, threads,
+                        as_json, markdown)  # fmt: skip
 
     check_outputs(as_json=as_json, plot=plot, markdown=markdown)
     # Only the options given override the plan's matrix (the quick default, or --full's).
@@ -541,6 +588,23 @@ def bench(
         out = Console(width=220)
     for table in report.tables(result):
         out.print(table)
+
+
+def kv_bench(directory, budgets, context, method, steps, repeats, warmup, threads, as_json, markdown) -> None:  # noqa: ANN001
+    """``popc bench --kv-budgets``: popc.bench.kv."""
+    from popc.bench import kv
+    from popc.kv_eviction import EvictionSettings, parse_budget
+
+    check_outputs(as_json=as_json, markdown=markdown)
+    EvictionSettings(method=method)  # an unknown method is refused before the prefill
+    plan = kv.KvBenchPlan(
+        directory, budgets=[parse_budget(b) for b in parse_list(budgets, "--kv-budgets")], method=method,
+        context=context, steps=steps, repeats=repeats or 3, warmup=warmup, threads=threads,
+    )  # fmt: skip
+    with console_progress(console) as progress:
+        result = kv.run_kv_bench(plan, progress)
+    kv.write(result, as_json, markdown)
+    print(kv.markdown(result))
 
 
 @command(interrupted="the server stopped")

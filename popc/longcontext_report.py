@@ -1,0 +1,140 @@
+"""Tables and a plot of a long-context run (popc.eval_longcontext, or the PyTorch
+reference benchmark ``benchmarks/kv_eviction_reference.py``, which write the same JSON).
+
+The JSON: ``passkey`` prompts (``length``, ``depth``, ``prefill_s``, ``rows``) and ``ppl``
+prefixes (``prefix``, ``prefill_s``, ``rows``), each row ``{method, budget, value, evict_s,
+kept, full}`` with value ``{"correct": bool, "text": str}`` (passkey) or a mean NLL (ppl).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
+
+
+def budgets_of(result: dict[str, Any]) -> list[float]:
+    found = {r["budget"] for p in result["passkey"] + result["ppl"] for r in p["rows"]}
+    return [1.0, *sorted(b for b in found if b != 1.0)]
+
+
+def methods_of(result: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for p in result["passkey"] + result["ppl"] for r in p["rows"]))
+
+
+def hits(prompts: list[dict], method: str, budget: float) -> list[bool]:
+    return [r["value"]["correct"] for p in prompts for r in p["rows"] if r["method"] == method and r["budget"] == budget]
+
+
+def perplexity(result: dict[str, Any], method: str, budget: float) -> float | None:
+    """The geometric mean over prefixes of the continuation perplexity."""
+    nll = [r["value"] for p in result["ppl"] for r in p["rows"] if r["method"] == method and r["budget"] == budget]
+    return math.exp(statistics.mean(nll)) if nll else None
+
+
+def markdown(result: dict[str, Any], title: str, source: str) -> str:
+    """The passkey, perplexity and eviction-cost tables."""
+    methods, budgets = methods_of(result), budgets_of(result)
+    evictable = result.get("evictable_layers")
+    lines = [
+        f"# {title}: {result['model']}",
+        "",
+        f"Machine: {result['machine']}. Date: {result['date']}. Sinks {result['sinks']}, observation window "
+        f"{result['window']} (both always kept); budget = fraction of prompt x {evictable} evictable layers "
+        f"(of {result['layers']}), whole cache. {source}, one prefill per prompt for every method and budget.",
+        "",
+    ]
+    header = ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    prompts = result["passkey"]
+    if prompts:
+        lengths = sorted({p["length"] for p in prompts})
+        lines += [
+            f"## Passkey retrieval: accuracy % (n = {len(prompts)} prompts: lengths {lengths}, "
+            f"depths {sorted({p['depth'] for p in prompts})})",
+            "",
+            *header,
+        ]
+        for method in methods:
+            cells = []
+            for budget in budgets:
+                found = hits(prompts, method, budget)
+                cells.append(f"{100 * sum(found) / len(found):.0f} ({len(found)})" if found else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for length in lengths:
+            subset = [p for p in prompts if p["length"] == length]
+            lines += ["", f"{length} tokens (n = {len(subset)}): correct / n", "", *header]
+            for method in methods:
+                cells = []
+                for budget in budgets:
+                    found = hits(subset, method, budget)
+                    cells.append(f"{sum(found)}/{len(found)}" if found else "")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if result["ppl"]:
+        lines += [
+            f"## Continuation perplexity of the next tokens (n = {len(result['ppl'])} prefixes: "
+            f"{[p['prefix'] for p in result['ppl']]} tokens); geometric mean over prefixes",
+            "",
+            *header,
+        ]
+        for method in methods:
+            values = [perplexity(result, method, budget) for budget in budgets]
+            lines.append(f"| {method} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
+        lines.append("")
+    every = prompts + result["ppl"]
+    if every:
+        lines += ["## Eviction cost (scores + selection + compaction) / prefill, median over prompts", ""]
+        for method in methods:
+            ratios = [
+                r["evict_s"] / p["prefill_s"] for p in every for r in p["rows"] if r["method"] == method and r["budget"] != 1.0
+            ]  # fmt: skip
+            if ratios:
+                lines.append(f"- {method}: {100 * statistics.median(ratios):.1f} % (n = {len(ratios)})")
+        prefill: dict[int, list[float]] = {}
+        for p in every:
+            prefill.setdefault(p.get("length", p.get("prefix")), []).append(p["prefill_s"])
+        lines.append(
+            "- prefill seconds (median): " + ", ".join(f"{k}: {statistics.median(v):.1f}" for k, v in sorted(prefill.items()))
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path, title: str) -> None:
+    """Passkey accuracy and continuation perplexity against the budget, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in methods_of(result) if m != "full"]
+    budgets = [b for b in budgets_of(result) if b != 1.0]
+    panels = [("passkey", "passkey accuracy (%)")] * bool(result["passkey"]) + [("ppl", "continuation perplexity")] * bool(
+        result["ppl"]
+    )
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4), squeeze=False)
+    for axis, (kind, label) in zip(axes[0], panels):
+        for method in methods:
+            if kind == "passkey":
+                values = [hits(result["passkey"], method, b) for b in budgets]
+                ys = [100 * sum(v) / len(v) if v else math.nan for v in values]
+            else:
+                ys = [perplexity(result, method, b) or math.nan for b in budgets]
+            axis.plot(budgets, ys, marker="o", label=method)
+        full = hits(result["passkey"], "full", 1.0) if kind == "passkey" else None
+        reference = (100 * sum(full) / len(full) if full else None) if kind == "passkey" else perplexity(result, "full", 1.0)
+        if reference is not None:
+            axis.axhline(reference, color="black", linestyle="--", linewidth=1, label="full cache")
+        axis.set_xscale("log")
+        axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        axis.set_xlabel("KV budget (fraction of the prompt)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"{title}: {result['model']} ({result['machine']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
