@@ -71,8 +71,10 @@ class BoundSteps:
         return state
 
     def _bind_masks(self, binding: Any) -> None:
-        """The mask inputs of a step (an eviction export's are per layer: popc.evicting_steps)."""
-        binding.bind_ortvalue_input("attention_mask", self.ops.host(self.attention_mask))
+        """The mask inputs of a step: ``attention_mask``, or an eviction export's per-layer
+        form of it, every layer as long (the full cache; popc.evicting_steps evicts)."""
+        for name, value in self.model.mask_feed(self.attention_mask).items():
+            binding.bind_ortvalue_input(name, self.ops.host(value))
 
     def _run(self, input_ids: np.ndarray, state: list[Any], logits: bool = True, keep: int = 0) -> np.ndarray | None:
         binding = self.session.io_binding()

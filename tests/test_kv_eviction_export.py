@@ -165,3 +165,17 @@ def test_one_prompt_serves_every_setting_and_extend_equals_decode(exported):
         stepper.apply(settings)
         together = stepper.extend(np.array([follow]))[0]
         np.testing.assert_allclose(together, np.stack(stepwise), atol=1e-4)
+
+
+def test_plain_steps_run_an_eviction_export_with_the_full_cache(exported):
+    """BoundSteps (what popc serve's batch builds on) feeds an eviction export's per-layer
+    masks itself: the same logits as EvictingSteps at budget 1."""
+    from popc.steps import BoundSteps
+
+    model, _ = exported["gemma3"]
+    prompt = np.array([prompts(int(model.config["vocab_size"]))[0]])
+    mask = np.ones_like(prompt)
+    plain, evicting = BoundSteps(model, capacity=64), model.bound(capacity=64)
+    np.testing.assert_allclose(plain.prefill(prompt, mask), evicting.prefill(prompt, mask), atol=1e-5)
+    for token in (7, 8, 9):
+        np.testing.assert_allclose(plain.decode(np.array([[token]])), evicting.decode(np.array([[token]])), atol=1e-5)
