@@ -162,18 +162,21 @@ KV_BUDGET_OPTION = typer.Option(
     help="KV eviction after the prompt (exports made with --kv-evict): a fraction of the prompt (0.05, 5%) "
     "or an average number of tokens per layer (256); 1 keeps the full cache."
 )
-KV_METHOD_OPTION = typer.Option(help="--kv-budget: laprox, snapkv, streaming, random or full.")
+KV_METHOD_OPTION = typer.Option(
+    help="--kv-budget: laprox, snapkv, streaming, random or full; a LaProx variant as laprox:SCORE[:floorF] "
+    "(docs/kv-eviction.md)."
+)
 
 
 def kv_settings(budget: str | None, method: str):  # noqa: ANN201 - EvictionSettings, imported lazily
     """EvictionSettings from --kv-budget/--kv-method (None: no eviction asked)."""
-    from popc.kv_eviction import EvictionSettings, parse_budget
+    from popc.kv_eviction import parse_budget, parse_method
 
     if budget is None:
         if method != "laprox":
             raise PopcError("--kv-method needs --kv-budget")
         return None
-    return EvictionSettings(method=method, budget=parse_budget(budget))
+    return parse_method(method, parse_budget(budget))
 
 
 @command(interrupted="nothing was written")
@@ -593,10 +596,10 @@ def bench(
 def kv_bench(directory, budgets, context, method, steps, repeats, warmup, threads, as_json, markdown) -> None:  # noqa: ANN001
     """``popc bench --kv-budgets``: popc.bench.kv."""
     from popc.bench import kv
-    from popc.kv_eviction import EvictionSettings, parse_budget
+    from popc.kv_eviction import parse_budget, parse_method
 
     check_outputs(as_json=as_json, markdown=markdown)
-    EvictionSettings(method=method)  # an unknown method is refused before the prefill
+    parse_method(method)  # an unknown method is refused before the prefill
     plan = kv.KvBenchPlan(
         directory, budgets=[parse_budget(b) for b in parse_list(budgets, "--kv-budgets")], method=method,
         context=context, steps=steps, repeats=repeats or 3, warmup=warmup, threads=threads,
@@ -619,10 +622,17 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default: DIR's name).")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Serve with Ray Serve replicas instead of one process.")] = False,
     replicas: Annotated[int, typer.Option(help="--ray: how many replicas.")] = 1,
+    kv_budget: Annotated[Optional[str], KV_BUDGET_OPTION] = None,
+    kv_method: Annotated[str, KV_METHOD_OPTION] = "laprox",
 ) -> None:
     """Serve an export over an OpenAI-compatible HTTP API (completions, chat, streaming), with continuous batching."""
     options = dict(host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
                    api_key=api_key, model_name=model_name)
+    kv = kv_settings(kv_budget, kv_method)
+    if kv is not None:
+        if ray:
+            raise PopcError("--kv-budget is not supported with --ray yet; serve in one process")
+        options["kv"] = kv
     if ray:
         from popc.serve.ray_app import run as run_ray
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from popc import longcontext
 from popc.errors import PopcError
-from popc.kv_eviction import METHODS, EvictionSettings
+from popc.kv_eviction import EvictionSettings, parse_method
 from popc.progress import Progress, or_silent
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
@@ -46,9 +46,8 @@ class LongContextPlan:
     options: dict[str, Any] = field(default_factory=dict)  # LaProx's score/floor/pool, sinks, seed
 
     def check(self, max_positions: int) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise PopcError(f"--kv-methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        for label in self.methods:
+            parse_method(label)  # refuses an unknown method or option
         for budget in self.budgets:
             EvictionSettings(budget=budget)  # refuses a bad one
         longest = max([*self.lengths, *(p + self.continuation for p in self.ppl_prefixes)], default=0)
@@ -64,7 +63,12 @@ class LongContextPlan:
 def settings_grid(plan: LongContextPlan) -> list[tuple[str, EvictionSettings]]:
     """(label, settings): the full cache, then every method at every budget."""
     grid = [("full", EvictionSettings(method="full", **plan.options))]
-    grid += [(m, EvictionSettings(method=m, budget=b, **plan.options)) for m in plan.methods if m != "full" for b in plan.budgets]
+    for label in plan.methods:
+        if label == "full":
+            continue
+        base = parse_method(label)
+        options = {"sinks": base.sinks, "score": base.score, "floor": base.floor, "pool": base.pool} | plan.options
+        grid += [(label, EvictionSettings(method=base.method, budget=b, **options)) for b in plan.budgets]
     return grid
 
 

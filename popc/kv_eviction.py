@@ -113,6 +113,33 @@ class EvictionSettings:
         return {"sinks": self.sinks, "score": self.score, "seed": self.seed, "floor": self.floor, "pool": self.pool}
 
 
+def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
+    """``laprox``, ``snapkv``, ... or a LaProx variant ``laprox:SCORE[:floorF][:poolN]``
+    (``laprox:per-head:floor0.5``) -> settings at ``budget``."""
+    from popc.reference.kv_eviction import LAPROX_SCORES
+
+    method, *parts = str(label).strip().split(":")
+    options: dict[str, Any] = {}
+    for part in parts:
+        try:
+            if part in LAPROX_SCORES:
+                options["score"] = part
+            elif part.startswith("floor"):
+                options["floor"] = float(part[len("floor") :])
+            elif part.startswith("pool"):
+                options["pool"] = int(part[len("pool") :])
+            else:
+                raise ValueError(part)
+        except ValueError:
+            raise PopcError(
+                f"--kv-method {label!r}: {part!r} is not a LaProx option (a score {', '.join(LAPROX_SCORES)}, "
+                "floorF or poolN)"
+            ) from None
+    if options and method != "laprox":
+        raise PopcError(f"--kv-method {label!r}: only laprox takes options")
+    return EvictionSettings(method=method, budget=budget, **options)
+
+
 def parse_budget(text: str) -> float | int:
     """``"0.05"`` -> 0.05 (a fraction), ``"256"`` -> 256 (tokens per layer on average)."""
     cleaned = str(text).strip()

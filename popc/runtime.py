@@ -287,12 +287,16 @@ class PopcModel:
 
     def mask_feed(self, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """The mask inputs for ``attention_mask`` [B, T] (an eviction export's per-layer form,
-        every layer's cache the same length: the full cache)."""
+        every layer's cache the same length: the full cache), or [B, L, T] (an eviction
+        export's layers masked apart over a common length: popc serve's batch)."""
         mask = attention_mask.astype(np.int64)
         if not self.kv_eviction:
             return {"attention_mask": mask}
-        stacked = np.ascontiguousarray(np.broadcast_to(mask, (self.num_layers, *mask.shape)))
-        return {LAYER_MASK: stacked, LAYER_LENGTHS: np.full(self.num_layers, mask.shape[1], np.int64)}
+        if mask.ndim == 3:  # [B, L, T]: a mask per layer, every layer T slots long
+            stacked = np.ascontiguousarray(mask.transpose(1, 0, 2))
+        else:
+            stacked = np.ascontiguousarray(np.broadcast_to(mask, (self.num_layers, *mask.shape)))
+        return {LAYER_MASK: stacked, LAYER_LENGTHS: np.full(self.num_layers, mask.shape[-1], np.int64)}
 
     @functools.cached_property
     def attention_layers(self) -> list[LayerAttention]:

@@ -187,9 +187,10 @@ class BoundSteps:
         ``logits=False`` returns None and leaves them on the device (see :meth:`greedy`)."""
         if self.state is None:
             raise PopcError("decode() before prefill()")
-        ones = np.ones((self.attention_mask.shape[0], 1), np.int64)
-        self.attention_mask = np.concatenate([self.attention_mask, ones], axis=1)
-        if self.kv_buffers and self.attention_mask.shape[1] > self.slots:
+        # [batch, slots], or an eviction export's per-layer [batch, layers, slots] (popc serve).
+        ones = np.ones((*self.attention_mask.shape[:-1], 1), np.int64)
+        self.attention_mask = np.concatenate([self.attention_mask, ones], axis=-1)
+        if self.kv_buffers and self.attention_mask.shape[-1] > self.slots:
             self._allocate(self.attention_mask.shape[0], self.slots + self.GROWTH, keep=self.slots)
         if next_ids.shape != (self.attention_mask.shape[0], 1):
             raise PopcError(f"decode() takes one token per row, [batch, 1]; got {list(next_ids.shape)}")

@@ -7,6 +7,8 @@ their window; one full-attention layer evicts) models, float32."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,81 @@ def test_plain_steps_run_an_eviction_export_with_the_full_cache(exported):
     np.testing.assert_allclose(plain.prefill(prompt, mask), evicting.prefill(prompt, mask), atol=1e-5)
     for token in (7, 8, 9):
         np.testing.assert_allclose(plain.decode(np.array([[token]])), evicting.decode(np.array([[token]])), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serving_batch_evicts_each_sequence_as_it_runs_alone(exported, family):
+    """popc serve's running batch with a budget: rows evicted at their own prefill, joining
+    and leaving a batch whose layers differ in length, see the logits they get alone."""
+    from popc.serve.batch import RunningBatch
+
+    model, _ = exported[family]
+    settings = EvictionSettings(method="laprox", budget=0.3, sinks=SINKS, floor=0.0)  # layers of their own lengths
+    rng = np.random.default_rng(5)
+    batch_prompts = [[int(t) for t in rng.integers(6, 200, n)] for n in (30, 45, 20)]
+    steps = {0: 4, 1: 8, 2: 6}
+    joins = {0: [0], 2: [1, 2]}
+    references = []
+    for prompt, count in zip(batch_prompts, steps.values()):
+        stepper = model.bound(capacity=len(prompt) + count + 1, kv=settings)
+        logits = [stepper.prefill(np.array([prompt]), np.ones((1, len(prompt)), np.int64))[0, -1]]
+        tokens = []
+        for _ in range(count):
+            tokens.append(int(logits[-1].argmax()))
+            logits.append(stepper.decode(np.array([[tokens[-1]]]))[0, -1])
+        references.append((tokens, logits))
+    batch = RunningBatch(model, max_rows=3, headroom=3, kv=settings)
+    running, worst = [], 0.0
+    for turn in range(20):
+        together = joins.get(turn, [])
+        for sequence, (logits, row) in zip(together, batch.prefill_rows([batch_prompts[s] for s in together]) if together else []):
+            batch.join(row)
+            running.append([sequence, 0])
+            worst = max(worst, float(np.abs(logits - references[sequence][1][0]).max()))
+        order = batch.leave([i for i, (sequence, done) in enumerate(running) if done >= steps[sequence]])
+        running = [running[old] for old in order]
+        if not running:
+            if turn > max(joins):
+                break
+            continue
+        logits = batch.decode(np.array([[references[s][0][d]] for s, d in running]))
+        for row, entry in enumerate(running):
+            entry[1] += 1
+            worst = max(worst, float(np.abs(logits[row, -1] - references[entry[0]][1][entry[1]]).max()))
+    assert not running
+    assert worst < 1e-4
+
+
+def test_engine_with_a_budget_serves_what_generate_gives(exported):
+    """popc serve's engine with --kv-budget: concurrent requests (some prefilled together,
+    left-padded) get the tokens generate() gives each one with the same eviction."""
+    from popc.serve.engine import Engine
+    from popc.serve.sequence import Request
+
+    model, _ = exported["llama"]
+    settings = EvictionSettings(method="snapkv", budget=0.3, sinks=SINKS)
+    rng = np.random.default_rng(8)
+    batch_prompts = [[int(t) for t in rng.integers(6, 200, n)] for n in (33, 40, 28, 36)]
+    expected = [model.generate(p, max_new_tokens=8, kv=settings).generated_ids for p in batch_prompts]
+    engine = Engine(model, max_batch=2, max_queue=8, kv=settings)
+    waits = []
+    for prompt in batch_prompts:
+        done, result = threading.Event(), {"text": []}
+
+        def on_event(event, done=done, result=result) -> None:
+            result["text"].append(event.text)
+            if event.finish_reason:
+                result["error"] = event.error
+                done.set()
+
+        waits.append((done, result))
+        engine.submit(Request(prompt, max_tokens=8, on_event=on_event))
+    engine.start()
+    try:
+        for done, _ in waits:
+            assert done.wait(60)
+    finally:
+        engine.close()
+    for (_, result), tokens in zip(waits, expected):
+        assert result["error"] is None
+        assert "".join(result["text"]) == model.decode(tokens)

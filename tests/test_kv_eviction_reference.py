@@ -18,6 +18,7 @@ from popc.reference.kv_eviction import (
     EvictionReference,
     forced_mask,
     global_keep,
+    laprox_head_scores,
     laprox_scores,
     random_keep,
     snapkv_scores,
@@ -211,7 +212,11 @@ def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
     probs[0, 0, 3] = 0.5  # only head 0 attends token 3: it survives
     out = torch.ones(1, hidden, dtype=torch.float64)
     for score in LAPROX_SCORES:
-        s = laprox_scores(probs, values, o_weight, out, score)
+        if score == "per-head":  # one KV head here: its entries' scores are the layer's
+            s = laprox_head_scores(probs, values, o_weight)[0]
+            torch.testing.assert_close(s, laprox_scores(probs, values, o_weight, out, "sum-total"))
+        else:
+            s = laprox_scores(probs, values, o_weight, out, score)
         assert s[2] < 1e-9 < s[3], score  # attention-only scores would rank token 2 first
     assert snapkv_scores(probs, 1, pool=1)[0, 2] > snapkv_scores(probs, 1, pool=1)[0, 3]
     # Two window queries reading token 4 through opposite heads: each query's contribution
@@ -269,3 +274,16 @@ def test_laprox_floor_interpolates_between_model_wide_and_uniform(models):
     assert sum(wide) == sum(half) == sum(uniform)
     share = uniform[0] - SINKS - WINDOW
     assert min(half) >= SINKS + WINDOW + round(0.5 * share)
+
+
+def test_per_head_laprox_scores_each_kv_entry_by_its_own_heads():
+    """Two KV heads, one query head each: a token only head 1 reads scores in KV head 1 only."""
+    hidden, dim, length = 4, 2, 6
+    o_weight = torch.eye(hidden, dtype=torch.float64)  # head h writes output dims 2h, 2h+1
+    values = torch.ones(2, length, dim, dtype=torch.float64)
+    probs = torch.full((2, 1, length), 0.05, dtype=torch.float64)
+    probs[1, 0, 3] = 0.75
+    scores = laprox_head_scores(probs, values, o_weight)
+    assert scores.shape == (2, length)
+    assert scores[1].argmax() == 3 and scores[0, 3] == scores[0, 0]
+    torch.testing.assert_close(scores.sum(), torch.tensor(1.0, dtype=torch.float64))

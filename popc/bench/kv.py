@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from popc.errors import PopcError
-from popc.kv_eviction import EvictionSettings
+from popc.kv_eviction import EvictionSettings, parse_method
 from popc.progress import Progress, or_silent
 
 DEFAULT_KV_BUDGETS = (1.0, 0.2, 0.05)
@@ -85,8 +85,7 @@ def run_kv_bench(plan: KvBenchPlan, progress: Progress | None = None) -> KvBench
     if plan.steps < 2 or plan.repeats < 1:
         raise PopcError("--decode-tokens must be at least 2 and --repeats at least 1")
     settings = [
-        EvictionSettings(method="full") if budget == 1.0 else EvictionSettings(method=plan.method, budget=budget)
-        for budget in plan.budgets
+        EvictionSettings(method="full") if budget == 1.0 else parse_method(plan.method, budget) for budget in plan.budgets
     ]
     if settings[0].evicts:
         settings.insert(0, EvictionSettings(method="full"))  # the baseline, measured in the same run

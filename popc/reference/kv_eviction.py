@@ -86,7 +86,7 @@ from popc.modeling import family_spec
 from popc.rotary import apply_rotary
 
 METHODS = ("full", "streaming", "snapkv", "random", "laprox")
-LAPROX_SCORES = ("mean-out", "mean-total", "sum-out", "sum-total")
+LAPROX_SCORES = ("mean-out", "mean-total", "sum-out", "sum-total", "per-head")
 DEFAULT_LAPROX_SCORE = "sum-total"
 DEFAULT_LAPROX_FLOOR = 1.0
 SNAPKV_POOL = 7
@@ -158,6 +158,24 @@ def snapkv_scores(probs: torch.Tensor, kv_heads: int, pool: int = SNAPKV_POOL) -
     each KV head's query heads, then average-pooled along tokens (SnapKV's clustering)."""
     heads, _, length = probs.shape
     return pool_scores(probs.mean(1).view(kv_heads, heads // kv_heads, length).mean(1), pool)
+
+
+def laprox_head_scores(probs: torch.Tensor, values: torch.Tensor, o_weight: torch.Tensor) -> torch.Tensor:
+    """[Hkv, T], normalised by the layer's total: the contribution of each KV entry (token t
+    in KV head g) to the window-averaged attention output, ``||sum_{h in g} mean_i A_h[i,t]
+    v_{t,g} W_O[h]||``: the query heads that read the entry summed before the norm. Under
+    GQA the cache's entries are (token, KV head) pairs, each evictable on its own."""
+    heads, _, length = probs.shape
+    kv_heads, _, head_dim = values.shape
+    group = heads // kv_heads
+    weights = probs.mean(1).view(kv_heads, group, length)  # [Hkv, G, T]
+    scaled = weights[..., None] * values[:, None]  # [Hkv, G, T, d]
+    w_o = o_weight.view(o_weight.shape[0], kv_heads, group * head_dim)  # [hidden, Hkv, G*d]
+    per_entry = torch.stack([
+        (scaled[g].permute(1, 0, 2).reshape(length, group * head_dim) @ w_o[:, g].T).norm(dim=-1)
+        for g in range(kv_heads)
+    ])  # fmt: skip
+    return per_entry / per_entry.sum().clamp_min(1e-12)
 
 
 def laprox_scores(
@@ -311,6 +329,16 @@ def select_tokens(
             topk_per_head(snapkv_scores(prefill.window_probs[i], heads), per_layer, forced)
             for i in evictable
         ]
+    share = max(per_layer - int(forced.sum()), 0)
+    if score == "per-head":
+        entries = [
+            pool_scores(laprox_head_scores(prefill.window_probs[i], prefill.cache[i].values, o_weight), pool)
+            for i, o_weight in zip(evictable, o_weights)
+        ]
+        # Each layer's length from the model-wide top-k over the head-summed scores, then
+        # each KV head its own tokens (the cache is one tensor per layer: equal lengths).
+        lengths = [k.numel() for k in global_keep([e.sum(0) for e in entries], total, forced, round(floor * share))]
+        return [topk_per_head(e, n, forced) for e, n in zip(entries, lengths)]
     scores = [
         pool_scores(
             laprox_scores(prefill.window_probs[i], prefill.cache[i].values, o_weight, prefill.window_out[i], score),
@@ -318,7 +346,6 @@ def select_tokens(
         )
         for i, o_weight in zip(evictable, o_weights)
     ]
-    share = max(per_layer - int(forced.sum()), 0)
     return [keep.expand(heads, -1) for keep in global_keep(scores, total, forced, round(floor * share))]
 
 

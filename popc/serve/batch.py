@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from popc.errors import PopcError
+from popc.evicting_steps import EvictingSteps
+from popc.kv_eviction import EvictionSettings
 from popc.pop import PopSettings
 from popc.runtime import BoundSteps, PopcModel
 
@@ -39,10 +42,11 @@ KV_PREFIX = "past_key_values."
 
 @dataclass
 class RowState:
-    """One sequence's state as numpy: its real tokens' KV (no padding) and the rest."""
+    """One sequence's state as numpy: its real tokens' KV (no padding) and the rest. After KV
+    eviction every layer holds a length of its own (its array's axis 2)."""
 
-    length: int  # real tokens in the cache
-    kv: dict[str, np.ndarray]  # past name -> [1, heads, length, head_dim]
+    length: int  # real tokens in the longest layer's cache
+    kv: dict[str, np.ndarray]  # past name -> [1, heads, tokens, head_dim]
     other: dict[str, np.ndarray]  # past name -> [1, ...] (POP partitions)
 
 
@@ -90,9 +94,25 @@ class KeyRotation:
 class RunningBatch(BoundSteps):
     """A :class:`BoundSteps` whose rows come and go between decode steps."""
 
-    def __init__(self, model: PopcModel, pop: PopSettings | None = None, max_rows: int = 8, headroom: int = 64):
+    def __init__(
+        self,
+        model: PopcModel,
+        pop: PopSettings | None = None,
+        max_rows: int = 8,
+        headroom: int = 64,
+        kv: EvictionSettings | None = None,
+    ):
         super().__init__(model, pop)
         self.pop = pop
+        # KV eviction after each sequence's prefill (an export made with --kv-evict): the
+        # batch then masks every layer apart, [rows, layers, slots], over one slot count.
+        self.kv = kv
+        self.per_layer = bool(model.kv_eviction)
+        if kv is not None and kv.evicts and not self.per_layer:
+            raise PopcError(
+                f"{model.location.directory} was exported without KV eviction; re-export it with "
+                "`popc export --kv-evict` to serve it with --kv-budget"
+            )
         self.max_rows = max_rows
         self.headroom = headroom
         self.rows = 0
@@ -108,7 +128,7 @@ class RunningBatch(BoundSteps):
 
     @property
     def length(self) -> int:
-        return 0 if self.attention_mask is None else int(self.attention_mask.shape[1])
+        return 0 if self.attention_mask is None else int(self.attention_mask.shape[-1])
 
     # ---- a sequence's own prefill --------------------------------------------------------
     def prefill_rows(self, prompts: list[list[int]]) -> list[tuple[np.ndarray, RowState]]:
@@ -120,22 +140,33 @@ class RunningBatch(BoundSteps):
         for row, prompt in enumerate(prompts):
             ids[row, longest - len(prompt) :] = prompt
             mask[row, longest - len(prompt) :] = 1
-        together = BoundSteps(self.model, self.pop, capacity=longest)
+        if self.kv is not None and self.kv.evicts:
+            together: BoundSteps = EvictingSteps(self.model, self.kv, self.pop, capacity=longest + 1)
+        else:
+            together = BoundSteps(self.model, self.pop, capacity=longest)
         logits = together.prefill(ids, mask)
         # Copies throughout: an OrtValue's numpy() is a view of memory freed with it.
         values = {meta.name: np.array(value.numpy()) for meta, value in zip(self.model.state_inputs, together.state)}
         rows = []
         for row, prompt in enumerate(prompts):
-            padding = longest - len(prompt)
             kv, other = {}, {}
             for name, array in values.items():
                 if name.startswith(KV_PREFIX):
+                    used, padding = self._used_slots(together, name, row, longest - len(prompt))
                     # Its tokens start at slot `padding`: as a row of its own they start at 0.
-                    kv[name] = self._shift(name, array[row : row + 1, :, padding:longest], -padding)
+                    kv[name] = self._shift(name, array[row : row + 1, :, padding:used], -padding)
                 else:
                     other[name] = array[row : row + 1]
-            rows.append((logits[row, -1], RowState(len(prompt), kv, other)))
+            rows.append((logits[row, -1], RowState(max(v.shape[2] for v in kv.values()), kv, other)))
         return rows
+
+    @staticmethod
+    def _used_slots(together: BoundSteps, name: str, row: int, padding: int) -> tuple[int, int]:
+        """Where a prefilled row's tokens lie in the layer's cache ``name``: (end, start)."""
+        if not isinstance(together, EvictingSteps):
+            return together.attention_mask.shape[1], padding
+        layer_mask = together.masks[int(name[len(KV_PREFIX) :].split(".")[0])][row]
+        return layer_mask.shape[0], int(layer_mask.shape[0] - layer_mask.sum())
 
     # ---- state bookkeeping -----------------------------------------------------------------
     def _shift(self, name: str, array: np.ndarray, offset: int) -> np.ndarray:
@@ -182,27 +213,32 @@ class RunningBatch(BoundSteps):
             raise ValueError(f"the batch is full ({self.max_rows} rows)")
         held = self._held()
         old, length = self.length, max(self.length, row.length)
-        grow, place = length - old, length - row.length
+        grow = length - old
         if self.shared_cache and length + 1 > self.slots:
             self._allocate(self.max_rows, length + self.headroom, keep=old)
-        mask = np.zeros((self.rows + 1, length), np.int64)
+        layers = self.model.num_layers
+        mask = np.zeros((self.rows + 1, layers, length) if self.per_layer else (self.rows + 1, length), np.int64)
         if self.rows:
-            mask[:-1, grow:] = self.attention_mask
-        mask[-1, place:] = 1
+            mask[:-1, ..., grow:] = self.attention_mask
+        for name, kv in row.kv.items():  # each layer's tokens end at the batch's last slot
+            place = length - kv.shape[2]
+            if self.per_layer:
+                mask[-1, int(name[len(KV_PREFIX) :].split(".")[0]), place:] = 1
+            else:
+                mask[-1, place:] = 1
         for name, array in self.store.items():
             if grow and self.rows:  # the new row is longer: everyone else moves right
                 array[: self.rows, :, grow:length] = self._shift(name, array[: self.rows, :, :old], grow)
+            place = length - row.kv[name].shape[2]
+            array[self.rows, :, :place] = 0
             array[self.rows, :, place:length] = self._shift(name, row.kv[name], place)[0]
         for name, kv in row.kv.items():
             if name in self.store:
                 continue
-            if not self.rows:
-                held[name] = kv
-                continue
-            rows, heads, _, dim = held[name].shape
-            joined = np.zeros((rows + 1, heads, length, dim), np.float32)
-            joined[:-1, :, grow:] = held[name]
-            joined[-1:, :, place:] = kv
+            joined = np.zeros((self.rows + 1, kv.shape[1], length, kv.shape[3]), kv.dtype)
+            if self.rows:
+                joined[:-1, :, grow:] = held[name]
+            joined[-1:, :, length - kv.shape[2] :] = kv
             held[name] = joined
         for name, value in row.other.items():
             held[name] = np.concatenate([held[name], value]) if self.rows else value
@@ -244,7 +280,7 @@ class RunningBatch(BoundSteps):
         """Drop the padding every row starts with, when it is at least ``minimum`` slots."""
         if not self.rows:
             return
-        padding = int(np.argmax(self.attention_mask.any(axis=0)))
+        padding = int(np.argmax(self.attention_mask.reshape(-1, self.length).any(axis=0)))
         if padding < minimum:
             return
         kept = self.length - padding
@@ -254,7 +290,7 @@ class RunningBatch(BoundSteps):
         for name in held:
             if name.startswith(KV_PREFIX):
                 held[name] = held[name][:, :, padding:]
-        self.attention_mask = self.attention_mask[:, padding:]
+        self.attention_mask = self.attention_mask[..., padding:]
         self._bind(held)
 
     def decode(self, next_ids: np.ndarray, copy: bool = True) -> np.ndarray:

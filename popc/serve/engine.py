@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from popc.errors import PopcError
+from popc.kv_eviction import EvictionSettings
 from popc.pop import PopSettings
 from popc.runtime import PopcModel
 from popc.serve.batch import RowState, RunningBatch
@@ -47,7 +48,14 @@ class EngineStats:
 class Engine:
     """Serve one :class:`PopcModel`; ``submit`` from any thread, events arrive on the engine's."""
 
-    def __init__(self, model: PopcModel, max_batch: int = 8, max_queue: int = 64, pop: PopSettings | None = None):
+    def __init__(
+        self,
+        model: PopcModel,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        pop: PopSettings | None = None,
+        kv: EvictionSettings | None = None,
+    ):
         if max_batch < 1:
             raise PopcError(f"--max-batch must be at least 1, got {max_batch}")
         if max_queue < 0:
@@ -55,7 +63,8 @@ class Engine:
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.batch = RunningBatch(model, pop, max_rows=max_batch)
+        # KV eviction (an export made with --kv-evict): each sequence's cache after its prefill.
+        self.batch = RunningBatch(model, pop, max_rows=max_batch, kv=kv)
         self.running: list[Running] = []
         self.prefilling = 0  # admitted, not yet running nor finished: counted as running
         self.waiting: collections.deque[Handle] = collections.deque()

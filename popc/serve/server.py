@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from popc.errors import PopcError
+from popc.kv_eviction import EvictionSettings
 
 
 def default_model_name(directory: str | Path) -> str:
@@ -24,6 +25,7 @@ def serve(
     threads: int | None = None,
     api_key: str | None = None,
     model_name: str | None = None,
+    kv: EvictionSettings | None = None,
 ) -> None:
     """Serve one export until interrupted (Ctrl-C / SIGTERM stop uvicorn, then the engine)."""
     try:
@@ -38,7 +40,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise PopcError(f"--port must be in 0..65535, got {port}")
     model = popc.load(directory, threads=threads)
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue).start()
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, kv=kv).start()
     try:
         app = build_app(engine, model_name or default_model_name(directory), api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
