@@ -19,7 +19,7 @@ for model in ${models[@]}; do
   [ -f "$out/popc.json" ] || popc export "$model" --out "$out" --kv-evict --force
   popc bench "$out" --kv-budgets 1,0.2,0.05 --kv-context 4096 --decode-tokens 32 --repeats 5 --threads 2 \
     --json "$here/results/kv-eviction-speed-$model.json" --markdown "$here/results/kv-eviction-speed-$model.md"
-  popc eval "$out" --long-context --threads 2 \
+  popc eval "$out" --long-context --threads 2 --kv-methods streaming,snapkv,snapkv:pool11,random,laprox,laprox:pool7 \
     --json "$here/results/kv-eviction-$model.json" --plot "$here/results/kv-eviction-$model.png" \
     > "$here/results/kv-eviction-$model.md"
 done

@@ -105,7 +105,7 @@ def run_long_context(
     text = longcontext.held_text(plan.text)
     sinks = grid[0][1].sinks
     result: dict[str, Any] = {
-        "model": str(model.config.get("source") or plan.directory),
+        "model": str(model.config.get("source") or plan.directory).split(" (")[0],
         "machine": f"{cpu_name()}, {plan.threads or 'ORT default'} threads, onnxruntime (popc export, --kv-evict)",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "window": int(model.kv_eviction["window"]), "sinks": sinks, "evictable_layers": evictable,

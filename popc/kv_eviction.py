@@ -89,7 +89,7 @@ class EvictionSettings:
     sinks: int = DEFAULT_SINKS
     score: str = "sum-total"
     floor: float = 1.0
-    pool: int = 7
+    pool: int | None = None  # the scores' token pooling: each method's default (SnapKV 7)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,8 +135,10 @@ def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
                 f"--kv-method {label!r}: {part!r} is not a LaProx option (a score {', '.join(LAPROX_SCORES)}, "
                 "floorF or poolN)"
             ) from None
-    if options and method != "laprox":
-        raise PopcError(f"--kv-method {label!r}: only laprox takes options")
+    if set(options) - {"pool"} and method != "laprox":
+        raise PopcError(f"--kv-method {label!r}: only laprox takes a score or a floor")
+    if "pool" in options and method not in ("laprox", "snapkv"):
+        raise PopcError(f"--kv-method {label!r}: only laprox and snapkv pool their scores")
     return EvictionSettings(method=method, budget=budget, **options)
 
 

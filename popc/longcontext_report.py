@@ -35,6 +35,15 @@ def perplexity(result: dict[str, Any], method: str, budget: float) -> float | No
     return math.exp(statistics.mean(nll)) if nll else None
 
 
+def _passkey_rows(prompts: list[dict], methods: list[str], budgets: list[float], cell) -> list[str]:  # noqa: ANN001
+    """One table row per method: ``cell(hits)`` per budget (blank where not measured)."""
+    rows = []
+    for method in methods:
+        cells = [hits(prompts, method, budget) for budget in budgets]
+        rows.append(f"| {method} | " + " | ".join(cell(found) if found else "" for found in cells) + " |")
+    return rows
+
+
 def markdown(result: dict[str, Any], title: str, source: str) -> str:
     """The passkey, perplexity and eviction-cost tables."""
     methods, budgets = methods_of(result), budgets_of(result)
@@ -57,21 +66,11 @@ def markdown(result: dict[str, Any], title: str, source: str) -> str:
             "",
             *header,
         ]
-        for method in methods:
-            cells = []
-            for budget in budgets:
-                found = hits(prompts, method, budget)
-                cells.append(f"{100 * sum(found) / len(found):.0f} ({len(found)})" if found else "")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += _passkey_rows(prompts, methods, budgets, lambda found: f"{100 * sum(found) / len(found):.0f} ({len(found)})")
         for length in lengths:
             subset = [p for p in prompts if p["length"] == length]
             lines += ["", f"{length} tokens (n = {len(subset)}): correct / n", "", *header]
-            for method in methods:
-                cells = []
-                for budget in budgets:
-                    found = hits(subset, method, budget)
-                    cells.append(f"{sum(found)}/{len(found)}" if found else "")
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines += _passkey_rows(subset, methods, budgets, lambda found: f"{sum(found)}/{len(found)}")
         lines.append("")
     if result["ppl"]:
         lines += [
@@ -109,6 +108,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     methods = [m for m in methods_of(result) if m != "full"]
     budgets = [b for b in budgets_of(result) if b != 1.0]
@@ -130,11 +130,12 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
             axis.axhline(reference, color="black", linestyle="--", linewidth=1, label="full cache")
         axis.set_xscale("log")
         axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("KV budget (fraction of the prompt)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"{title}: {result['model']} ({result['machine']})", fontsize=9)
+    figure.suptitle(f"{title}: {result['model']}, {result['date'][:10]} ({result['machine'].split(',')[0]})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

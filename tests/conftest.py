@@ -231,3 +231,33 @@ def assert_clean_failure(result, *, contains: str) -> None:  # noqa: ANN001 - a 
     assert "Traceback" not in output
     assert contains in output, output
     assert len([line for line in output.splitlines() if line.startswith("error:")]) == 1, output
+
+
+# ---- popc serve's engine ------------------------------------------------------------------
+def collect(engine, request) -> tuple:  # noqa: ANN001 - popc.serve types, imported lazily
+    """Submit ``request``; an Event set when it finishes and the dict its events fill."""
+    import threading
+
+    done, result = threading.Event(), {"text": []}
+
+    def on_event(event) -> None:
+        result["text"].append(event.text)
+        if event.finish_reason:
+            result.update(reason=event.finish_reason, usage=event.usage, error=event.error)
+            done.set()
+
+    request.on_event = on_event
+    result["handle"] = engine.submit(request)
+    return done, result
+
+
+def serve_all(engine, requests: list) -> list[dict]:  # noqa: ANN001
+    """Queue ``requests`` before the engine starts, run them all, return their results."""
+    waits = [collect(engine, request) for request in requests]
+    engine.start()
+    try:
+        for done, _ in waits:
+            assert done.wait(30)
+    finally:
+        engine.close()
+    return [result for _, result in waits]

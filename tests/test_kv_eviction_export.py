@@ -7,14 +7,12 @@ their window; one full-attention layer evicts) models, float32."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model_dir
+from conftest import make_tiny_model_dir, serve_all
 from popc import runtime
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
@@ -238,24 +236,7 @@ def test_engine_with_a_budget_serves_what_generate_gives(exported):
     batch_prompts = [[int(t) for t in rng.integers(6, 200, n)] for n in (33, 40, 28, 36)]
     expected = [model.generate(p, max_new_tokens=8, kv=settings).generated_ids for p in batch_prompts]
     engine = Engine(model, max_batch=2, max_queue=8, kv=settings)
-    waits = []
-    for prompt in batch_prompts:
-        done, result = threading.Event(), {"text": []}
-
-        def on_event(event, done=done, result=result) -> None:
-            result["text"].append(event.text)
-            if event.finish_reason:
-                result["error"] = event.error
-                done.set()
-
-        waits.append((done, result))
-        engine.submit(Request(prompt, max_tokens=8, on_event=on_event))
-    engine.start()
-    try:
-        for done, _ in waits:
-            assert done.wait(60)
-    finally:
-        engine.close()
-    for (_, result), tokens in zip(waits, expected):
+    results = serve_all(engine, [Request(prompt, max_tokens=8) for prompt in batch_prompts])
+    for result, tokens in zip(results, expected):
         assert result["error"] is None
         assert "".join(result["text"]) == model.decode(tokens)

@@ -4,13 +4,11 @@ gives."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 import popc
-from conftest import make_tiny_model_dir
+from conftest import collect, make_tiny_model_dir, serve_all
 from popc.defaults import settings_for_sparsity
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
@@ -92,32 +90,6 @@ def test_prefill_groups_keep_padding_bounded():
     groups = [[len(h.request.prompt_ids) for h in group] for group in prefill_groups(handles)]
     assert groups == [[3, 4, 5], [80, 90, 100], [2000]]
     assert sorted(sum(groups, [])) == sorted(lengths)
-
-
-def collect(engine: Engine, request: Request) -> tuple[threading.Event, dict]:
-    done, result = threading.Event(), {"text": []}
-
-    def on_event(event) -> None:
-        result["text"].append(event.text)
-        if event.finish_reason:
-            result.update(reason=event.finish_reason, usage=event.usage, error=event.error)
-            done.set()
-
-    request.on_event = on_event
-    result["handle"] = engine.submit(request)
-    return done, result
-
-
-def serve_all(engine: Engine, requests: list[Request]) -> list[dict]:
-    """Queue ``requests`` before the engine starts, run them all, return their results."""
-    waits = [collect(engine, request) for request in requests]
-    engine.start()
-    try:
-        for done, _ in waits:
-            assert done.wait(30)
-    finally:
-        engine.close()
-    return [result for _, result in waits]
 
 
 @pytest.mark.parametrize("pop", [False, True], ids=["dense", "pop"])

@@ -115,7 +115,7 @@ def run_kv_bench(plan: KvBenchPlan, progress: Progress | None = None) -> KvBench
     prefill = stepper.prompt.seconds
     base = statistics.median(times[0])
     result = KvBenchResult(
-        model=str(model.config.get("source") or plan.directory),
+        model=str(model.config.get("source") or plan.directory).split(" (")[0],
         machine=asdict(machine_info(threads, "cpu")),
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         context=plan.context, steps=plan.steps, repeats=plan.repeats, prefill_s=prefill,

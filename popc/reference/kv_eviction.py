@@ -36,20 +36,26 @@ attend to a key's first digit, decoding needs the next ones), enter ONE top-k, w
 thereby decides each layer's length; ``floor`` first gives every layer that fraction of
 its uniform share by its own ranking (0: all model-wide; 1: uniform lengths).
 
-Chosen default (``benchmarks/kv_eviction_reference.py`` on SmolLM2-135M, results in
-``benchmarks/results/kv-eviction-reference-smollm2*.md``): ``sum-total``, ``floor=1.0``,
-pool 7, i.e. ``s_t = ||sum_h mean_i A_h[i,t] v_{t,g(h)} W_O[h]|| / sum_t' s_t'`` ranked
-per layer. Why: of the four variants model-wide (floor 0, 5 prompts of 1k-2k), passkey
-accuracy at 20 % was 40 % (mean-out) vs 60 % (the other three) and 0-20 % at 10 %; the
-"sum" aggregation costs one GEMM through o_proj (the "mean" one a [T, H, hidden]
-intermediate, about twice the time). The model-wide allocation itself cost retrieval:
-sum-total at 10 % / 20 % retrieved 0 % / 67 % model-wide, 0 % / 100 % with floor 0.5 and
-67 % / 100 % with floor 1 (3 prompts of 1k), while continuation perplexity (one 2k
-prefix) was the same within 1 % for every floor (31.8-31.9 at 5 %, full 31.0). So the
-default keeps uniform per-layer lengths; ``floor < 1`` (the model-wide selection) stays
-available and must be supported by the exported graph. SnapKV (per-KV-head selection)
-still retrieves better at 10 % (100 %): LaProx's one token set per layer, shared by the
-heads, dilutes the retrieval heads.
+Chosen default: ``sum-total``, ``floor=1.0``, pool 11, i.e.
+``s_t = ||sum_h mean_i A_h[i,t] v_{t,g(h)} W_O[h]|| / sum_t' s_t'`` ranked per layer.
+Measured first on this reference (``benchmarks/kv_eviction_reference.py``, SmolLM2-135M,
+``benchmarks/results/kv-eviction-reference-smollm2*.md``), then on the ONNX export
+(``popc eval --long-context``, 9 passkey prompts of 1k-4k, 2 continuation prefixes):
+
+* score: of the four variants model-wide (floor 0), passkey accuracy at 20 % was 40 %
+  (mean-out) vs 60 % (the other three); the "sum" aggregation costs one GEMM through
+  o_proj, the "mean" one a [T, H, hidden] intermediate, about twice the time;
+* floor: the model-wide allocation cost retrieval (sum-total at 10 / 20 %: 0 / 67 %
+  model-wide, 67 / 100 % with floor 1; 3 prompts of 1k) while perplexity moved < 1 %;
+* pooling: the decisive setting. At pool 7 (SnapKV's) LaProx retrieved 1 / 4 / 7 of 9
+  at 5 / 10 / 20 %, SnapKV 2 / 5 / 8; failures were truncated keys (the first digits
+  kept, the later ones evicted). At pool 11 every variant retrieved 7 / 8 / 8 of 9 (the
+  full cache 8 / 9): LaProx per layer or per KV head (``per-head``) and SnapKV alike
+  (pool 15: SnapKV the same, LaProx 7 / 7 / 8). The gain over SnapKV at its published kernel is the wider pooling, not the
+  output-aware score; the score's own gain is in continuation perplexity at 5-10 %.
+
+So the default keeps uniform per-layer lengths; ``floor < 1`` (the model-wide selection)
+stays available and the exported graph supports it (every layer a length of its own).
 
 Budget: a fraction of the prompt (``0.1``: the whole cache holds 10 % of
 ``prompt_length * evictable_layers`` entries) or an int (the average per-layer length,
@@ -90,6 +96,7 @@ LAPROX_SCORES = ("mean-out", "mean-total", "sum-out", "sum-total", "per-head")
 DEFAULT_LAPROX_SCORE = "sum-total"
 DEFAULT_LAPROX_FLOOR = 1.0
 SNAPKV_POOL = 7
+LAPROX_POOL = 11  # chosen by measurement (module docstring)
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 16
 
@@ -300,7 +307,7 @@ def select_tokens(
     score: str = DEFAULT_LAPROX_SCORE,
     seed: int = 0,
     floor: float = DEFAULT_LAPROX_FLOOR,
-    pool: int = SNAPKV_POOL,
+    pool: int | None = None,
 ) -> list[torch.Tensor]:
     """Per layer of ``evictable``, the kept token indices [Hkv, n] (sorted per head), from a
     prefill's window probabilities and values (``o_weights``: each evictable layer's o_proj
@@ -326,10 +333,11 @@ def select_tokens(
         return [random_keep(length, per_layer, forced, generator).expand(heads, -1) for _ in evictable]
     if method == "snapkv":
         return [
-            topk_per_head(snapkv_scores(prefill.window_probs[i], heads), per_layer, forced)
+            topk_per_head(snapkv_scores(prefill.window_probs[i], heads, pool or SNAPKV_POOL), per_layer, forced)
             for i in evictable
         ]
     share = max(per_layer - int(forced.sum()), 0)
+    pool = pool or LAPROX_POOL
     if score == "per-head":
         entries = [
             pool_scores(laprox_head_scores(prefill.window_probs[i], prefill.cache[i].values, o_weight), pool)
