@@ -348,6 +348,10 @@ def info(
         table.add_row("pop", f"retain {pop['retain']}, candidate {pop['candidate']}, keep {pop['keep']}")
         if pop.get("weight_layout"):
             table.add_row("pop weight layout", pop["weight_layout"])
+    kv = config.get("kv_eviction")
+    if kv:
+        table.add_row("kv eviction", f"per-layer cache lengths, observation window {kv.get('window')}: "
+                      f"popc run --kv-budget (methods {', '.join(kv.get('methods', []))})")  # fmt: skip
     quant = config.get("quant")
     table.add_row(
         "weights",
