@@ -364,8 +364,3 @@ def layer_mask_inputs(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for index, mask in enumerate(masks):
         stacked[index, :, : mask.shape[1]] = mask
     return stacked, np.array([m.shape[1] for m in masks], np.int64)
-
-
-def kv_bytes(compaction_or_slots: list[int], batch: int, kv_heads: int, head_dim: int, itemsize: int = 4) -> int:
-    """Bytes of keys and values that per-layer ``slots`` hold."""
-    return 2 * batch * kv_heads * head_dim * itemsize * sum(compaction_or_slots)
