@@ -135,6 +135,7 @@ CONFIG_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "ort_fusions": (_optional(_is(dict)), "an object or null", False),
     "drop_layers": (_optional(_integer(1)), "an integer >= 1 or null", False),
     "quant": (_optional(_is(dict)), "an object or null", False),
+    "kv_eviction": (_optional(_is(dict)), "an object or null", False),
 }  # fmt: skip
 POP_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "retain": (_fraction, "a fraction in [0, 1]", True),
@@ -142,6 +143,9 @@ POP_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "keep": (_fraction, "a fraction in [0, 1]", True),
     "intermediate_size": (_integer(1), "an integer >= 1", True),
     "weight_layout": (_is(str), "a string", False),
+}
+KV_EVICTION_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "window": (_integer(1), "an integer >= 1", True),
 }
 QUANT_SCHEMA: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "scheme": (lambda v: v in ("int4", "int8"), "int4 or int8", True),
@@ -166,6 +170,8 @@ def check_config(config: Any, config_path: Path) -> None:
         sections.append(("pop.", config["pop"], POP_SCHEMA))
     if isinstance(config.get("quant"), dict):
         sections.append(("quant.", config["quant"], QUANT_SCHEMA))
+    if isinstance(config.get("kv_eviction"), dict):
+        sections.append(("kv_eviction.", config["kv_eviction"], KV_EVICTION_SCHEMA))
     for prefix, section, schema in sections:
         for key, (check, meaning, required) in schema.items():
             if key not in section:
@@ -348,6 +354,8 @@ def check_interface(
     """Raise unless the graph is the one popc exports for what ``config`` describes (with
     ``shapes``, also its fixed dimensions and FFN width; ``model``: its parsed ModelProto, if any)."""
     problem = interface_problem(inputs, outputs, int(config["num_layers"]))
+    if problem is None and bool(config.get("kv_eviction")) != (EVICTION_INPUTS[1] in inputs):
+        problem = "its KV-eviction inputs and popc.json's kv_eviction disagree"
     if problem is None and shapes is not None:
         problem = shape_problem(shapes, config) or ffn_width_problem(model_path, config, model)
     if problem is not None:

@@ -350,8 +350,8 @@ def info(
             table.add_row("pop weight layout", pop["weight_layout"])
     kv = config.get("kv_eviction")
     if kv:
-        table.add_row("kv eviction", f"per-layer cache lengths, observation window {kv.get('window')}: "
-                      f"popc run --kv-budget (methods {', '.join(kv.get('methods', []))})")  # fmt: skip
+        table.add_row("kv eviction", f"per-layer cache lengths, observation window {kv['window']}: "
+                      "popc run --kv-budget (laprox, snapkv, streaming, random)")  # fmt: skip
     quant = config.get("quant")
     table.add_row(
         "weights",
