@@ -10,6 +10,7 @@ The JSON it returns is the PyTorch reference benchmark's (popc.longcontext_repor
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable, Sequence
@@ -66,9 +67,8 @@ def settings_grid(plan: LongContextPlan) -> list[tuple[str, EvictionSettings]]:
     for label in plan.methods:
         if label == "full":
             continue
-        base = parse_method(label)
-        options = {"sinks": base.sinks, "score": base.score, "floor": base.floor, "pool": base.pool} | plan.options
-        grid += [(label, EvictionSettings(method=base.method, budget=b, **options)) for b in plan.budgets]
+        base = dataclasses.replace(parse_method(label), **plan.options)
+        grid += [(label, dataclasses.replace(base, budget=b)) for b in plan.budgets]
     return grid
 
 

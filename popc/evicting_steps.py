@@ -110,17 +110,14 @@ class EvictingSteps(BoundSteps):
         keys = [kv[f"{KV_PREFIX}{i}.key"] for i in range(layers)]
         values = [kv[f"{KV_PREFIX}{i}.value"] for i in range(layers)]
         self.settings = settings
+        room = self.GROWTH if self.capacity is None else max(self.capacity - prompt.attention_mask.shape[1], 1)
         self.compaction = kv_eviction.evict(
-            model.attention_layers, keys, values, prompt.queries, prompt.attention_mask, settings
+            model.attention_layers, keys, values, prompt.queries, prompt.attention_mask, settings, room
         )
         self.masks = list(self.compaction.masks)
-        room = self.GROWTH if self.capacity is None else max(self.capacity - prompt.attention_mask.shape[1], 1)
         self.kv_buffers = {}
         for index in range(layers):
-            for kind, compacted in (("key", self.compaction.keys[index]), ("value", self.compaction.values[index])):
-                used = compacted.shape[2]
-                buffer = np.zeros(compacted.shape[:2] + (used + room,) + compacted.shape[3:], compacted.dtype)
-                buffer[:, :, :used] = compacted
+            for kind, buffer in (("key", self.compaction.keys[index]), ("value", self.compaction.values[index])):
                 self.kv_buffers[f"{KV_PREFIX}{index}.{kind}"] = self.ort.OrtValue.ortvalue_from_numpy(
                     buffer, self.device_type, 0
                 )

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from popc.errors import PopcError
+from popc.rotary import rotate_keys
 
 LAYER_MASK = "layer_attention_mask"
 LAYER_LENGTHS = "layer_lengths"
@@ -212,24 +213,13 @@ def read_layers(model_path: Path) -> list[LayerAttention]:
 # --------------------------------------------------------------------------- host math
 
 
-def rotate(x: Any, cos: Any, sin: Any) -> Any:
-    """Non-interleaved RoPE of ``x`` [..., S, d] by tables ``cos``/``sin`` [S, d/2] (torch)."""
-    import torch
-
-    half = x.shape[-1] // 2
-    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-
-
-def unrotate_by(keys: Any, layer: LayerAttention, shift: int) -> Any:
+def unrotate_by(keys: np.ndarray, layer: LayerAttention, shift: int) -> np.ndarray:
     """``keys`` [..., d] rotated by ``-shift`` positions (the tables' scale divided out)."""
-    import torch
-
     if shift == 0:
         return keys
-    cos, sin = torch.from_numpy(layer.cos[shift]), torch.from_numpy(layer.sin[shift])
-    norm = torch.sqrt(cos * cos + sin * sin).clamp_min(1e-30)
-    return rotate(keys, (cos / norm)[None], (-sin / norm)[None])
+    cos, sin = layer.cos[shift], layer.sin[shift]
+    norm = np.maximum(np.sqrt(cos * cos + sin * sin), 1e-30)
+    return rotate_keys(keys, cos / norm, -sin / norm)
 
 
 def row_prefill(
@@ -240,6 +230,7 @@ def row_prefill(
     first), ``queries`` [w, H * d] before RoPE."""
     import torch
 
+    from popc.ort_contrib import rotate
     from popc.reference.kv_eviction import LayerKV, Prefill
 
     length = slots - pad
@@ -268,9 +259,10 @@ def row_prefill(
 
 @dataclass
 class Compaction:
-    """Per-layer caches after eviction: keys/values [B, Hkv, K_l, d] (numpy), their masks
-    [B, K_l]; per row, each evictable layer's kept prompt tokens [Hkv, n] (indices among
-    the row's real tokens; None for the full cache) and the kept count per evictable layer."""
+    """Per-layer caches after eviction: keys/values [B, Hkv, K_l + room, d] (numpy) whose
+    first K_l slots are kept, their masks [B, K_l]; per row, each evictable layer's kept
+    prompt tokens [Hkv, n] (indices among the row's real tokens; None for the full cache)
+    and the kept count per evictable layer."""
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
@@ -278,10 +270,6 @@ class Compaction:
     kept_tokens: list[list[Any] | None]
     kept: list[list[int]]
     seconds: float
-
-    @property
-    def slots(self) -> list[int]:
-        return [k.shape[2] for k in self.keys]
 
 
 def evict(
@@ -291,9 +279,11 @@ def evict(
     queries: list[np.ndarray],
     attention_mask: np.ndarray,
     settings: EvictionSettings,
+    room: int = 0,
 ) -> Compaction:
     """Compact a prefill's caches (keys/values [B, Hkv, T, d] per layer, window queries
-    [B, w, H * d], the prompt's left-padded ``attention_mask`` [B, T]) under ``settings``."""
+    [B, w, H * d], the prompt's left-padded ``attention_mask`` [B, T]) under ``settings``,
+    into buffers with ``room`` free slots after the kept ones (for the decode steps)."""
     import torch
 
     from popc.reference.kv_eviction import select_tokens
@@ -334,21 +324,27 @@ def evict(
         per_row = kept_slots[index]
         width = max(int(k.shape[1]) for k in per_row)
         heads, head_dim = keys[index].shape[1], keys[index].shape[3]
-        new_keys = np.zeros((batch, heads, width, head_dim), keys[index].dtype)
+        # The decode buffers themselves: the kept slots first, ``room`` free ones after.
+        new_keys = np.zeros((batch, heads, width + room, head_dim), keys[index].dtype)
         new_values = np.zeros_like(new_keys)
         mask = np.zeros((batch, width), np.int64)
         for row, slots_kept in enumerate(per_row):
             count = int(slots_kept.shape[1])
             gather = slots_kept.numpy()
-            rows_k = np.take_along_axis(keys[index][row], gather[..., None], axis=1)
-            rows_v = np.take_along_axis(values[index][row], gather[..., None], axis=1)
-            new_keys[row, :, width - count :] = rows_k
-            new_values[row, :, width - count :] = rows_v
+            start = int(gather[0, 0])
+            if (gather == np.arange(start, start + count)).all():  # a tail (full cache, sliding window): a slice
+                rows_k, rows_v = keys[index][row, :, start : start + count], values[index][row, :, start : start + count]
+            else:
+                rows_k = np.take_along_axis(keys[index][row], gather[..., None], axis=1)
+                rows_v = np.take_along_axis(values[index][row], gather[..., None], axis=1)
+            new_keys[row, :, width - count : width] = rows_k
+            new_values[row, :, width - count : width] = rows_v
             # Padding slots kept by a sliding layer stay masked; every kept slot of an evicting row is a token.
             mask[row, width - count :] = attention_mask[row][gather[0]]
         shift = slots - width
-        new_keys = unrotate_by(torch.from_numpy(new_keys), layer, shift).numpy() if shift else new_keys
-        out_keys.append(np.ascontiguousarray(new_keys))
+        if shift:
+            new_keys[:, :, :width] = unrotate_by(new_keys[:, :, :width], layer, shift)
+        out_keys.append(new_keys)
         out_values.append(new_values)
         masks.append(mask)
         if layer.local_window is None:

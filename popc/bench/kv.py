@@ -102,7 +102,7 @@ def run_kv_bench(plan: KvBenchPlan, progress: Progress | None = None) -> KvBench
     for round_ in range(plan.warmup + plan.repeats):
         for index, setting in enumerate(settings):  # interleaved: drift hits every budget alike
             compaction = stepper.apply(setting)
-            slots[index] = int(sum(int(m.shape[1]) for m in stepper.masks))
+            slots[index] = sum(stepper.kv_slots())
             token = int(np.argmax(stepper.prompt.logits[0, -1]))
             started = time.perf_counter()
             for _ in range(plan.steps):

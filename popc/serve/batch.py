@@ -35,6 +35,7 @@ from popc.errors import PopcError
 from popc.evicting_steps import EvictingSteps
 from popc.kv_eviction import EvictionSettings
 from popc.pop import PopSettings
+from popc.rotary import rotate_keys
 from popc.runtime import BoundSteps, PopcModel
 
 KV_PREFIX = "past_key_values."
@@ -81,14 +82,9 @@ class KeyRotation:
         if offset == 0 or name not in self.by_past_key:
             return keys
         cos_table, sin_table = self.by_past_key[name]
-        half = cos_table.shape[1]
         cos = cos_table[abs(offset)].astype(np.float32)
         sin = sin_table[abs(offset)].astype(np.float32) * (1 if offset > 0 else -1)
-        first, second = keys[..., :half], keys[..., half : 2 * half]
-        rotated = keys.copy()
-        rotated[..., :half] = first * cos - second * sin
-        rotated[..., half : 2 * half] = second * cos + first * sin
-        return rotated
+        return rotate_keys(keys, cos, sin)
 
 
 class RunningBatch(BoundSteps):
