@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from popc import longcontext, longcontext_report
-from popc.reference.kv_eviction import DEFAULT_SINKS, DEFAULT_WINDOW, LAPROX_SCORES, EvictionReference
+from popc.reference.kv_eviction import EvictionReference
+from popc.reference.kv_selection import DEFAULT_SINKS, DEFAULT_WINDOW, LAPROX_SCORES
 
 BUDGETS = longcontext_report.DEFAULT_BUDGETS
 # (label, method, options): every LaProx variant pooled as SnapKV pools, and the default

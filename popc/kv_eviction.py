@@ -11,7 +11,7 @@ An export made with ``popc export --kv-evict`` differs from a plain one in two w
 
 After the prefill (:func:`evict`) the window's attention probabilities are recomputed
 from those queries and the cached keys, every method's selection runs
-(:func:`popc.reference.kv_eviction.select_tokens`, the same policy as the PyTorch
+(:func:`popc.reference.kv_selection.select_tokens`, the same policy as the PyTorch
 reference), and each layer's cache is gathered to its kept tokens, left-padded per row
 to the layer's longest row (the mask hides the padding).
 
@@ -24,6 +24,7 @@ then see each kept key at exactly its true distance, whatever the compacted leng
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ WINDOW_QUERY_PREFIX = "window_query."
 DEFAULT_WINDOW = 16
 DEFAULT_SINKS = 4
 METHODS = ("full", "streaming", "snapkv", "random", "laprox")
+SCORED = ("snapkv", "laprox")  # the methods that read the window's attention
 
 
 def window_query_name(layer: int) -> str:
@@ -83,7 +85,7 @@ class EvictionSettings:
     """What to keep after the prefill: ``method`` (:data:`METHODS`) under ``budget`` (a
     fraction of the prompt in (0, 1], or an int: the average tokens per layer), the first
     ``sinks`` tokens and the observation window always kept. ``score``, ``floor`` and
-    ``pool`` are LaProx's (:mod:`popc.reference.kv_eviction`), ``seed`` random's."""
+    ``pool`` are LaProx's (:mod:`popc.reference.kv_selection`), ``seed`` random's."""
 
     method: str = "laprox"
     budget: float | int = 1.0
@@ -117,7 +119,7 @@ class EvictionSettings:
 def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
     """``laprox``, ``snapkv``, ... or a LaProx variant ``laprox:SCORE[:floorF][:poolN]``
     (``laprox:per-head:floor0.5``) -> settings at ``budget``."""
-    from popc.reference.kv_eviction import LAPROX_SCORES
+    from popc.reference.kv_selection import LAPROX_SCORES
 
     method, *parts = str(label).strip().split(":")
     options: dict[str, Any] = {}
@@ -174,6 +176,15 @@ class LayerAttention:
     sin: np.ndarray
     o_weight: np.ndarray  # [hidden, heads * d], o_proj as nn.Linear stores it (no bias)
 
+    @functools.cached_property
+    def o_proj(self) -> Any:
+        """:class:`popc.reference.kv_selection.OutputProjection` of ``o_weight`` (factorised once)."""
+        import torch
+
+        from popc.reference.kv_selection import OutputProjection
+
+        return OutputProjection(torch.from_numpy(self.o_weight))
+
 
 def read_layers(model_path: Path) -> list[LayerAttention]:
     """Every layer's attention, in layer order, from the exported graph: the attributes and
@@ -223,36 +234,48 @@ def unrotate_by(keys: np.ndarray, layer: LayerAttention, shift: int) -> np.ndarr
 
 
 def row_prefill(
-    layers: list[LayerAttention], keys: list[Any], values: list[Any], queries: list[Any], pad: int, slots: int
+    layers: list[LayerAttention],
+    keys: list[Any],
+    values: list[Any],
+    queries: list[Any],
+    pad: int,
+    slots: int,
+    attention: bool = True,
 ) -> Any:
-    """One batch row's :class:`popc.reference.kv_eviction.Prefill` over its real tokens:
+    """One batch row's :class:`popc.reference.kv_selection.Prefill` over its real tokens:
     ``keys``/``values`` [Hkv, slots, d] per layer (the row's ``pad`` left-padding slots
-    first), ``queries`` [w, H * d] before RoPE."""
+    first), ``queries`` [w, H * d] before RoPE. ``attention=False`` leaves out the window's
+    probabilities and outputs (the methods that do not score: streaming, random)."""
     import torch
 
     from popc.ort_contrib import rotate
-    from popc.reference.kv_eviction import LayerKV, Prefill
+    from popc.reference.kv_selection import LayerKV, Prefill
 
     length = slots - pad
     window = min(queries[0].shape[0], length)
     query_slots = torch.arange(slots - window, slots)
-    causal = torch.arange(pad, slots)[None, :] <= query_slots[:, None]  # [w, length]
+    # Causality touches only the window's own columns: query i (at slot slots - w + i) does
+    # not see the window's keys after it.
+    future = torch.ones(window, window, dtype=torch.bool).triu(1)
     cache, probs, outs = [], [], []
     for layer, k, v, q in zip(layers, keys, values, queries):
         k, v = k[:, pad:], v[:, pad:]
         cache.append(LayerKV(k, v, torch.arange(length).expand(layer.kv_heads, -1)))
-        if layer.local_window is not None:
+        if layer.local_window is not None or not attention:
             probs.append(None)
             outs.append(None)
             continue
         head_dim = k.shape[-1]
         q = q[-window:].reshape(window, layer.heads, head_dim).transpose(0, 1)  # [H, w, d]
         q = rotate(q, torch.from_numpy(layer.cos[query_slots]), torch.from_numpy(layer.sin[query_slots]))
-        groups = layer.heads // layer.kv_heads
-        logits = (q @ k.repeat_interleave(groups, 0).transpose(1, 2)) * layer.scale
-        p = logits.masked_fill(~causal, float("-inf")).softmax(-1)  # [H, w, length]
+        # Query head h = g * G + j reads KV head g: the G heads' queries as one [G * w] block.
+        grouped = q.reshape(layer.kv_heads, -1, head_dim)  # [Hkv, G * w, d]
+        logits = (grouped @ k.transpose(1, 2)).view(layer.heads, window, length).mul_(layer.scale)
+        logits[:, :, length - window :].masked_fill_(future, float("-inf"))
+        p = logits.softmax(-1)  # [H, w, length]
         probs.append(p)
-        attended = (p @ v.repeat_interleave(groups, 0)).transpose(0, 1).reshape(window, -1)
+        attended = (p.view(layer.kv_heads, -1, length) @ v).view(layer.heads, window, head_dim)
+        attended = attended.transpose(0, 1).reshape(window, -1)
         outs.append(attended @ torch.from_numpy(layer.o_weight).T)
     return Prefill(cache, probs, outs, torch.empty(0), length, window, 0.0)
 
@@ -286,12 +309,12 @@ def evict(
     into buffers with ``room`` free slots after the kept ones (for the decode steps)."""
     import torch
 
-    from popc.reference.kv_eviction import select_tokens
+    from popc.reference.kv_selection import select_tokens
 
     started = time.perf_counter()
     batch, slots = attention_mask.shape
     evictable = [i for i, layer in enumerate(layers) if layer.local_window is None]
-    o_weights = [torch.from_numpy(layers[i].o_weight) for i in evictable]
+    o_projs = [layers[i].o_proj for i in evictable]
     kept_slots: list[list[Any]] = [[None] * batch for _ in layers]  # [layer][row] -> [Hkv, n] slot indices
     kept_tokens: list[list[Any] | None] = [None] * batch
     for row in range(batch):
@@ -311,9 +334,10 @@ def evict(
             [torch.from_numpy(q[row]) for q in queries],
             pad,
             slots,
+            attention=settings.method in SCORED,
         )
         kept = select_tokens(
-            prefill, evictable, layers[0].kv_heads, o_weights, settings.method, settings.budget, **settings.options()
+            prefill, evictable, layers[0].kv_heads, o_projs, settings.method, settings.budget, **settings.options()
         )
         kept_tokens[row] = kept
         for index, indices in zip(evictable, kept):
@@ -334,6 +358,8 @@ def evict(
             start = int(gather[0, 0])
             if (gather == np.arange(start, start + count)).all():  # a tail (full cache, sliding window): a slice
                 rows_k, rows_v = keys[index][row, :, start : start + count], values[index][row, :, start : start + count]
+            elif (gather == gather[:1]).all():  # the same tokens in every KV head: one index
+                rows_k, rows_v = keys[index][row][:, gather[0]], values[index][row][:, gather[0]]
             else:
                 rows_k = np.take_along_axis(keys[index][row], gather[..., None], axis=1)
                 rows_v = np.take_along_axis(values[index][row], gather[..., None], axis=1)

@@ -1,4 +1,4 @@
-"""The KV-eviction reference (popc/reference/kv_eviction.py) and the long-context tasks.
+"""The KV-eviction reference (popc/reference/kv_eviction.py, kv_selection.py) and the long-context tasks.
 
 Tiny random-weight Llama and Gemma-3 (sliding-window layers) models in float64."""
 
@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model_dir, make_tiny_tokenizer
 from popc import longcontext
-from popc.reference.kv_eviction import (
+from popc.reference.kv_eviction import EvictionReference
+from popc.reference.kv_selection import (
     LAPROX_SCORES,
     METHODS,
-    EvictionReference,
+    OutputProjection,
     forced_mask,
     global_keep,
     laprox_head_scores,
@@ -199,12 +200,22 @@ def test_snapkv_per_kv_head_selection():
     assert pooled[1, 19] > pooled[1, 15] and pooled[1, 21] > pooled[1, 25]
 
 
+@pytest.mark.parametrize("hidden, width", [(48, 48), (40, 64), (64, 40), (7, 5)])
+def test_output_projection_norms_equal_the_product_norms(hidden: int, width: int):
+    # The triangular factor gives ||x W_O^T|| whichever of hidden and H * d is larger.
+    generator = torch.Generator().manual_seed(hidden)
+    weight = torch.randn(hidden, width, generator=generator)
+    x = torch.randn(33, width, generator=generator)
+    torch.testing.assert_close(OutputProjection(weight).norms(x), (x @ weight.T).norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
     heads, hidden, dim, length = 2, 3, 2, 6
     # o_proj: head 0 writes its value to the output, head 1 writes its negation.
     o_weight = torch.zeros(hidden, heads * dim, dtype=torch.float64)
     o_weight[:dim, :dim] = torch.eye(dim)
     o_weight[:dim, dim:] = -torch.eye(dim)
+    o_proj = OutputProjection(o_weight)
     values = torch.ones(1, length, dim, dtype=torch.float64)  # one KV head shared (GQA)
     values[0, 3] = torch.tensor([2.0, 2.0])
     probs = torch.full((heads, 1, length), 0.1, dtype=torch.float64)
@@ -214,9 +225,9 @@ def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
     for score in LAPROX_SCORES:
         if score == "per-head":  # one KV head here: its entries' scores are the layer's
             s = laprox_head_scores(probs, values, o_weight)[0]
-            torch.testing.assert_close(s, laprox_scores(probs, values, o_weight, out, "sum-total"))
+            torch.testing.assert_close(s, laprox_scores(probs, values, o_proj, out, "sum-total"))
         else:
-            s = laprox_scores(probs, values, o_weight, out, score)
+            s = laprox_scores(probs, values, o_proj, out, score)
         assert s[2] < 1e-9 < s[3], score  # attention-only scores would rank token 2 first
     assert snapkv_scores(probs, 1, pool=1)[0, 2] > snapkv_scores(probs, 1, pool=1)[0, 3]
     # Two window queries reading token 4 through opposite heads: each query's contribution
@@ -224,8 +235,8 @@ def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
     probs = torch.full((heads, 2, length), 0.1, dtype=torch.float64)
     probs[0, 0, 4], probs[1, 1, 4] = 0.6, 0.6
     out = torch.ones(2, hidden, dtype=torch.float64)
-    assert laprox_scores(probs, values, o_weight, out, "mean-total").argmax() == 4
-    assert laprox_scores(probs, values, o_weight, out, "sum-total")[4] < 1e-9
+    assert laprox_scores(probs, values, o_proj, out, "mean-total").argmax() == 4
+    assert laprox_scores(probs, values, o_proj, out, "sum-total")[4] < 1e-9
 
 
 def test_global_keep_gives_budget_to_the_layer_that_needs_it():
