@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # KV eviction on the exported graph: long-context accuracy (passkey 1k/2k/4k at three depths,
-# continuation perplexity after 2k and 4k prefixes; every method at 5/10/20/50 %) and decode
+# continuation perplexity after four 2k and four 4k prefixes; every method at 5/10/20/50 %) and decode
 # speed / KV memory at 4k context (full vs 20 % vs 5 %), for SmolLM2-135M and Gemma-3-270m.
 #
 #   benchmarks/run_kv_eviction.sh [OUT_DIR] [MODEL...]   (default models: smollm2-135m gemma3-270m)
 #
 # Exports each model once with --kv-evict under OUT_DIR (default benchmarks/work) and writes
 # results/kv-eviction-{model}.{json,md,png} and results/kv-eviction-speed-{model}.{json,md}.
-# Run it on a quiet machine (2 threads); about 15 min for SmolLM2, 30 min for Gemma-3 here.
+# Run it on a quiet machine (2 threads); about 20 min for SmolLM2, 40 min for Gemma-3 here.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-$here/work}"
@@ -19,7 +19,8 @@ for model in ${models[@]}; do
   [ -f "$out/popc.json" ] || popc export "$model" --out "$out" --kv-evict --force
   popc bench "$out" --kv-budgets 1,0.2,0.05 --kv-context 4096 --decode-tokens 32 --repeats 5 --threads 2 \
     --json "$here/results/kv-eviction-speed-$model.json" --markdown "$here/results/kv-eviction-speed-$model.md"
-  popc eval "$out" --long-context --threads 2 --kv-methods streaming,snapkv,snapkv:pool11,random,laprox,laprox:pool7 \
+  popc eval "$out" --long-context --threads 2 --ppl-count 4 \
+    --kv-methods streaming,snapkv,snapkv:pool11,random,laprox,laprox:pool7,laprox:floor0.5 \
     --json "$here/results/kv-eviction-$model.json" --plot "$here/results/kv-eviction-$model.png" \
     > "$here/results/kv-eviction-$model.md"
 done

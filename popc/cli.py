@@ -397,6 +397,7 @@ def eval_(
     kv_methods: Annotated[Optional[str], typer.Option(help="--long-context: streaming,snapkv,random,laprox (the full cache is always measured).")] = None,
     ppl_prefixes: Annotated[Optional[str], typer.Option(help="--long-context: continuation prefixes in tokens; 'none' skips. [default: 2048,4096]")] = None,
     continuation: Annotated[int, typer.Option(help="--long-context: continuation tokens scored after each prefix.")] = 128,
+    ppl_count: Annotated[int, typer.Option(help="--long-context: continuations per prefix length (non-overlapping spans of the text).")] = 1,
     threads: Annotated[Optional[int], typer.Option(help="--long-context: ONNX Runtime intra-op threads.")] = None,
 ) -> None:
     """Continuation perplexity and BIG-bench accuracy: dense vs POP vs baselines, at equal sparsity and cost.
@@ -405,7 +406,7 @@ def eval_(
     if long_context:
         return long_context_eval(directory, text, as_json, plot, device, threads, lengths=lengths, depths=depths,
                                  kv_budgets=kv_budgets, kv_methods=kv_methods, ppl_prefixes=ppl_prefixes,
-                                 continuation=continuation)  # fmt: skip
+                                 continuation=continuation, ppl_count=ppl_count)  # fmt: skip
     from popc.eval import METHODS, EvalPlan, parse_split, run_eval
     from popc.eval_report import plot as write_plot
     from popc.eval_report import result_table
@@ -464,7 +465,8 @@ def long_context_eval(directory, text, as_json, plot, device, threads, **lists) 
     from popc.longcontext_report import plot as write_plot
 
     check_outputs(as_json=as_json, plot=plot)
-    options: dict = {"text": text, "device": device, "threads": threads, "continuation": lists.pop("continuation")}
+    options: dict = {"text": text, "device": device, "threads": threads}
+    options |= {key: lists.pop(key) for key in ("continuation", "ppl_count")}
     for key, kind in (("lengths", int), ("depths", float), ("kv_methods", str), ("ppl_prefixes", int)):
         raw = lists[key]
         if raw is not None:

@@ -59,6 +59,8 @@ class LongContextPlan:
             )
         if not 0 < self.continuation:
             raise PopcError("--continuation must be at least 1")
+        if not 0 < self.ppl_count:
+            raise PopcError("--ppl-count must be at least 1")
 
 
 def settings_grid(plan: LongContextPlan) -> list[tuple[str, EvictionSettings]]:

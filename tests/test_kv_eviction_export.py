@@ -240,3 +240,52 @@ def test_engine_with_a_budget_serves_what_generate_gives(exported):
     for result, tokens in zip(results, expected):
         assert result["error"] is None
         assert "".join(result["text"]) == model.decode(tokens)
+
+
+def test_eval_long_context_scores_every_setting_as_the_reference(tmp_path):
+    """`popc eval --long-context` end to end on a tiny export: one row per method x budget on
+    every prompt, and each continuation's perplexity equal to the reference's after the same
+    eviction (the full cache and LaProx)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from popc import longcontext
+    from popc.cli import app
+
+    source = make_tiny_model_dir(tmp_path, "llama")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 512}))  # room for a passkey
+    export(ExportPlan(model=str(source), out=str(tmp_path / "export"), kv_window=WINDOW))
+    text = tmp_path / "held.txt"
+    text.write_text(" ".join(f"The river {word} ran past the old mill." for word in ("north", "east", "west") * 6))
+    out = tmp_path / "long.json"
+    args = ["eval", str(tmp_path / "export"), "--long-context", "--text", str(text), "--lengths", "300",
+            "--depths", "0.5", "--ppl-prefixes", "60", "--continuation", "8", "--ppl-count", "2",
+            "--kv-budgets", "0.5", "--kv-methods", "snapkv,laprox", "--json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert len(report["passkey"]) == 1 and len(report["ppl"]) == 2
+    for prompt in report["passkey"] + report["ppl"]:
+        assert sorted((row["method"], row["budget"]) for row in prompt["rows"]) == [
+            ("full", 1.0), ("laprox", 0.5), ("snapkv", 0.5)
+        ]  # fmt: skip
+
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    reference = EvictionReference(hf)
+    tokenizer = runtime.load(tmp_path / "export", use_oplib=False).tokenizer
+    items = longcontext.continuation_items(tokenizer, text.read_text(), 60, 8, 2)
+    sinks = report["sinks"]
+    for item, prompt in zip(items, report["ppl"]):
+        assert prompt["offset"] == item.offset
+        prefill = reference.prefill(torch.tensor([item.prefix]), window=WINDOW)
+        follow = torch.tensor([item.continuation])
+        for row in prompt["rows"]:
+            if row["method"] == "snapkv":
+                continue
+            kept = reference.select(prefill, row["method"], row["budget"], sinks=sinks)
+            nll = reference.continuation_nll(reference.compact(prefill, kept), prefill.last_logits, follow)
+            assert row["value"] == pytest.approx(nll, abs=1e-4), row
+        values = {row["method"]: row["value"] for row in prompt["rows"]}
+        assert values["laprox"] != pytest.approx(values["full"], abs=1e-3)  # the eviction changed the cache
