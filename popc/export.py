@@ -519,7 +519,7 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
     check_destination(location, plan.force)
     dtype = check_dtype(plan)
     if plan.kv_window is not None:
-        kv_eviction.check_export(plan.kv_window, plan.fused, plan.quant is not None, dtype)
+        kv_eviction.check_export(plan.kv_window, plan.fused, dtype)
     atomic.remove_stale_staging(staging_parent(location), STAGING_PREFIX)  # left by exports that were SIGKILLed
     started = time.perf_counter()
 

@@ -62,7 +62,7 @@ def export_section(window: int) -> dict[str, Any]:
     }
 
 
-def check_export(window: int, fused: bool, quantized: bool, dtype: str) -> None:
+def check_export(window: int, fused: bool, dtype: str) -> None:
     """Refuse what an eviction export does not cover yet, before any work."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise PopcError(f"--kv-window must be a positive number of tokens, got {window!r}")
@@ -71,8 +71,6 @@ def check_export(window: int, fused: bool, quantized: bool, dtype: str) -> None:
             "--kv-evict is built on the fused graph (GroupQueryAttention's per-layer cache lengths); "
             "drop --no-fuse, --prefill-skip and --drop-layers"
         )
-    if quantized:
-        raise PopcError("--kv-evict with --quant is not supported yet (eviction scores read o_proj in float32)")
     if dtype != "float32":
         raise PopcError("--kv-evict with --dtype fp16/bf16 is not supported yet: export it in fp32")
 
@@ -198,13 +196,12 @@ def read_layers(model_path: Path) -> list[LayerAttention]:
         if node.op_type != "GroupQueryAttention":
             continue
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        o_proj = [user for user, _ in node.outputs[0].uses() if user.op_type == "MatMul"]
-        weight = o_proj[0].inputs[1].const_value if o_proj else None
+        weight = output_projection(node)
         cos, sin = node.inputs[7].const_value, node.inputs[8].const_value
         if weight is None or cos is None or sin is None:
             raise PopcError(
-                f"{model_path}: cannot read layer {len(layers)}'s o_proj weight or rotary tables for KV eviction "
-                "(a quantized o_proj is not supported yet); re-export with `popc export --kv-evict` without --quant"
+                f"{model_path}: cannot read layer {len(layers)}'s o_proj weight or rotary tables for KV eviction; "
+                "re-export it with `popc export --kv-evict`"
             )
         window = int(attrs.get("local_window_size", -1))
         layers.append(
@@ -215,10 +212,33 @@ def read_layers(model_path: Path) -> list[LayerAttention]:
                 local_window=None if window < 0 else window,
                 cos=np.array(cos.numpy(), np.float32),
                 sin=np.array(sin.numpy(), np.float32),
-                o_weight=np.ascontiguousarray(np.asarray(weight.numpy(), np.float32).T),
+                o_weight=weight,
             )
         )
     return layers
+
+
+def output_projection(attention: Any) -> np.ndarray | None:
+    """The o_proj weight [hidden, H * d] (float32, as nn.Linear stores it) of the node that
+    reads a GroupQueryAttention's output: a MatMul's constant [H * d, hidden], or a
+    block-quantized ``com.microsoft.MatMulNBits``' rows dequantized (a ``--quant`` export,
+    scored with the weights its decode reads). None when neither is there."""
+    from popc.quantize import QuantScheme, dequantize_rows
+
+    for user, _ in attention.outputs[0].uses():
+        if user.op_type == "MatMul" and user.inputs[1].const_value is not None:
+            return np.ascontiguousarray(np.asarray(user.inputs[1].const_value.numpy(), np.float32).T)
+        if user.op_type == "MatMulNBits" and user.domain == "com.microsoft":
+            packed, scales = user.inputs[1].const_value, user.inputs[2].const_value
+            attrs = {name: attr.value for name, attr in user.attributes.items()}
+            zero_points = len(user.inputs) > 3 and user.inputs[3] is not None
+            if packed is None or scales is None or zero_points:  # popc's blocks are symmetric
+                return None
+            scheme = QuantScheme(int(attrs["bits"]), int(attrs["block_size"]))
+            n = int(attrs["N"])
+            rows = dequantize_rows(packed.numpy().reshape(n, -1), scales.numpy().reshape(n, -1), scheme, int(attrs["K"]))
+            return np.ascontiguousarray(rows, np.float32)
+    return None
 
 
 # --------------------------------------------------------------------------- host math

@@ -98,6 +98,34 @@ def test_export_evicts_as_the_reference(exported, family, method, budget, option
             assert len(set(stepper.kv_slots())) > 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_export_evicts_as_the_quantized_reference(tmp_path, family):
+    """--kv-evict --quant int4: the scores read o_proj's dequantized blocks, so kept tokens and
+    logits are the reference's over the same fake-quantized weights (MatMulNBits at accuracy
+    level 0, float activations), batch 1 and the left-padded batch of 3."""
+    from popc.quantize import QuantScheme
+    from popc.reference import fake_quantize_model
+
+    scheme = QuantScheme(4, 32, accuracy_level=0)
+    source = make_tiny_model_dir(tmp_path, family)
+    export(ExportPlan(model=str(source), out=str(tmp_path / "export"), kv_window=WINDOW, quant=scheme))
+    model = runtime.load(tmp_path / "export", use_oplib=False)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    reference = EvictionReference(fake_quantize_model(hf, scheme, pop_layout=False))
+    vocab = int(model.config["vocab_size"])
+    batch = prompts(vocab)
+    follow = [[int(t) for t in np.random.default_rng(row).integers(6, vocab, FOLLOW)] for row in range(len(batch))]
+    for method in ("snapkv", "laprox"):
+        settings = EvictionSettings(method=method, budget=0.3, sinks=SINKS)
+        for rows in ([0], [0, 1, 2]):
+            stepper, logits = onnx_run(model, [batch[r] for r in rows], [follow[r] for r in rows], settings)
+            for position, row in enumerate(rows):
+                kept, expected = reference_run(reference, batch[row], follow[row], method, 0.3, {})
+                for got, want in zip(stepper.compaction.kept_tokens[position], kept, strict=True):
+                    assert torch.equal(got, want), f"{method} row {row}: kept tokens differ"
+                np.testing.assert_allclose(logits[position], expected, atol=2e-4, rtol=1e-3)
+
+
 def test_eviction_shrinks_the_cache_and_full_equals_the_plain_graph(exported):
     model, _ = exported["llama"]
     prompt = prompts(int(model.config["vocab_size"]))[0]
