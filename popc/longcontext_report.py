@@ -83,23 +83,77 @@ def markdown(result: dict[str, Any], title: str, source: str) -> str:
             values = [perplexity(result, method, budget) for budget in budgets]
             lines.append(f"| {method} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
         lines.append("")
+        lines += _paired_rows(result, methods, budgets[1:])
     every = prompts + result["ppl"]
     if every:
-        lines += ["## Eviction cost (scores + selection + compaction) / prefill, median over prompts", ""]
-        for method in methods:
-            ratios = [
-                r["evict_s"] / p["prefill_s"] for p in every for r in p["rows"] if r["method"] == method and r["budget"] != 1.0
-            ]  # fmt: skip
-            if ratios:
-                lines.append(f"- {method}: {100 * statistics.median(ratios):.1f} % (n = {len(ratios)})")
-        prefill: dict[int, list[float]] = {}
-        for p in every:
-            prefill.setdefault(p.get("length", p.get("prefix")), []).append(p["prefill_s"])
-        lines.append(
-            "- prefill seconds (median): " + ", ".join(f"{k}: {statistics.median(v):.1f}" for k, v in sorted(prefill.items()))
-        )
-        lines.append("")
+        lines += _cost_rows(every, methods)
     return "\n".join(lines)
+
+
+def _paired_rows(result: dict[str, Any], methods: list[str], budgets: list[float], base: str = "laprox") -> list[str]:
+    """LaProx's continuation NLL minus each other method's on the same prefixes, per budget:
+    mean and 95 % interval (t, n - 1). The geometric means above can hide a tie, or one prefix."""
+    others = [m for m in methods if m not in ("full", base)]
+    if base not in methods or not others or len(result["ppl"]) < 2:
+        return []
+    lines = [
+        f"Paired: {base}'s NLL minus each method's (nats/token, mean ± 95 % over the {len(result['ppl'])} prefixes; "
+        f"negative = {base} better)",
+        "",
+        "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
+    for method in others:
+        cells = []
+        for budget in budgets:
+            diffs = []
+            for prefix in result["ppl"]:
+                values = {(r["method"], r["budget"]): r["value"] for r in prefix["rows"]}
+                if (base, budget) in values and (method, budget) in values:
+                    diffs.append(values[(base, budget)] - values[(method, budget)])
+            cells.append(_mean_interval(diffs) if len(diffs) > 1 else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+# Student's t, two-sided 95 %, for 1..20 degrees of freedom (a handful of prefixes); 1.96 beyond.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+       2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # fmt: skip
+
+
+def _mean_interval(values: list[float]) -> str:
+    freedom = len(values) - 1
+    t = T95[freedom - 1] if freedom <= len(T95) else 1.96
+    half = t * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.mean(values):+.3f} ± {half:.3f}"
+
+
+def _cost_rows(prompts: list[dict], methods: list[str]) -> list[str]:
+    """Eviction seconds / prefill seconds, median per prompt length and method."""
+    lengths = sorted({p.get("length", p.get("prefix")) for p in prompts})
+    lines = [
+        "## Eviction cost (scores + selection + compaction) / prefill, median over prompts and budgets",
+        "",
+        "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+        "|---" * (len(lengths) + 1) + "|",
+    ]
+    for method in methods:
+        cells = []
+        for length in lengths:
+            ratios = [
+                r["evict_s"] / p["prefill_s"] for p in prompts if p.get("length", p.get("prefix")) == length
+                for r in p["rows"] if r["method"] == method and r["budget"] != 1.0
+            ]  # fmt: skip
+            cells.append(f"{100 * statistics.median(ratios):.1f} % ({len(ratios)})" if ratios else "")
+        if any(cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    prefill: dict[int, list[float]] = {}
+    for p in prompts:
+        prefill.setdefault(p.get("length", p.get("prefix")), []).append(p["prefill_s"])
+    lines.append(
+        "| prefill s (median) | " + " | ".join(f"{statistics.median(prefill[n]):.1f}" for n in lengths) + " |"
+    )
+    return [*lines, ""]
 
 
 def plot(result: dict[str, Any], path: Path, title: str) -> None:
