@@ -140,23 +140,38 @@ def test_eviction_shrinks_the_cache_and_full_equals_the_plain_graph(exported):
                                plain_logits[0, -1], atol=1e-5)  # fmt: skip
 
 
-def test_eviction_composes_with_pop(tmp_path):
-    """A POP export with KV eviction: the kept tokens are those of the dense export (POP
-    prunes FFNs, eviction reads attention; the first layer's scores are untouched by POP),
-    and generation runs."""
-    source = make_tiny_model_dir(tmp_path, "llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eviction_composes_with_pop(tmp_path, family):
+    """A POP export with KV eviction against the two references together: POP-online's FFNs
+    (popc.reference.PopReference, dense with partitions at the prefill, pruned per token
+    after it) inside the eviction reference's layers. The same kept tokens in every layer and
+    the same logits over the compacted cache."""
+    from popc.reference import PopReference
+
+    source = make_tiny_model_dir(tmp_path, family)
     pop = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
     export(ExportPlan(model=str(source), out=str(tmp_path / "pop"), pop=pop, kv_window=WINDOW))
-    model = runtime.load(tmp_path / "pop")
-    prompt = prompts(int(model.config["vocab_size"]))[0]
-    settings = EvictionSettings(method="laprox", budget=0.3, sinks=SINKS)
+    model = runtime.load(tmp_path / "pop", use_oplib=False)
+    vocab = int(model.config["vocab_size"])
+    prompt = prompts(vocab)[0]
+    follow = [int(t) for t in np.random.default_rng(5).integers(6, vocab, FOLLOW)]
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    pop_reference = PopReference(hf, pop)
+    reference = EvictionReference(hf)  # its layers call the POP-wrapped FFNs
+    for method in ("snapkv", "laprox"):
+        settings = EvictionSettings(method=method, budget=0.3, sinks=SINKS)
+        pop_reference.prefill, pop_reference.token_mask = True, torch.ones(1, len(prompt))
+        prefill = reference.prefill(torch.tensor([prompt]), window=WINDOW)
+        kept = reference.select(prefill, method, 0.3, sinks=SINKS)
+        pop_reference.prefill = False  # after the prompt: each token prunes its own FFNs
+        expected = reference.extend(reference.compact(prefill, kept), torch.tensor([follow]))
+        expected = torch.cat([prefill.last_logits[None], expected]).numpy()
+        stepper, logits = onnx_run(model, [prompt], [follow], settings, pop=pop)
+        for got, want in zip(stepper.compaction.kept_tokens[0], kept, strict=True):
+            assert torch.equal(got, want), f"{method}: kept tokens differ"
+        np.testing.assert_allclose(logits[0], expected, atol=2e-4, rtol=1e-3)
     tokens, _, _ = model.generate_ids([prompt], 6, kv=settings)
     assert len(tokens[0]) == 6
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    kept, _ = reference_run(EvictionReference(hf), prompt, [7] * FOLLOW, "laprox", 0.3, {})
-    stepper = model.bound(pop, capacity=64, kv=settings)
-    stepper.prefill(np.array([prompt]), np.ones((1, len(prompt)), np.int64))
-    assert torch.equal(stepper.compaction.kept_tokens[0][0], kept[0])
 
 
 def test_budgets_parse_and_bad_ones_are_refused(exported):
