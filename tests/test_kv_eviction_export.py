@@ -285,6 +285,30 @@ def test_engine_with_a_budget_serves_what_generate_gives(exported):
         assert "".join(result["text"]) == model.decode(tokens)
 
 
+def test_engine_serves_each_request_its_own_budget(exported):
+    """Requests with different eviction settings admitted together (grouped by setting for
+    their prefill, then one running batch): each samples what generate() samples with its
+    setting (seeded sampling: the tiny model's greedy tokens ignore its cache)."""
+    from popc.runtime import SamplingOptions
+    from popc.serve.engine import Engine
+    from popc.serve.sequence import Request
+
+    model, _ = exported["llama"]
+    rng = np.random.default_rng(8)
+    prompts_ = [[int(t) for t in rng.integers(6, 200, n)] for n in (40, 36, 40, 33)]
+    settings = [None, EvictionSettings("snapkv", 0.3, sinks=SINKS), EvictionSettings("snapkv", 0.3, sinks=SINKS),
+                EvictionSettings("laprox", 12, sinks=SINKS, floor=0.0)]  # fmt: skip
+    expected = [
+        model.generate(p, max_new_tokens=8, kv=kv, temperature=1.0, seed=5).text for p, kv in zip(prompts_, settings)
+    ]
+    assert expected[0] != model.generate(prompts_[0], max_new_tokens=8, kv=settings[1], temperature=1.0, seed=5).text
+    engine = Engine(model, max_batch=4, max_queue=8)
+    requests = [Request(p, 8, SamplingOptions(1.0, 1.0, 5), kv=kv) for p, kv in zip(prompts_, settings)]
+    for result, text in zip(serve_all(engine, requests), expected):
+        assert result["error"] is None
+        assert "".join(result["text"]) == text
+
+
 def test_eval_long_context_scores_every_setting_as_the_reference(tmp_path):
     """`popc eval --long-context` end to end on a tiny export: one row per method x budget on
     every prompt, and each continuation's perplexity equal to the reference's after the same

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -44,7 +45,8 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     source = make_tiny_model_dir(root, "llama")
     export(ExportPlan(model=str(source), out=root / "dense"))
     export(ExportPlan(model=str(source), out=root / "pop", pop=settings_for_sparsity(0.5)))
-    return {"dense": root / "dense", "pop": root / "pop"}
+    export(ExportPlan(model=str(source), out=root / "kv", kv_window=4))
+    return {"dense": root / "dense", "pop": root / "pop", "kv": root / "kv"}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,29 @@ def test_completion_equals_generate_with_usage(dense, models):
     assert reply.usage.prompt_tokens == len(expected.prompt_ids)
     assert reply.usage.completion_tokens == len(expected.generated_ids)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_each_request_sets_its_own_kv_budget(models):
+    """On an eviction export, ``kv_budget`` / ``kv_method`` in a request evict its cache as
+    generate() does with those settings; a request without them keeps the whole cache."""
+    from popc.kv_eviction import EvictionSettings
+
+    model = models["kv"]
+    prompt = [int(t) for t in np.random.default_rng(8).integers(6, 200, 40)]
+    settings = {"full": None, "snapkv": EvictionSettings("snapkv", 0.3), "laprox": EvictionSettings("laprox", 12)}
+    # Seeded sampling: the tiny random model's greedy text does not depend on its cache.
+    expected = {
+        name: model.generate(prompt, max_new_tokens=10, kv=kv, temperature=1.0, seed=5).text
+        for name, kv in settings.items()
+    }
+    assert expected["snapkv"] != expected["full"]  # evicting changed what it samples
+    bodies = {"full": {}, "snapkv": {"kv_budget": "0.3", "kv_method": "snapkv"}, "laprox": {"kv_budget": 12}}
+    with serving(model) as server:
+        for name, extra in bodies.items():
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 5} | extra
+            reply = server.post("/v1/completions", body)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["text"] == expected[name], name
 
 
 def test_completion_streams_the_same_text(dense, models):
@@ -264,6 +289,10 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
         ({"model": "tiny", "prompt": [1, 99999]}, "prompt"),
         ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
         ({"model": "tiny"}, "prompt"),
+        ({"model": "tiny", "prompt": "hi", "kv_budget": 0.1}, "kv_budget"),  # a plain export keeps its cache
+        ({"model": "tiny", "prompt": "hi", "kv_budget": "lots"}, "kv_budget"),
+        ({"model": "tiny", "prompt": "hi", "kv_budget": 0.1, "kv_method": "h2o"}, "kv_budget"),
+        ({"model": "tiny", "prompt": "hi", "kv_method": "snapkv"}, "kv_method"),
     ],
 )
 def test_bad_completion_requests_are_400(dense, body, param):

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from popc.errors import PopcError
+from popc.kv_eviction import EvictionSettings, parse_budget, parse_method
 from popc.runtime import SamplingOptions
 from popc.serve.engine import BadRequest, Engine, QueueFull
 from popc.serve.metrics import ServerMetrics
@@ -166,6 +167,17 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
         except PopcError as error:
             raise bad_request(str(error)) from None
 
+    def eviction_of(body: Sampling) -> EvictionSettings | None:
+        """The request's own KV eviction (``kv_budget``, ``kv_method``), or None: the server's."""
+        if body.kv_budget is None:
+            if body.kv_method is not None:
+                raise bad_request("kv_method needs kv_budget", param="kv_method")
+            return None
+        try:
+            return parse_method(body.kv_method or "laprox", parse_budget(str(body.kv_budget)))
+        except PopcError as error:
+            raise bad_request(str(error).replace("--kv-", "kv_"), param="kv_budget") from None
+
     def submit(
         prompt_ids: list[int], max_tokens: int, body: Sampling, prompt_param: str, limit_param: str = "max_tokens"
     ) -> Generation:
@@ -176,14 +188,17 @@ def build_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fast
                 f"{len(prompt_ids)} tokens.", param=prompt_param, code="context_length_exceeded")
         stop = body.stop_strings()
         generation = Generation(asyncio.get_running_loop(), metrics, started)
-        request = Request(prompt_ids, max_tokens, sampling_of(body), stop, on_event=generation.on_event)
+        request = Request(
+            prompt_ids, max_tokens, sampling_of(body), stop, on_event=generation.on_event, kv=eviction_of(body)
+        )
         try:
             generation.handle = engine.submit(request)
         except QueueFull as error:
             raise OpenAIError(429, f"The server is busy: {error}. Retry shortly.", type="requests",
                               code="rate_limit_exceeded") from None
         except BadRequest as error:
-            raise bad_request(str(error), param=limit_param if error.field == "max_tokens" else prompt_param) from None
+            param = {"max_tokens": limit_param, "prompt": prompt_param}.get(error.field, error.field)
+            raise bad_request(str(error), param=param) from None
         return generation
 
     async def respond(http: HttpRequest, generation: Generation, shape: ResponseShape, stream: bool) -> Response:

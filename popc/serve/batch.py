@@ -127,17 +127,23 @@ class RunningBatch(BoundSteps):
         return 0 if self.attention_mask is None else int(self.attention_mask.shape[-1])
 
     # ---- a sequence's own prefill --------------------------------------------------------
-    def prefill_rows(self, prompts: list[list[int]]) -> list[tuple[np.ndarray, RowState]]:
+    def prefill_rows(
+        self, prompts: list[list[int]], kv: EvictionSettings | None = None
+    ) -> list[tuple[np.ndarray, RowState]]:
         """Prefill prompts together (left-padded, one graph call), apart from the batch: each
-        one's last position's logits [vocab] and its state, as if it had run alone."""
+        one's last position's logits [vocab] and its state, as if it had run alone; evicted
+        under ``kv`` (None: the batch's own setting)."""
+        kv = self.kv if kv is None else kv
+        if kv is not None and kv.evicts and not self.per_layer:
+            raise PopcError(f"{self.model.location.directory} was exported without KV eviction")
         longest = max(len(p) for p in prompts)
         ids = np.full((len(prompts), longest), self.model.pad_token_id, np.int64)
         mask = np.zeros_like(ids)
         for row, prompt in enumerate(prompts):
             ids[row, longest - len(prompt) :] = prompt
             mask[row, longest - len(prompt) :] = 1
-        if self.kv is not None and self.kv.evicts:
-            together: BoundSteps = EvictingSteps(self.model, self.kv, self.pop, capacity=longest + 1)
+        if kv is not None and kv.evicts:
+            together: BoundSteps = EvictingSteps(self.model, kv, self.pop, capacity=longest + 1)
         else:
             together = BoundSteps(self.model, self.pop, capacity=longest)
         logits = together.prefill(ids, mask)

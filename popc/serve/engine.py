@@ -97,6 +97,11 @@ class Engine:
             raise BadRequest("the prompt is empty", "prompt")
         if length >= context:
             raise BadRequest(f"the prompt is {length} tokens; this model's context is {context} tokens", "prompt")
+        if request.kv is not None and request.kv.evicts and not self.model.kv_eviction:
+            raise BadRequest(
+                "kv_budget needs a model exported with `popc export --kv-evict`; this one keeps the whole cache",
+                "kv_budget",
+            )
         if not 1 <= request.max_tokens <= context - length:
             raise BadRequest(
                 f"max_tokens must be between 1 and {context - length} (the context of {context} tokens "
@@ -158,7 +163,7 @@ class Engine:
         for group in prefill_groups(admitted):
             prompts = [handle.request.prompt_ids for handle in group]
             try:
-                prefilled = self.batch.prefill_rows(prompts)
+                prefilled = self.batch.prefill_rows(prompts, group[0].request.kv)
             except Exception as error:
                 for handle in group:
                     self._finish_handle(handle, [], "error", f"{type(error).__name__}: {error}")
@@ -259,10 +264,12 @@ def prefill_groups(handles: list[Handle], waste: float = 1.5, tokens: int = 4096
     (one prompt alone may be longer)."""
     groups: list[list[Handle]] = []
     real = 0
-    for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
+    # One eviction setting per group (the group is prefilled, then evicted, together).
+    for handle in sorted(handles, key=lambda h: (repr(h.request.kv), len(h.request.prompt_ids))):
         length = len(handle.request.prompt_ids)  # the longest so far: the order is ascending
         padded = (len(groups[-1]) + 1) * length if groups else 0
-        if groups and padded <= waste * (real + length) and padded <= tokens:
+        same = groups and groups[-1][0].request.kv == handle.request.kv
+        if same and padded <= waste * (real + length) and padded <= tokens:
             groups[-1].append(handle)
             real += length
         else:

@@ -92,6 +92,10 @@ class Sampling(Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # popc's own (an export made with --kv-evict): this request's KV budget and method, as
+    # `popc run --kv-budget/--kv-method` takes them; absent: the server's --kv-budget.
+    kv_budget: float | int | str | None = None
+    kv_method: str | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

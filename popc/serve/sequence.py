@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from popc.kv_eviction import EvictionSettings
 from popc.runtime import SamplingOptions
 
 
@@ -41,6 +42,7 @@ class Request:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     stop: Sequence[str] = ()
     on_event: Callable[[Event], None] = lambda event: None
+    kv: EvictionSettings | None = None  # KV eviction after this prefill; None: the engine's
 
 
 class Handle:
