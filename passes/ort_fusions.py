@@ -10,7 +10,9 @@ rule classes then fold what stays around them into ONNX Runtime's fused forms; e
   -> ``GroupQueryAttention(MatMul(x, [Wq|Wk|Wv])[+b], -, -, ...)``: one weight read and
   one GEMM instead of three. Applies when the three weights (and biases) are
   initializers; not when a per-head norm (Gemma's QK-norm) sits between the projection
-  and the attention, since that is no longer three MatMuls feeding it.
+  and the attention, since that is no longer three MatMuls feeding it. Where the queries
+  are read too (a KV-eviction export's ``window_query.{l}``), the ``query_out`` variant
+  slices them back out of the packed product.
 * **skip-add-RMSNorm** (``SkipRMSNormRule``) ``SimplifiedLayerNormalization(Add(a, b), gamma)``
   -> ``SkipSimplifiedLayerNormalization(a, b, gamma)``, whose fourth output is the
   residual sum ``a + b`` for the Add's other consumers (the next residual add). Applies
@@ -52,16 +54,20 @@ def _packed(op, name: str, arrays: list[np.ndarray], axis: int) -> ir.Value:
 class PackedQKVRule(pattern.RewriteRuleClassBase):
     """Three projections of one ``x`` into a GroupQueryAttention -> one packed MatMul."""
 
-    def __init__(self, bias: bool = False) -> None:
-        super().__init__(name="PackedQKVBias" if bias else "PackedQKV")
+    def __init__(self, bias: bool = False, query_out: bool = False) -> None:
+        super().__init__(name=("PackedQKVBias" if bias else "PackedQKV") + ("Query" if query_out else ""))
         self.bias = bias
+        # KV eviction reads the queries too (``window_query.{l}``): the pattern then also
+        # outputs q, which the rewrite slices back out of the packed projection.
+        self.query_out = query_out
 
     def pattern(self, op, x, wq, wk, wv, bq, bk, bv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
                 attention_bias):  # fmt: skip
         q, k, v = op.MatMul(x, wq), op.MatMul(x, wk), op.MatMul(x, wv)
         if self.bias:
             q, k, v = op.Add(q, bq), op.Add(k, bk), op.Add(v, bv)
-        return _gqa(op, q, k, v, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, attention_bias)
+        outputs = _gqa(op, q, k, v, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, attention_bias)
+        return (*outputs, q) if self.query_out else outputs
 
     def check(self, context, x, wq, wk, wv, bq=None, bk=None, bv=None, **_) -> MatchResult:
         """Three 2-D weights [D, *] on the same D (and 1-D biases matching them), all constants."""
@@ -91,10 +97,15 @@ class PackedQKVRule(pattern.RewriteRuleClassBase):
         if self.bias:
             qkv = op.Add(qkv, _packed(op, f"{stem}qkv_proj.bias", _constants(bq, bk, bv), axis=0))
         attributes = {name: attr.value for name, attr in attention.producer().attributes.items()}
-        return op.GroupQueryAttention(
+        outputs = op.GroupQueryAttention(
             qkv, None, None, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, None, attention_bias,
             _domain=MICROSOFT, _outputs=3, **attributes,
         )  # fmt: skip
+        if not self.query_out:
+            return outputs
+        width = wq.const_value.shape[1]
+        query = op.Slice(qkv, op.Constant(value_ints=[0]), op.Constant(value_ints=[width]), op.Constant(value_ints=[-1]))
+        return (*outputs, query)
 
 
 class SkipRMSNormRule(pattern.RewriteRuleClassBase):
@@ -189,6 +200,8 @@ PACK_QKV_RULES = [
     PackedQKVRule.rule(bias=False),
     # Linear's bias may come first or second in the traced Add.
     *PackedQKVRule.rule(bias=True).commute(),
+    PackedQKVRule.rule(bias=False, query_out=True),
+    *PackedQKVRule.rule(bias=True, query_out=True).commute(),
 ]
 SKIP_RMS_NORM_RULES = [SkipRMSNormRule.rule(residual_used=True), SkipRMSNormRule.rule(residual_used=False)]
 
