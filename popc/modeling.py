@@ -260,11 +260,35 @@ def fused_inputs(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> Fused
     )
 
 
-def layer_inputs(layer_mask: torch.Tensor, layer_length: torch.Tensor, input_ids: torch.Tensor) -> FusedInputs:
-    """One layer's inputs under KV eviction, where every layer's cache has a length of its
-    own: the first ``layer_length`` (past + new) columns of its row [B, T] of the per-layer
-    mask (the past's shape is not the length: a shared KV buffer has spare slots)."""
-    return fused_inputs(ort_contrib.leading_slots(layer_mask, layer_length), input_ids)
+@dataclass
+class LayerInputs:
+    """GroupQueryAttention's inputs under KV eviction, where every layer's cache has a length
+    of its own, derived once for all layers (a decode step would otherwise run ~20 small
+    nodes per layer): :meth:`layer` picks one layer's."""
+
+    seqlens_k: torch.Tensor  # int32 [L, B]: the layer's length - 1
+    total: torch.Tensor  # int32 [L]: the layer's length (past + new)
+    lengths: torch.Tensor  # int64 [L]
+    pad_bias: torch.Tensor  # float [L, B, 1, 1, T]: 0 at tokens, most negative at padding
+    rows: torch.Tensor  # float zeros [B, 1, S, 1]: broadcasts the bias to the new tokens
+
+    def layer(self, index: int) -> FusedInputs:
+        # The layer's first ``length`` (past + new) slots: the past's shape is not the
+        # length (a shared KV buffer has spare slots).
+        bias = ort_contrib.leading_slots(self.pad_bias[index], self.lengths[index]) + self.rows
+        return FusedInputs(seqlens_k=self.seqlens_k[index], total=self.total[index], bias=bias)
+
+
+def layer_inputs(layer_mask: torch.Tensor, layer_lengths: torch.Tensor, input_ids: torch.Tensor) -> LayerInputs:
+    """For the per-layer mask [L, B, T] and lengths [L] of a KV-eviction export."""
+    total = layer_lengths.to(torch.int32)
+    return LayerInputs(
+        seqlens_k=(layer_mask[:, :, 0] * 0).to(torch.int32) + (total - 1)[:, None],
+        total=total,
+        lengths=layer_lengths,
+        pad_bias=torch.where(layer_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, :, None, None, :],
+        rows=(input_ids * 0).to(torch.float32)[:, None, :, None],
+    )
 
 
 class DecoderLayer(nn.Module):
@@ -432,13 +456,16 @@ class ExportableDecoder(nn.Module):
 
     def forward_fused(self, hidden, input_ids, attention_mask, past, logits_to_keep, layer_lengths=None):
         # With KV eviction, attention_mask is per layer [L, B, T] (layer_inputs, per layer).
-        inputs = None if self.kv_window is not None else fused_inputs(attention_mask, input_ids)
+        if self.kv_window is not None:
+            per_layer = layer_inputs(attention_mask, layer_lengths, input_ids)
+        else:
+            inputs = fused_inputs(attention_mask, input_ids)
         presents = []
         for index, layer in enumerate(self.layers):
             cos = getattr(self, f"cos_cache_{layer.rope}")
             sin = getattr(self, f"sin_cache_{layer.rope}")
             if self.kv_window is not None:
-                inputs = layer_inputs(attention_mask[index], layer_lengths[index], input_ids)
+                inputs = per_layer.layer(index)
             hidden, key, value = layer(hidden, cos, sin, inputs, past[2 * index], past[2 * index + 1])
             presents += [key, value]
         if logits_to_keep is not None:

@@ -122,20 +122,22 @@ class KeepLastPositions(torch.autograd.Function):
 
 
 class LeadingSlots(torch.autograd.Function):
-    """``mask[:, :length]`` for a 0-d int64 ``length`` that stays a graph value (a Python
+    """``mask[..., :length]`` for a 0-d int64 ``length`` that stays a graph value (a Python
     slice would bake the traced length in as a constant)."""
 
     @staticmethod
     def forward(ctx, mask, length):
-        return mask[:, : int(length)]
+        return mask[..., : int(length)]
 
     @staticmethod
     def symbolic(g, mask, length):
         starts = g.op("Constant", value_t=torch.tensor([0]))
         ends = g.op("Reshape", length, g.op("Constant", value_t=torch.tensor([1])))
-        axes = g.op("Constant", value_t=torch.tensor([1]))
+        axes = g.op("Constant", value_t=torch.tensor([-1]))
         out = g.op("Slice", mask, starts, ends, axes)
-        out.setType(mask.type().with_sizes([None, None]) if hasattr(mask.type(), "with_sizes") else mask.type())
+        rank = mask.type().dim() if hasattr(mask.type(), "dim") else None
+        if rank is not None and hasattr(mask.type(), "with_sizes"):
+            out.setType(mask.type().with_sizes([None] * rank))
         return out
 
 
