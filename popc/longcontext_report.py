@@ -35,6 +35,10 @@ def perplexity(result: dict[str, Any], method: str, budget: float) -> float | No
     return math.exp(statistics.mean(nll)) if nll else None
 
 
+def _table_head(columns: list[str]) -> list[str]:
+    return ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+
+
 def _passkey_rows(prompts: list[dict], methods: list[str], budgets: list[float], cell) -> list[str]:  # noqa: ANN001
     """One table row per method: ``cell(hits)`` per budget (blank where not measured)."""
     rows = []
@@ -56,7 +60,7 @@ def markdown(result: dict[str, Any], title: str, source: str) -> str:
         f"(of {result['layers']}), whole cache. {source}, one prefill per prompt for every method and budget.",
         "",
     ]
-    header = ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    header = _table_head([f"{b:g}" for b in budgets])
     prompts = result["passkey"]
     if prompts:
         lengths = sorted({p["length"] for p in prompts})
@@ -100,8 +104,7 @@ def _paired_rows(result: dict[str, Any], methods: list[str], budgets: list[float
         f"Paired: {base}'s NLL minus each method's (nats/token, mean ± 95 % over the {len(result['ppl'])} prefixes; "
         f"negative = {base} better)",
         "",
-        "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
-        "|---" * (len(budgets) + 1) + "|",
+        *_table_head([f"{b:g}" for b in budgets]),
     ]
     for method in others:
         cells = []
@@ -134,8 +137,7 @@ def _cost_rows(prompts: list[dict], methods: list[str]) -> list[str]:
     lines = [
         "## Eviction cost (scores + selection + compaction) / prefill, median over prompts and budgets",
         "",
-        "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
-        "|---" * (len(lengths) + 1) + "|",
+        *_table_head([f"{n} tokens" for n in lengths]),
     ]
     for method in methods:
         cells = []

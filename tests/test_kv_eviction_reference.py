@@ -298,3 +298,20 @@ def test_per_head_laprox_scores_each_kv_entry_by_its_own_heads():
     assert scores.shape == (2, length)
     assert scores[1].argmax() == 3 and scores[0, 3] == scores[0, 0]
     torch.testing.assert_close(scores.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_report_pairs_laprox_with_each_method_per_prefix():
+    from popc.longcontext_report import markdown
+
+    def prefix(laprox: float, snapkv: float) -> dict:
+        rows = [{"method": "full", "budget": 1.0, "value": 1.0, "evict_s": 0.0},
+                {"method": "laprox", "budget": 0.1, "value": laprox, "evict_s": 0.2},
+                {"method": "snapkv", "budget": 0.1, "value": snapkv, "evict_s": 0.1}]  # fmt: skip
+        return {"prefix": 2048, "prefill_s": 2.0, "rows": rows}
+
+    result = {"model": "m", "machine": "cpu", "date": "2026-12-07", "sinks": 4, "window": 16, "evictable_layers": 2,
+              "layers": 2, "passkey": [], "ppl": [prefix(2.1, 2.0), prefix(2.2, 2.0), prefix(2.3, 2.0)]}  # fmt: skip
+    report = markdown(result, "t", "s")
+    # Differences 0.1, 0.2, 0.3: mean 0.2, 95 % half-width t(2) 4.303 x 0.1 / sqrt(3).
+    assert "| snapkv | +0.200 ± 0.248 |" in report
+    assert "| laprox | 10.0 % (3) |" in report and "| prefill s (median) | 2.0 |" in report
