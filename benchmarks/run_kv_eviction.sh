@@ -23,4 +23,14 @@ for model in ${models[@]}; do
     --kv-methods streaming,snapkv,snapkv:pool11,random,laprox,laprox:pool7,laprox:floor0.5 \
     --json "$here/results/kv-eviction-$model.json" --plot "$here/results/kv-eviction-$model.png" \
     > "$here/results/kv-eviction-$model.md"
+  # The same with 4-bit weights (what a CPU deployment runs).
+  [ -f "$out-int4/popc.json" ] || popc export "$model" --out "$out-int4" --kv-evict --quant int4 --force
+  popc bench "$out-int4" --kv-budgets 1,0.2,0.05 --kv-context 4096 --decode-tokens 32 --repeats 5 --threads 2 \
+    --json "$here/results/kv-eviction-speed-$model-int4.json" --markdown "$here/results/kv-eviction-speed-$model-int4.md"
 done
+# The int4 peer at the same context: onnxruntime-genai's int4 build against popc's plain int4 export.
+dense="$work/smollm2-135m-dense"
+[ -f "$dense/popc.json" ] || popc export smollm2-135m --out "$dense" --force
+popc bench "$dense" --variants dense-ort-int4,ort-genai-int4 --decode-prompt 4096 --batches 1 --prompt-lengths 16 \
+  --memory-batches none --decode-tokens 32 --repeats 5 --threads 2 \
+  --json "$here/results/int4-decode-4k-context-smollm2.json" --markdown "$here/results/int4-decode-4k-context-smollm2.md"
