@@ -91,6 +91,7 @@ class EvictionSettings:
     score: str = "sum-total"
     floor: float = 1.0
     pool: int | None = None  # the scores' token pooling: each method's default (SnapKV 7)
+    shift: int = 0  # LaProx's pooling kernel moved back: more kept after a peak than before
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,11 +112,12 @@ class EvictionSettings:
         return self.method != "full" and self.budget != 1.0
 
     def options(self) -> dict[str, Any]:
-        return {"sinks": self.sinks, "score": self.score, "seed": self.seed, "floor": self.floor, "pool": self.pool}
+        return {"sinks": self.sinks, "score": self.score, "seed": self.seed, "floor": self.floor, "pool": self.pool,
+                "shift": self.shift}
 
 
 def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
-    """``laprox``, ``snapkv``, ... or a LaProx variant ``laprox:SCORE[:floorF][:poolN]``
+    """``laprox``, ``snapkv``, ... or a LaProx variant ``laprox:SCORE[:floorF][:poolN][:shiftN]``
     (``laprox:per-head:floor0.5``) -> settings at ``budget``."""
     from popc.reference.kv_selection import LAPROX_SCORES
 
@@ -127,6 +129,8 @@ def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
                 options["score"] = part
             elif part.startswith("floor"):
                 options["floor"] = float(part[len("floor") :])
+            elif part.startswith("shift"):
+                options["shift"] = int(part[len("shift") :])
             elif part.startswith("pool"):
                 options["pool"] = int(part[len("pool") :])
             else:
@@ -134,7 +138,7 @@ def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
         except ValueError:
             raise PopcError(
                 f"--kv-method {label!r}: {part!r} is not a LaProx option (a score {', '.join(LAPROX_SCORES)}, "
-                "floorF or poolN)"
+                "floorF, poolN or shiftN)"
             ) from None
     if set(options) - {"pool"} and method != "laprox":
         raise PopcError(f"--kv-method {label!r}: only laprox takes a score or a floor")
@@ -261,11 +265,13 @@ def row_prefill(
     pad: int,
     slots: int,
     attention: bool = True,
+    outputs: bool = True,
 ) -> Any:
     """One batch row's :class:`popc.reference.kv_selection.Prefill` over its real tokens:
     ``keys``/``values`` [Hkv, slots, d] per layer (the row's ``pad`` left-padding slots
     first), ``queries`` [w, H * d] before RoPE. ``attention=False`` leaves out the window's
-    probabilities and outputs (the methods that do not score: streaming, random)."""
+    probabilities and outputs (the methods that do not score: streaming, random),
+    ``outputs=False`` the outputs only (read by LaProx's ``*-out`` scores alone)."""
     import torch
 
     from popc.ort_contrib import rotate
@@ -294,6 +300,9 @@ def row_prefill(
         logits[:, :, length - window :].masked_fill_(future, float("-inf"))
         p = logits.softmax(-1)  # [H, w, length]
         probs.append(p)
+        if not outputs:
+            outs.append(None)
+            continue
         attended = (p.view(layer.kv_heads, -1, length) @ v).view(layer.heads, window, head_dim)
         attended = attended.transpose(0, 1).reshape(window, -1)
         outs.append(attended @ torch.from_numpy(layer.o_weight).T)
@@ -355,6 +364,7 @@ def evict(
             pad,
             slots,
             attention=settings.method in SCORED,
+            outputs=settings.method == "laprox" and settings.score.endswith("-out"),
         )
         kept = select_tokens(
             prefill, evictable, layers[0].kv_heads, o_projs, settings.method, settings.budget, **settings.options()

@@ -54,10 +54,14 @@ def _make_session(
     threads: int | None = None,
     model_bytes: bytes | None = None,
     dtype: str = "float32",
+    stop_spinning: bool = False,
 ):
     """An ONNX Runtime session over ``model_path`` (or over ``model_bytes``, a rewritten copy of
     its graph whose external data stays beside ``model_path``) and whether the op library is in.
-    ``dtype``: the export's element type (popc.json's ``dtype``)."""
+    ``dtype``: the export's element type (popc.json's ``dtype``). ``stop_spinning``: the
+    intra-op workers stop spinning when a run returns (``session.force_spinning_stop``), for
+    host work that follows a run on the same cores (KV eviction's scores after the prefill:
+    spinning workers made them up to 2x slower)."""
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -67,6 +71,8 @@ def _make_session(
         if threads < 1:
             raise PopcError(f"--threads must be at least 1, got {threads}")
         options.intra_op_num_threads = threads
+    if stop_spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     from popc.oplib import register_library
 
     # The popc op library when present; else the ops' ONNX bodies run. In a CUDA session it
@@ -141,7 +147,8 @@ class PopcModel:
         graph = _bias_free_graph(location.model_path) if _needs_bias_free_attention(device, config) else None
         self.takes_padding = graph is None
         self.session, self.uses_oplib = _make_session(
-            location.model_path, device, use_oplib and has_popc_ops, threads, graph, config.get("dtype", "float32")
+            location.model_path, device, use_oplib and has_popc_ops, threads, graph, config.get("dtype", "float32"),
+            stop_spinning=bool(config.get("kv_eviction")),
         )
         graph_outputs = [o.name for o in self.session.get_outputs()]
         shapes = {v.name: v.shape for v in (*self.session.get_inputs(), *self.session.get_outputs())}

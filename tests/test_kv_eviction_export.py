@@ -16,7 +16,7 @@ from conftest import make_tiny_model_dir, serve_all
 from popc import runtime
 from popc.errors import PopcError
 from popc.export import ExportPlan, export
-from popc.kv_eviction import EvictionSettings, parse_budget
+from popc.kv_eviction import EvictionSettings, parse_budget, parse_method
 from popc.pop import PopSettings
 from popc.reference.kv_eviction import EvictionReference
 
@@ -184,6 +184,11 @@ def test_budgets_parse_and_bad_ones_are_refused(exported):
             parse_budget(bad)
     with pytest.raises(PopcError, match="--kv-method"):
         EvictionSettings(method="h2o")
+    variant = parse_method("laprox:mean-out:floor0.5:pool7:shift3", 0.1)
+    assert (variant.score, variant.floor, variant.pool, variant.shift, variant.budget) == ("mean-out", 0.5, 7, 3, 0.1)
+    for bad in ("snapkv:shift2", "laprox:shiftx", "streaming:pool5", "laprox:wide"):
+        with pytest.raises(PopcError, match="--kv-method"):
+            parse_method(bad)
 
 
 def test_plain_export_refuses_a_budget(tmp_path):

@@ -21,6 +21,7 @@ from popc.reference.kv_selection import (
     global_keep,
     laprox_head_scores,
     laprox_scores,
+    pool_scores,
     random_keep,
     snapkv_scores,
     streaming_keep,
@@ -200,13 +201,35 @@ def test_snapkv_per_kv_head_selection():
     assert pooled[1, 19] > pooled[1, 15] and pooled[1, 21] > pooled[1, 25]
 
 
+@pytest.mark.parametrize("pool, shift", [(11, 0), (11, 4), (5, 2), (1, 3), (3, 9)])
+def test_pooling_averages_the_shifted_kernel(pool: int, shift: int):
+    scores = torch.rand(2, 3, 30, generator=torch.Generator().manual_seed(pool + shift))
+    pooled = pool_scores(scores, pool, shift)
+    for t in range(30):  # token t averages [t - pool//2 - shift, t + pool//2 - shift], clipped to the prompt
+        low, high = max(t - pool // 2 - shift, 0), min(t + pool // 2 - shift + 1, 30)
+        expected = scores[..., low:high].mean(-1) if high > low else torch.zeros(2, 3)
+        torch.testing.assert_close(pooled[..., t], expected)
+    if shift:  # a peak spreads further forward than back
+        peak = torch.zeros(30)
+        peak[10] = 1.0
+        spread = pool_scores(peak, pool, shift).nonzero().flatten()
+        assert spread.max() - 10 > 10 - spread.min()
+
+
 @pytest.mark.parametrize("hidden, width", [(48, 48), (40, 64), (64, 40), (7, 5)])
 def test_output_projection_norms_equal_the_product_norms(hidden: int, width: int):
     # The triangular factor gives ||x W_O^T|| whichever of hidden and H * d is larger.
     generator = torch.Generator().manual_seed(hidden)
     weight = torch.randn(hidden, width, generator=generator)
     x = torch.randn(33, width, generator=generator)
-    torch.testing.assert_close(OutputProjection(weight).norms(x), (x @ weight.T).norm(dim=-1), rtol=1e-5, atol=1e-5)
+    exact = (x @ weight.T).norm(dim=-1)
+    torch.testing.assert_close(OutputProjection(weight, torch.float32).norms(x), exact, rtol=1e-5, atol=1e-5)
+    # bfloat16 inputs and products, float32 sums: each norm within three bf16 roundings (2^-8 each).
+    fast = OutputProjection(weight, torch.bfloat16).norms(x)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=1.2e-2, atol=1e-4)
+    # Whatever this CPU picks by default stays within that bound.
+    torch.testing.assert_close(OutputProjection(weight).norms(x), exact, rtol=1.2e-2, atol=1e-4)
 
 
 def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
