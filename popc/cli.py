@@ -172,8 +172,8 @@ KV_BUDGET_OPTION = typer.Option(
     "or an average number of tokens per layer (256); 1 keeps the full cache."
 )
 KV_METHOD_OPTION = typer.Option(
-    help="--kv-budget: laprox, snapkv, streaming, random or full; a LaProx variant as laprox:SCORE[:floorF] "
-    "(docs/kv-eviction.md)."
+    help="--kv-budget: laprox, snapkv, streaming, random or full; a LaProx variant as "
+    "laprox:SCORE[:floorF][:poolN][:shiftN] (docs/kv-eviction.md)."
 )
 
 

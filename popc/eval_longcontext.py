@@ -106,8 +106,10 @@ def run_long_context(
     grid = settings_grid(plan)
     text = longcontext.held_text(plan.text)
     sinks = grid[0][1].sinks
+    quant = (model.config.get("quant") or {}).get("scheme")
+    label = str(model.config.get("source") or plan.directory).split(" (")[0] + (f", --quant {quant}" if quant else "")
     result: dict[str, Any] = {
-        "model": str(model.config.get("source") or plan.directory).split(" (")[0],
+        "model": label,
         "machine": f"{cpu_name()}, {plan.threads or 'ORT default'} threads, onnxruntime (popc export, --kv-evict)",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "window": int(model.kv_eviction["window"]), "sinks": sinks, "evictable_layers": evictable,

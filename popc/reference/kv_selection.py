@@ -50,6 +50,9 @@ Measured first on this reference (``benchmarks/kv_eviction_reference.py``, SmolL
   (pool 15: SnapKV the same, LaProx 7 / 7 / 8). The gain over SnapKV at its published kernel is the wider pooling, not the
   output-aware score; the score's own gain is in continuation perplexity at 5-10 %.
 
+A pooling ``shift`` (the kernel moved back, keeping more after a peak than before it)
+lowered SmolLM2's perplexity at shift 5 within the paired intervals: measured, not adopted.
+
 So the default keeps uniform per-layer lengths; ``floor < 1`` (the model-wide selection)
 stays available and the exported graph supports it (every layer a length of its own).
 
