@@ -232,6 +232,32 @@ def test_output_projection_norms_equal_the_product_norms(hidden: int, width: int
     torch.testing.assert_close(OutputProjection(weight).norms(x), exact, rtol=1.2e-2, atol=1e-4)
 
 
+def test_delta_score_is_the_first_order_change_of_removing_a_token():
+    """delta-total: || mean_i sum_h A_h[i,t] (v_t - o_h,i) W_O[h] ||, normalised; for a token
+    with little attention mass it approaches the exact change of the window's output when
+    the token leaves the softmax (the rest renormalised)."""
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, hidden, length, window = 4, 2, 3, 5, 40, 3
+    probs = (0.3 * torch.randn(heads, window, length, generator=generator, dtype=torch.float64)).softmax(-1)
+    values = torch.randn(kv_heads, length, dim, generator=generator, dtype=torch.float64)
+    o_weight = torch.randn(hidden, heads * dim, generator=generator, dtype=torch.float64)
+    per_head = values.repeat_interleave(heads // kv_heads, dim=0)  # [H, T, d]: query head h reads KV head h // G
+    out = probs @ per_head  # [H, w, d]
+    first_order, exact = torch.zeros(length, dtype=torch.float64), torch.zeros(length, dtype=torch.float64)
+    for t in range(length):
+        a = probs[:, :, t, None]  # [H, w, 1]
+        change = a * (per_head[:, None, t] - out)  # [H, w, d]
+        first_order[t] = (change.mean(1).reshape(-1) @ o_weight.T).norm()
+        kept = probs.clone()
+        kept[:, :, t] = 0
+        renormalised = (kept / kept.sum(-1, keepdim=True)) @ per_head
+        exact[t] = ((out - renormalised).mean(1).reshape(-1) @ o_weight.T).norm()
+    window_out = out.transpose(0, 1).reshape(window, -1) @ o_weight.T
+    score = laprox_scores(probs, values, OutputProjection(o_weight), window_out, "delta-total")
+    torch.testing.assert_close(score, first_order / first_order.sum())
+    torch.testing.assert_close(score, exact / exact.sum(), rtol=0.01, atol=0.0)  # A ~ 1/40: 1/(1-A) ~ 1.03
+
+
 def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
     heads, hidden, dim, length = 2, 3, 2, 6
     # o_proj: head 0 writes its value to the output, head 1 writes its negation.
@@ -246,6 +272,8 @@ def test_laprox_counts_inter_head_cancellation_and_query_aggregation():
     probs[0, 0, 3] = 0.5  # only head 0 attends token 3: it survives
     out = torch.ones(1, hidden, dtype=torch.float64)
     for score in LAPROX_SCORES:
+        if score == "delta-total":  # removing token 2 renormalises the two heads differently: not 0
+            continue
         if score == "per-head":  # one KV head here: its entries' scores are the layer's
             s = laprox_head_scores(probs, values, o_weight)[0]
             torch.testing.assert_close(s, laprox_scores(probs, values, o_proj, out, "sum-total"))

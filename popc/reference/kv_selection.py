@@ -22,6 +22,9 @@ score. Variants (``LAPROX_SCORES``, ``aggregation-normalisation``):
 * aggregation ``mean``: mean over window queries of ``||c_i,t||``; ``sum``: the norm
   of the window-averaged contribution ``||mean_i c_i,t||`` (contributions pointing in
   different directions for different queries cancel);
+* aggregation ``delta``: as ``sum``, with each head's term ``A_h[i,t] (v_t - o_h,i)``
+  (o_h,i the head's window output): the first-order change of the output when t leaves
+  the softmax, whose renormalisation of the other tokens ``sum`` leaves out;
 * normalisation ``out``: divided by the same aggregate of the layer's window attention
   output (``mean_i ||o_i||`` or ``||mean_i o_i||``), i.e. a token's share of what the
   layer writes; ``total``: divided by the layer's sum of scores over the prompt.
@@ -50,6 +53,9 @@ Measured first on this reference (``benchmarks/kv_eviction_reference.py``, SmolL
   (pool 15: SnapKV the same, LaProx 7 / 7 / 8). The gain over SnapKV at its published kernel is the wider pooling, not the
   output-aware score; the score's own gain is in continuation perplexity at 5-10 %.
 
+``delta-total`` avoided the default's one collapse (Gemma-3 int4, one 2k prefix at 5 %) but
+lost a passkey prompt at 10 % on SmolLM2 and costs 1.5x: measured, not adopted
+(``benchmarks/results/kv-eviction-ablation-delta.md``).
 A pooling ``shift`` (the kernel moved back, keeping more after a peak than before it)
 lowered SmolLM2's perplexity at shift 5 within the paired intervals: measured, not adopted.
 
@@ -70,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 METHODS = ("full", "streaming", "snapkv", "random", "laprox")
-LAPROX_SCORES = ("mean-out", "mean-total", "sum-out", "sum-total", "per-head")
+LAPROX_SCORES = ("mean-out", "mean-total", "sum-out", "sum-total", "delta-total", "per-head")
 DEFAULT_LAPROX_SCORE = "sum-total"
 DEFAULT_LAPROX_FLOOR = 1.0
 SNAPKV_POOL = 7
@@ -239,6 +245,17 @@ def laprox_scores(
         scaled = torch.empty(length, kv_heads, heads // kv_heads, head_dim, dtype=o_proj.dtype)  # not values' layout
         torch.mul(weights[..., None], values.transpose(0, 1)[:, :, None], out=scaled)
         value = o_proj.norms(scaled.view(length, heads * head_dim))  # [T]
+    elif aggregation == "delta":
+        # The first-order change of the window's output when t leaves the softmax, which
+        # renormalises the rest: A_h[i,t] (v_t - o_h,i) per head, o_h,i the head's window
+        # output. A token much attended but with a small value (a sink-like token) then
+        # scores by what its removal moves, not by its small v_t W_O.
+        group = heads // kv_heads
+        window = probs.shape[1]
+        head_out = (probs.reshape(kv_heads, group * window, length) @ values).view(heads, window, head_dim)
+        shift = probs.transpose(1, 2) @ head_out / window  # [H, T, d]: mean_i A_h[i,t] o_h,i
+        delta = probs.mean(1)[..., None] * values.repeat_interleave(group, dim=0) - shift  # [H, T, d]
+        value = o_proj.norms(delta.transpose(0, 1).reshape(length, heads * head_dim))
     elif aggregation == "mean":
         per_head = values.repeat_interleave(heads // kv_heads, dim=0)  # [H, T, d]
         w_o = o_weight.view(o_weight.shape[0], heads, head_dim).permute(1, 2, 0)  # [H, d, hidden]
