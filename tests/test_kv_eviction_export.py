@@ -191,10 +191,16 @@ def test_budgets_parse_and_bad_ones_are_refused(exported):
             parse_method(bad)
 
 
-def test_plain_export_refuses_a_budget(tmp_path):
+def test_plain_export_refuses_a_budget(tmp_path, exported):
     source = make_tiny_model_dir(tmp_path, "llama")
     export(ExportPlan(model=str(source), out=str(tmp_path / "plain")))
     model = runtime.load(tmp_path / "plain")
+    # Only an eviction export's session stops its workers spinning after a run (host scoring follows).
+    spin_stop = "session.force_spinning_stop"
+    with pytest.raises(RuntimeError, match=spin_stop):  # not set at all
+        model.session.get_session_options().get_session_config_entry(spin_stop)
+    evicting, _ = exported["llama"]
+    assert evicting.session.get_session_options().get_session_config_entry(spin_stop) == "1"
     with pytest.raises(PopcError, match="--kv-evict"):
         model.bound(kv=EvictionSettings(budget=0.1))
 
