@@ -20,14 +20,14 @@ for model in ${models[@]}; do
   popc bench "$out" --kv-budgets 1,0.2,0.05 --kv-context 4096 --decode-tokens 32 --repeats 5 --threads 2 \
     --json "$here/results/kv-eviction-speed-$model.json" --markdown "$here/results/kv-eviction-speed-$model.md"
   popc eval "$out" --long-context --threads 2 --ppl-count 4 \
-    --kv-methods streaming,snapkv,snapkv:pool11,random,laprox,laprox:pool7,laprox:floor0.5 \
+    --kv-methods streaming,snapkv,snapkv:pool11,random,laprox,laprox:mix0,laprox:pool7,laprox:floor0.5 \
     --json "$here/results/kv-eviction-$model.json" --plot "$here/results/kv-eviction-$model.png" \
     > "$here/results/kv-eviction-$model.md"
   # The same with 4-bit weights (what a CPU deployment runs).
   [ -f "$out-int4/popc.json" ] || popc export "$model" --out "$out-int4" --kv-evict --quant int4 --force
   popc bench "$out-int4" --kv-budgets 1,0.2,0.05 --kv-context 4096 --decode-tokens 32 --repeats 5 --threads 2 \
     --json "$here/results/kv-eviction-speed-$model-int4.json" --markdown "$here/results/kv-eviction-speed-$model-int4.md"
-  popc eval "$out-int4" --long-context --threads 2 --ppl-count 4 --kv-methods streaming,snapkv,laprox \
+  popc eval "$out-int4" --long-context --threads 2 --ppl-count 4 --kv-methods streaming,snapkv,laprox,laprox:mix0 \
     --json "$here/results/kv-eviction-$model-int4.json" --plot "$here/results/kv-eviction-$model-int4.png" \
     > "$here/results/kv-eviction-$model-int4.md"
 done

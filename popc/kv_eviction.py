@@ -40,6 +40,7 @@ LAYER_LENGTHS = "layer_lengths"
 WINDOW_QUERY_PREFIX = "window_query."
 DEFAULT_WINDOW = 16
 DEFAULT_SINKS = 4
+DEFAULT_MIX = 0.3  # popc.reference.kv_selection.DEFAULT_LAPROX_MIX (that module imports torch)
 METHODS = ("full", "streaming", "snapkv", "random", "laprox")
 SCORED = ("snapkv", "laprox")  # the methods that read the window's attention
 
@@ -92,6 +93,7 @@ class EvictionSettings:
     floor: float = 1.0
     pool: int | None = None  # the scores' token pooling: each method's default (SnapKV 7)
     shift: int = 0  # LaProx's pooling kernel moved back: more kept after a peak than before
+    mix: float = DEFAULT_MIX  # LaProx's share of the score given to the window's attention mass
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +106,8 @@ class EvictionSettings:
             raise PopcError(f"--kv-budget {budget} is not a fraction in (0, 1] (or give a token count such as 256)")
         if isinstance(budget, int) and budget < 1:
             raise PopcError(f"--kv-budget {budget} tokens: give at least 1 (or a fraction such as 0.05)")
+        if not 0.0 <= self.mix <= 1.0:
+            raise PopcError(f"--kv-method ...:mix{self.mix}: the attention-mass share must be in [0, 1]")
         if self.sinks < 0:
             raise PopcError(f"--kv-sinks must be >= 0, got {self.sinks}")
 
@@ -113,11 +117,11 @@ class EvictionSettings:
 
     def options(self) -> dict[str, Any]:
         return {"sinks": self.sinks, "score": self.score, "seed": self.seed, "floor": self.floor, "pool": self.pool,
-                "shift": self.shift}
+                "shift": self.shift, "mix": self.mix}
 
 
 def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
-    """``laprox``, ``snapkv``, ... or a LaProx variant ``laprox:SCORE[:floorF][:poolN][:shiftN]``
+    """``laprox``, ``snapkv``, ... or a LaProx variant ``laprox:SCORE[:floorF][:poolN][:shiftN][:mixF]``
     (``laprox:per-head:floor0.5``) -> settings at ``budget``."""
     from popc.reference.kv_selection import LAPROX_SCORES
 
@@ -129,6 +133,8 @@ def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
                 options["score"] = part
             elif part.startswith("floor"):
                 options["floor"] = float(part[len("floor") :])
+            elif part.startswith("mix"):
+                options["mix"] = float(part[len("mix") :])
             elif part.startswith("shift"):
                 options["shift"] = int(part[len("shift") :])
             elif part.startswith("pool"):
@@ -138,7 +144,7 @@ def parse_method(label: str, budget: float | int = 1.0) -> EvictionSettings:
         except ValueError:
             raise PopcError(
                 f"--kv-method {label!r}: {part!r} is not a LaProx option (a score {', '.join(LAPROX_SCORES)}, "
-                "floorF, poolN or shiftN)"
+                "floorF, poolN, shiftN or mixF)"
             ) from None
     if set(options) - {"pool"} and method != "laprox":
         raise PopcError(f"--kv-method {label!r}: only laprox takes a score or a floor")

@@ -186,7 +186,16 @@ def test_budgets_parse_and_bad_ones_are_refused(exported):
         EvictionSettings(method="h2o")
     variant = parse_method("laprox:mean-out:floor0.5:pool7:shift3", 0.1)
     assert (variant.score, variant.floor, variant.pool, variant.shift, variant.budget) == ("mean-out", 0.5, 7, 3, 0.1)
-    for bad in ("snapkv:shift2", "laprox:shiftx", "streaming:pool5", "laprox:wide"):
+    assert parse_method("laprox:mix0").mix == 0.0
+    # The runtime's defaults are the reference's (two modules: the runtime's avoids importing torch).
+    from popc.reference import kv_selection
+
+    defaults = EvictionSettings()
+    assert (defaults.mix, defaults.sinks, defaults.floor, defaults.score) == (
+        kv_selection.DEFAULT_LAPROX_MIX, kv_selection.DEFAULT_SINKS, kv_selection.DEFAULT_LAPROX_FLOOR,
+        kv_selection.DEFAULT_LAPROX_SCORE,
+    )
+    for bad in ("snapkv:shift2", "laprox:shiftx", "streaming:pool5", "laprox:wide", "laprox:mix1.5", "snapkv:mix0.2"):
         with pytest.raises(PopcError, match="--kv-method"):
             parse_method(bad)
 

@@ -21,6 +21,7 @@ from popc.reference.kv_selection import (
     global_keep,
     laprox_head_scores,
     laprox_scores,
+    mixed_scores,
     pool_scores,
     random_keep,
     snapkv_scores,
@@ -199,6 +200,22 @@ def test_snapkv_per_kv_head_selection():
     # Pooling spreads a peak to its neighbours (SnapKV's clustering).
     pooled = snapkv_scores(probs, kv_heads=2, pool=3)
     assert pooled[1, 19] > pooled[1, 15] and pooled[1, 21] > pooled[1, 25]
+
+
+def test_mixed_scores_share_the_budget_with_attention_mass():
+    generator = torch.Generator().manual_seed(5)
+    probs = torch.rand(4, 3, 20, generator=generator)
+    scores = torch.rand(20, generator=generator)
+    scores = scores / scores.sum()
+    mass = probs.mean((0, 1))
+    assert torch.equal(mixed_scores(scores, probs, 0.0), scores)
+    torch.testing.assert_close(mixed_scores(scores, probs, 1.0), mass / mass.sum())
+    half = mixed_scores(scores, probs, 0.5)
+    torch.testing.assert_close(half, 0.5 * scores + 0.5 * mass / mass.sum())
+    # A sink-like token: most of the attention, no contribution. Mixing keeps it in the ranking.
+    probs[:, :, 7] = 5.0
+    scores[7] = 0.0
+    assert mixed_scores(scores, probs, 0.3).argmax() == 7
 
 
 @pytest.mark.parametrize("pool, shift", [(11, 0), (11, 4), (5, 2), (1, 3), (3, 9)])
