@@ -173,7 +173,7 @@ KV_BUDGET_OPTION = typer.Option(
 )
 KV_METHOD_OPTION = typer.Option(
     help="--kv-budget: laprox, snapkv, streaming, random or full; a LaProx variant as "
-    "laprox:SCORE[:floorF][:poolN][:shiftN] (docs/kv-eviction.md)."
+    "laprox:SCORE[:floorF][:poolN][:shiftN][:mixF] (docs/kv-eviction.md)."
 )
 
 

@@ -54,7 +54,7 @@ Measured first on this reference (``benchmarks/kv_eviction_reference.py``, SmolL
   (pool 15: SnapKV the same, LaProx 7 / 7 / 8). The gain over SnapKV at its published kernel is the wider pooling, not the
   output-aware score; the score's own gain is in continuation perplexity at 5-10 %.
 
-``delta-total`` avoided the default's one collapse (Gemma-3 int4, one 2k prefix at 5 %) but
+``delta-total`` avoided the unmixed score's one collapse (Gemma-3 int4, one 2k prefix at 5 %) but
 lost a passkey prompt at 10 % on SmolLM2 and costs 1.5x: measured, not adopted
 (``benchmarks/results/kv-eviction-ablation-delta.md``).
 A pooling ``shift`` (the kernel moved back, keeping more after a peak than before it)
