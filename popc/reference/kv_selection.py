@@ -54,9 +54,6 @@ Measured first on this reference (``benchmarks/kv_eviction_reference.py``, SmolL
   (pool 15: SnapKV the same, LaProx 7 / 7 / 8). The gain over SnapKV at its published kernel is the wider pooling, not the
   output-aware score; the score's own gain is in continuation perplexity at 5-10 %.
 
-``delta-total`` avoided the unmixed score's one collapse (Gemma-3 int4, one 2k prefix at 5 %) but
-lost a passkey prompt at 10 % on SmolLM2 and costs 1.5x: measured, not adopted
-(``benchmarks/results/kv-eviction-ablation-delta.md``).
 A pooling ``shift`` (the kernel moved back, keeping more after a peak than before it)
 lowered SmolLM2's perplexity at shift 5 within the paired intervals: measured, not adopted.
 
@@ -68,7 +65,8 @@ prefix (Gemma-3 int4, one 2k prefix at 5 %: perplexity 298 against the full cach
 model's 5 % average 47.15 against 57.12 (SnapKV-style 48.28); elsewhere on both models, fp32
 and int4, passkey and perplexity within the paired intervals of ``mix=0``, except one Gemma-3
 int4 passkey prompt lost at 50 % (``mix=0.5`` lost more). Chosen over ``delta-total``, which
-fixes the collapse too but loses passkey at 10 % on SmolLM2 and costs 1.5x; mixing costs nothing.
+fixes the collapse too but loses passkey at 10 % on SmolLM2 and costs 1.5x; mixing costs nothing
+(``benchmarks/results/kv-eviction-ablation-{mix,delta}.md``).
 
 So the default keeps uniform per-layer lengths; ``floor < 1`` (the model-wide selection)
 stays available and the exported graph supports it (every layer a length of its own).
@@ -265,8 +263,8 @@ def laprox_scores(
         group = heads // kv_heads
         window = probs.shape[1]
         head_out = (probs.reshape(kv_heads, group * window, length) @ values).view(heads, window, head_dim)
-        shift = probs.transpose(1, 2) @ head_out / window  # [H, T, d]: mean_i A_h[i,t] o_h,i
-        delta = probs.mean(1)[..., None] * values.repeat_interleave(group, dim=0) - shift  # [H, T, d]
+        renormalised = probs.transpose(1, 2) @ head_out / window  # [H, T, d]: mean_i A_h[i,t] o_h,i
+        delta = probs.mean(1)[..., None] * values.repeat_interleave(group, dim=0) - renormalised  # [H, T, d]
         value = o_proj.norms(delta.transpose(0, 1).reshape(length, heads * head_dim))
     elif aggregation == "mean":
         per_head = values.repeat_interleave(heads // kv_heads, dim=0)  # [H, T, d]
