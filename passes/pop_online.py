@@ -134,10 +134,12 @@ class PopRewriteState:
     def token_mask_for(self, op, x: ir.Value) -> ir.Value:
         """The real-token mask of the tokens ``x`` holds: the graph-wide one, or with
         ``per_ffn_token_mask`` float(attention_mask[:, -S:]) with S = x.shape[1], built by ``op``."""
-        if not self.per_ffn_token_mask or self.layer_lengths is not None:
+        if not self.per_ffn_token_mask:
             return self.token_mask
         start = op.Neg(op.Shape(x, start=1, end=2))
         end = op.Constant(value_ints=[np.iinfo(np.int64).max])
+        if self.layer_lengths is not None:  # the graph-wide mask's last S columns (a skipped layer's window)
+            return op.Slice(self.token_mask, start, end, op.Constant(value_ints=[1]))
         window = op.Slice(self.attention_mask, start, end, op.Constant(value_ints=[1]))
         return op.Cast(window, to=ir.DataType.FLOAT)
 

@@ -12,6 +12,7 @@ budgets compares eviction alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,17 @@ from popc.steps import KV_PREFIX, BoundSteps
 
 if TYPE_CHECKING:
     from popc.runtime import PopcModel
+
+
+def run_prefill(model: PopcModel, feed: dict[str, np.ndarray], extra: Sequence[str] = ()) -> list[np.ndarray]:
+    """``session.run`` of a prefill: the values of ``model.output_order`` then ``extra``'s. An
+    export with POP-prefill's deep layers (``kv_eviction.prompt_layers``) returns their prefill
+    cache apart (``prompt_present.*``: the skipped tokens' independent K/V, then the window's);
+    it stands in for their ``present.*``, which holds the decode path's."""
+    layers = (model.kv_eviction or {}).get("prompt_layers") or []
+    prompts = {f"present.{i}.{kind}": kv_eviction.prompt_present_name(i, kind) for i in layers for kind in ("key", "value")}
+    names = [prompts.get(name, name) for name in model.output_order]
+    return model.session.run(names + list(extra), feed)
 
 
 @dataclass
@@ -94,7 +106,7 @@ class EvictingSteps(BoundSteps):
         if model.has_logits_to_keep:
             feed["logits_to_keep"] = np.array(logits_to_keep, np.int64)
         windows = [kv_eviction.window_query_name(i) for i in range(layers)]
-        outputs = model.session.run(model.output_order + windows, feed)
+        outputs = run_prefill(model, feed, windows)
         count = len(model.output_order)
         self.prompt = PromptState(outputs[0], outputs[1:count], outputs[count:], attention_mask,
                                   time.perf_counter() - started)  # fmt: skip

@@ -38,6 +38,7 @@ from popc.rotary import rotate_keys
 LAYER_MASK = "layer_attention_mask"
 LAYER_LENGTHS = "layer_lengths"
 WINDOW_QUERY_PREFIX = "window_query."
+PROMPT_PRESENT_PREFIX = "prompt_present."
 DEFAULT_WINDOW = 16
 DEFAULT_SINKS = 4
 DEFAULT_MIX = 0.3  # popc.reference.kv_selection.DEFAULT_LAPROX_MIX (that module imports torch)
@@ -49,16 +50,30 @@ def window_query_name(layer: int) -> str:
     return f"{WINDOW_QUERY_PREFIX}{layer}"
 
 
-def export_section(window: int) -> dict[str, Any]:
+def prompt_present_name(layer: int, kind: str) -> str:
+    """A POP-prefill deep layer's prefill cache (``kind``: key or value), an output of its own."""
+    return f"{PROMPT_PRESENT_PREFIX}{layer}.{kind}"
+
+
+def export_section(window: int, prompt_layers: list[int] | None = None) -> dict[str, Any]:
     """The ``kv_eviction`` section of popc.json."""
+    prompt_layers = prompt_layers or []
+    prompts = {}
+    if prompt_layers:
+        prompts = {"prompt_present.{i}.key|value": (
+            "float32 [batch, kv_heads, sequence, head_dim], the prefill's cache of a layer POP-prefill "
+            "skips (its independent K/V, then the window's): the runtime keeps these, not present.{i}.*, "
+            "after a prefill; present.{i}.* is the decode cache, updated in place")}  # fmt: skip
     return {
         "window": window,
+        "prompt_layers": prompt_layers,
         "methods": list(METHODS),
         "inputs": {
             LAYER_MASK: "int64 [num_layers, batch, slots]: 1 where slot j of layer l's cache holds a token of row b",
             LAYER_LENGTHS: "int64 [num_layers]: slots in use per layer (past + new)",
         },
-        "outputs": {"window_query.{i}": "float32 [batch, min(window, sequence), heads * head_dim], before RoPE"},
+        "outputs": {"window_query.{i}": "float32 [batch, min(window, sequence), heads * head_dim], before RoPE"}
+        | prompts,
         "positions": "kept keys are re-rotated by -(removed slots): later tokens attend at their true distances",
     }
 
@@ -70,7 +85,7 @@ def check_export(window: int, fused: bool, dtype: str) -> None:
     if not fused:
         raise PopcError(
             "--kv-evict is built on the fused graph (GroupQueryAttention's per-layer cache lengths); "
-            "drop --no-fuse, --prefill-skip and --drop-layers"
+            "drop --no-fuse and --drop-layers"
         )
     if dtype != "float32":
         raise PopcError("--kv-evict with --dtype fp16/bf16 is not supported yet: export it in fp32")
@@ -203,7 +218,9 @@ def read_layers(model_path: Path) -> list[LayerAttention]:
     model = ir.load(model_path)
     layers = []
     for node in model.graph:
-        if node.op_type != "GroupQueryAttention":
+        # A POP-prefill deep layer has a second one, over the skipped tokens' K/V (its past
+        # is computed, not the cache input): the layer's attention is the cache's.
+        if node.op_type != "GroupQueryAttention" or not node.inputs[3].is_graph_input():
             continue
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         weight = output_projection(node)
@@ -233,9 +250,15 @@ def output_projection(attention: Any) -> np.ndarray | None:
     reads a GroupQueryAttention's output: a MatMul's constant [H * d, hidden], or a
     block-quantized ``com.microsoft.MatMulNBits``' rows dequantized (a ``--quant`` export,
     scored with the weights its decode reads). None when neither is there."""
+    return _projection_of(attention.outputs[0])
+
+
+def _projection_of(value: Any) -> np.ndarray | None:
     from popc.quantize import QuantScheme, dequantize_rows
 
-    for user, _ in attention.outputs[0].uses():
+    for user, _ in value.uses():
+        if user.op_type == "Where":  # a POP-prefill deep layer picks one of two attentions
+            return _projection_of(user.outputs[0])
         if user.op_type == "MatMul" and user.inputs[1].const_value is not None:
             return np.ascontiguousarray(np.asarray(user.inputs[1].const_value.numpy(), np.float32).T)
         if user.op_type == "MatMulNBits" and user.domain == "com.microsoft":

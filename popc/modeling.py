@@ -24,7 +24,8 @@ from torch import nn
 from popc import families, ort_contrib
 from popc.errors import PopcError
 from popc.families import FamilySpec
-from popc.prefill_skip import prefill_skip_layers
+from popc.gqa_inputs import FusedInputs, fused_inputs, layer_inputs
+from popc.prefill_skip import SkippedPrefillInputs, prefill_skip_fused_layers, prefill_skip_layers
 from popc.rotary import apply_rotary, rotary_tables
 
 ACTIVATIONS = {
@@ -194,6 +195,9 @@ class Attention(nn.Module):
         # each call, a graph output the runtime scores the prompt's tokens with.
         self.kv_window: int | None = None
         self.window_query: torch.Tensor | None = None
+        # POP-prefill under KV eviction: a deep layer's prompt K/V (independent + window rows).
+        self.prompt_key: torch.Tensor | None = None
+        self.prompt_value: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, mask, past_key, past_value):
         if self.fused:
@@ -207,17 +211,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key = torch.cat([past_key, k], dim=2)
         value = torch.cat([past_value, v], dim=2)
-
-        groups = self.num_heads // self.num_kv_heads
-        # Query heads of one KV head side by side: [B, KVH, G*S, D] @ [B, KVH, D, T].
-        q = q.reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
-        scores = torch.matmul(q, key.transpose(2, 3)) * self.scaling
-        total = scores.shape[-1]
-        scores = scores.view(batch, self.num_kv_heads, groups, seq, total) + mask[:, None, None]
-        probs = torch.softmax(scores, dim=-1).view(batch, self.num_kv_heads, groups * seq, total)
-        out = torch.matmul(probs, value).view(batch, self.num_heads, seq, self.head_dim)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out), key, value
+        return self.o_proj(self._grouped_attention(q, key, value, mask)), key, value
 
     def forward_fused(self, x, cos_cache, sin_cache, inputs: FusedInputs, past_key, past_value):
         """q/k/v projections (+ Gemma's per-head QK-norm), then one GroupQueryAttention node
@@ -229,66 +223,61 @@ class Attention(nn.Module):
             k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim)).view(batch, seq, -1)
         if self.kv_window is not None:
             self.window_query = q[:, -self.kv_window :]
-        out, key, value = ort_contrib.group_query_attention(
+        if isinstance(inputs, SkippedPrefillInputs):
+            # At a prefill the window rows attend over the skipped tokens' independent K/V
+            # (``prompt``); at decode over the cache (``steps``), whose buffer GQA updates in
+            # place. Both run (the idle one over a few slots) and is_prefill picks.
+            skipped_key, skipped_value = self.independent_kv(inputs.skipped, cos_cache, sin_cache, inputs.slots)
+            prompt_out, self.prompt_key, self.prompt_value = self._attend_prompt(
+                q, k, v, skipped_key, skipped_value, inputs, cos_cache, sin_cache
+            )
+            out, key, value = self._attend(q, k, v, past_key, past_value, inputs.steps, cos_cache, sin_cache)
+            out = torch.where(inputs.is_prefill, prompt_out, out)
+        else:
+            out, key, value = self._attend(q, k, v, past_key, past_value, inputs, cos_cache, sin_cache)
+        return self.o_proj(out), key, value
+
+    def _attend(self, q, k, v, past_key, past_value, inputs: FusedInputs, cos_cache, sin_cache):
+        return ort_contrib.group_query_attention(
             q, k, v, past_key, past_value, inputs.seqlens_k, inputs.total, cos_cache, sin_cache, inputs.bias,
             self.num_heads, self.num_kv_heads, self.scaling, -1 if self.window is None else self.window,
         )  # fmt: skip
-        return self.o_proj(out), key, value
 
+    def _attend_prompt(self, q, k, v, skipped_key, skipped_value, inputs: SkippedPrefillInputs, cos_cache, sin_cache):
+        """The window rows over the skipped tokens' K/V and their own, in plain ops: ORT's
+        GroupQueryAttention takes several new tokens over a past for one row at a time only."""
+        batch = q.shape[0]
+        cos, sin = cos_cache.index_select(0, inputs.window_slots), sin_cache.index_select(0, inputs.window_slots)
+        q = ort_contrib.rotate(q.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = ort_contrib.rotate(k.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        key, value = torch.cat([skipped_key, k], dim=2), torch.cat([skipped_value, v], dim=2)
+        return self._grouped_attention(q, key, value, inputs.prompt_mask), key, value
 
-@dataclass
-class FusedInputs:
-    """What every GroupQueryAttention node shares, derived once from ``attention_mask``."""
+    def _grouped_attention(self, q, key, value, mask):
+        """``q`` [B, H, S, d] over ``key``, ``value`` [B, KVH, T, d] under the additive ``mask``
+        [B, S, T], without repeating the KV heads."""
+        batch, _, seq, _ = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        # Query heads of one KV head side by side: [B, KVH, G*S, D] @ [B, KVH, D, T].
+        q = q.reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
+        scores = torch.matmul(q, key.transpose(2, 3)) * self.scaling
+        total = scores.shape[-1]
+        scores = scores.view(batch, self.num_kv_heads, groups, seq, total) + mask[:, None, None]
+        probs = torch.softmax(scores, dim=-1).view(batch, self.num_kv_heads, groups * seq, total)
+        out = torch.matmul(probs, value).view(batch, self.num_heads, seq, self.head_dim)
+        return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
-    seqlens_k: torch.Tensor  # int32 [B]: total - 1 in every row (left padding occupies slots)
-    total: torch.Tensor  # int32 []: past + new
-    bias: torch.Tensor  # float [B, 1, S, T]: 0 at tokens, most negative at padding
-
-
-def fused_inputs(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> FusedInputs:
-    """GroupQueryAttention's shared inputs for a cache of ``attention_mask.shape[1]`` slots."""
-    total = torch._shape_as_tensor(attention_mask)[1]
-    # A pad token's slot gets the most negative bias; ORT adds the causal mask itself.
-    # GroupQueryAttention wants it [B, 1, S, T]: broadcast against zeros shaped like the
-    # new tokens (fewer nodes than an Expand to a computed shape: decode runs them all).
-    pad_bias = torch.where(attention_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, None, None, :]
-    rows = (input_ids * 0).to(torch.float32)[:, None, :, None]
-    return FusedInputs(
-        seqlens_k=(attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32),
-        total=total.to(torch.int32),
-        bias=pad_bias + rows,
-    )
-
-
-@dataclass
-class LayerInputs:
-    """GroupQueryAttention's inputs under KV eviction, where every layer's cache has a length
-    of its own, derived once for all layers (a decode step would otherwise run ~20 small
-    nodes per layer): :meth:`layer` picks one layer's."""
-
-    seqlens_k: torch.Tensor  # int32 [L, B]: the layer's length - 1
-    total: torch.Tensor  # int32 [L]: the layer's length (past + new)
-    lengths: torch.Tensor  # int64 [L]
-    pad_bias: torch.Tensor  # float [L, B, 1, 1, T]: 0 at tokens, most negative at padding
-    rows: torch.Tensor  # float zeros [B, 1, S, 1]: broadcasts the bias to the new tokens
-
-    def layer(self, index: int) -> FusedInputs:
-        # The layer's first ``length`` (past + new) slots: the past's shape is not the
-        # length (a shared KV buffer has spare slots).
-        bias = ort_contrib.leading_slots(self.pad_bias[index], self.lengths[index]) + self.rows
-        return FusedInputs(seqlens_k=self.seqlens_k[index], total=self.total[index], bias=bias)
-
-
-def layer_inputs(layer_mask: torch.Tensor, layer_lengths: torch.Tensor, input_ids: torch.Tensor) -> LayerInputs:
-    """For the per-layer mask [L, B, T] and lengths [L] of a KV-eviction export."""
-    total = layer_lengths.to(torch.int32)
-    return LayerInputs(
-        seqlens_k=(layer_mask[:, :, 0] * 0).to(torch.int32) + (total - 1)[:, None],
-        total=total,
-        lengths=layer_lengths,
-        pad_bias=torch.where(layer_mask.bool(), 0.0, ort_contrib.NEGATIVE)[:, :, None, None, :],
-        rows=(input_ids * 0).to(torch.float32)[:, None, :, None],
-    )
+    def independent_kv(self, x, cos_cache, sin_cache, slots):
+        """POP-prefill's K/V of normed hidden states ``x`` [B, n, H] at cache ``slots`` [n]:
+        k/v projections, k-norm, and the rotation GQA gives the keys it caches."""
+        batch = x.shape[0]
+        k = self.k_proj(x).view(batch, -1, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        v = self.v_proj(x).view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos_cache.index_select(0, slots), sin_cache.index_select(0, slots)
+        return ort_contrib.rotate(k.transpose(1, 2), cos, sin), v
 
 
 class DecoderLayer(nn.Module):
@@ -382,8 +371,9 @@ class ExportableDecoder(nn.Module):
         if drop_layers and prefill_skip is not None:
             raise PopcError("give --prefill-skip or --drop-layers, not both")
         self.drop_layers = drop_layers or 0
-        # ORT's fused operators (popc.ort_contrib); POP-prefill keeps its own attention.
-        if fused and (prefill_skip is not None or self.drop_layers):
+        # ORT's fused operators (popc.ort_contrib); POP-prefill keeps its own attention, except
+        # under KV eviction (popc.prefill_skip.prefill_skip_fused_layers).
+        if fused and (self.drop_layers or (prefill_skip is not None and kv_window is None)):
             raise PopcError("the fused ORT graph does not combine with --prefill-skip/--drop-layers; add --no-fuse")
         self.fused = fused
         if fused:
@@ -460,19 +450,24 @@ class ExportableDecoder(nn.Module):
             per_layer = layer_inputs(attention_mask, layer_lengths, input_ids)
         else:
             inputs = fused_inputs(attention_mask, input_ids)
-        presents = []
-        for index, layer in enumerate(self.layers):
-            cos = getattr(self, f"cos_cache_{layer.rope}")
-            sin = getattr(self, f"sin_cache_{layer.rope}")
-            if self.kv_window is not None:
-                inputs = per_layer.layer(index)
-            hidden, key, value = layer(hidden, cos, sin, inputs, past[2 * index], past[2 * index + 1])
-            presents += [key, value]
+        presents, prompt_kv = [], []
+        if self.prefill_skip:
+            hidden, presents, prompt_kv = prefill_skip_fused_layers(self, hidden, per_layer, past)
+        else:
+            for index, layer in enumerate(self.layers):
+                if self.kv_window is not None:
+                    inputs = per_layer.layer(index)
+                hidden, key, value = layer(hidden, *self.rotary_caches(layer), inputs, past[2 * index], past[2 * index + 1])
+                presents += [key, value]
         if logits_to_keep is not None:
             hidden = ort_contrib.keep_last_positions(hidden, logits_to_keep)
         if self.kv_window is not None:
             presents += [layer.self_attn.window_query for layer in self.layers]
-        return (self.logits(hidden), *presents)
+        return (self.logits(hidden), *presents, *prompt_kv)
+
+    def rotary_caches(self, layer: DecoderLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupQueryAttention's cos and sin tables for ``layer``'s RoPE."""
+        return getattr(self, f"cos_cache_{layer.rope}"), getattr(self, f"sin_cache_{layer.rope}")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, seq = hidden.shape[0], hidden.shape[1]

@@ -23,9 +23,29 @@ The same math in eager PyTorch over the Hugging Face layers is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from popc.rotary import apply_rotary
+
+if TYPE_CHECKING:
+    from popc.gqa_inputs import FusedInputs
+
+
+@dataclass
+class SkippedPrefillInputs:
+    """A deep layer's attention inputs in :func:`prefill_skip_fused_layers`: the attention
+    over the skipped tokens' independent K/V that a prefill uses, the GroupQueryAttention
+    over the cache that decode uses (``popc.gqa_inputs.FusedInputs``)."""
+
+    prompt_mask: torch.Tensor  # float [B, S', n + S']: the window rows over the skipped tokens and themselves
+    window_slots: torch.Tensor  # int64 [S']: the rows' slots at a prefill (n .. n + S' - 1)
+    steps: FusedInputs
+    is_prefill: torch.Tensor  # bool []
+    skipped: torch.Tensor  # [B, n, H]: the skipped tokens' hidden at the cut, through the layer's input norm
+    slots: torch.Tensor  # int64 [n]: their cache slots, 0 .. n - 1 (empty at decode)
 
 
 def independent_kv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -90,3 +110,51 @@ def prefill_skip_layers(decoder, hidden, rope, masks, past):
         )
         presents += [key, value]
     return hidden, presents
+
+
+def prefill_skip_fused_layers(decoder, hidden, per_layer, past):
+    """POP-prefill in a KV-eviction export's fused graph; returns (hidden, presents, prompt_kv).
+
+    As :func:`prefill_skip_layers`, but the last ``kv_window`` prompt tokens (not only the
+    last one) run through the deep layers, so that every layer has the window queries that
+    score its cache. Each deep layer runs two attentions (:class:`SkippedPrefillInputs`):
+    over the skipped tokens' independent K/V at a prefill (plain ops), over the cache at
+    decode (GroupQueryAttention, updating its shared buffer in place); both run every call,
+    the idle one over a few slots, and ``is_prefill`` picks. A prefill's deep-layer cache is ``prompt_kv`` (``prompt_present.{i}.key/value``, the
+    skipped tokens then the window's); ``presents`` are the decode cache.
+    """
+    layers = decoder.layers
+    presents = []
+    cut = len(layers) - decoder.prefill_skip
+    for index in range(cut):
+        layer = layers[index]
+        inputs = per_layer.layer(index)
+        hidden, key, value = layer(hidden, *decoder.rotary_caches(layer), inputs, past[2 * index], past[2 * index + 1])
+        presents += [key, value]
+
+    # A prefill: every layer's cache is exactly the new tokens (the runtime feeds lengths = S).
+    seq = torch._shape_as_tensor(hidden)[1]
+    is_prefill = per_layer.lengths[cut] == seq
+    window = torch.minimum(seq, torch.tensor(decoder.kv_window, dtype=torch.long))
+    start = torch.where(is_prefill, seq - window, seq * 0)
+    cut_rows = torch.arange(seq * 0, start, dtype=torch.long)  # empty at decode
+    cut_hidden = hidden.index_select(1, cut_rows)
+    new = seq - start
+    window_slots = torch.arange(start, seq, dtype=torch.long)
+    hidden = hidden.index_select(1, window_slots)
+    rows = (hidden[..., :1] * 0)[:, None]  # zeros [B, 1, S', 1]
+    prompt_kv = []
+    for index in range(cut, len(layers)):
+        layer = layers[index]
+        inputs = SkippedPrefillInputs(
+            prompt_mask=per_layer.prompt_mask(index, seq, window_slots, layer.window),
+            window_slots=window_slots,
+            steps=per_layer.spanning(index, torch.where(is_prefill, new, per_layer.lengths[index]), rows),
+            is_prefill=is_prefill,
+            skipped=layer.input_layernorm(cut_hidden),
+            slots=cut_rows,
+        )
+        hidden, key, value = layer(hidden, *decoder.rotary_caches(layer), inputs, past[2 * index], past[2 * index + 1])
+        presents += [key, value]
+        prompt_kv += [layer.self_attn.prompt_key, layer.self_attn.prompt_value]
+    return hidden, presents, prompt_kv

@@ -21,7 +21,7 @@ import numpy as np
 from popc.artifact import ExportLocation, check_interface, load_tokenizer, present_name, read_export
 from popc.device_ops import NUMPY_TYPES, DeviceOps
 from popc.errors import PopcError
-from popc.evicting_steps import EvictingSteps
+from popc.evicting_steps import EvictingSteps, run_prefill
 from popc.kv_eviction import LAYER_LENGTHS, LAYER_MASK, EvictionSettings, LayerAttention, read_layers
 from popc.pop import PopSettings
 from popc.sampling import SamplingOptions, check_sampling
@@ -289,7 +289,7 @@ class PopcModel:
         elif logits_to_keep:  # an export from before the input existed: slice here
             outputs = self.session.run(self.output_order, feed)
             return outputs[0][:, -logits_to_keep:], outputs[1:]
-        outputs = self.session.run(self.output_order, feed)
+        outputs = run_prefill(self, feed) if not extends else self.session.run(self.output_order, feed)
         return outputs[0], outputs[1:]
 
     def mask_feed(self, attention_mask: np.ndarray) -> dict[str, np.ndarray]:

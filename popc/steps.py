@@ -111,6 +111,11 @@ class BoundSteps:
         :meth:`greedy`); starts a new state. The default 1 runs the LM head on the last
         token only."""
         self.model.check_padding(attention_mask)
+        if (self.model.kv_eviction or {}).get("prompt_layers"):
+            raise PopcError(
+                f"{self.model.location.directory} skips layers at prefill (POP-prefill) under KV eviction: "
+                "its prefill cache comes apart from its decode cache; prefill it with model.bound()"
+            )
         self.attention_mask = np.ascontiguousarray(attention_mask, np.int64)
         batch, length = input_ids.shape
         self.kv_buffers = {}

@@ -174,6 +174,94 @@ def test_eviction_composes_with_pop(tmp_path, family):
     assert len(tokens[0]) == 6
 
 
+SKIPPED = {"llama": 1, "gemma3": 3}  # deep layers POP-prefill skips (Gemma-3: its full-attention layer approximated)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eviction_composes_with_pop_prefill(tmp_path, family):
+    """--kv-evict --prefill-skip N (and with POP-online): at the prefill every prompt token but
+    the window's skips the deepest N layers (their K/V independent projections); the window
+    runs every layer, so each has its queries. Against the eviction reference with the same
+    skip: kept tokens and logits, batch 1 and the left-padded batch of 3, every method."""
+    from popc.reference import PopReference
+
+    source = make_tiny_model_dir(tmp_path, family)
+    skip = SKIPPED[family]
+    export(ExportPlan(model=str(source), out=str(tmp_path / "skip"), kv_window=WINDOW, prefill_skip=skip))
+    model = runtime.load(tmp_path / "skip", use_oplib=False)
+    assert model.kv_eviction["prompt_layers"] == list(range(model.num_layers - skip, model.num_layers))
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    reference = EvictionReference(hf)
+    vocab = int(model.config["vocab_size"])
+    batch = prompts(vocab)
+    follow = [[int(t) for t in np.random.default_rng(row).integers(6, vocab, FOLLOW)] for row in range(len(batch))]
+
+    def expected(row, method, budget):
+        prefill = reference.prefill(torch.tensor([batch[row]]), window=WINDOW, skip=skip)
+        kept = reference.select(prefill, method, budget, sinks=SINKS)
+        logits = reference.extend(reference.compact(prefill, kept), torch.tensor([follow[row]]))
+        return kept, torch.cat([prefill.last_logits[None], logits]).numpy()
+
+    for method, budget in (("full", 1.0), ("snapkv", 0.3), ("laprox", 0.3), ("streaming", 0.3)):
+        settings = EvictionSettings(method=method, budget=budget, sinks=SINKS)
+        for rows in ([0], [0, 1, 2]):
+            stepper, logits = onnx_run(model, [batch[r] for r in rows], [follow[r] for r in rows], settings)
+            for position, row in enumerate(rows):
+                kept, want = expected(row, method, budget)
+                if settings.evicts:
+                    for got, ref in zip(stepper.compaction.kept_tokens[position], kept, strict=True):
+                        assert torch.equal(got, ref), f"{method} row {row}: kept tokens differ"
+                np.testing.assert_allclose(logits[position], want, atol=2e-4, rtol=1e-3)
+    if skip > 1:  # (skipping the last layer alone is exact: its input is the cut's hidden)
+        # The skip changes the model's prefill (else this tests little): the plain reference differs.
+        plain = reference.prefill(torch.tensor([batch[0]]), window=WINDOW).last_logits
+        skipped = reference.prefill(torch.tensor([batch[0]]), window=WINDOW, skip=skip).last_logits
+        assert not torch.allclose(plain, skipped, atol=1e-3)
+
+    # With POP-online too: the deep FFNs' partitions come from the window's tokens.
+    pop = PopSettings(retain=0.25, candidate=0.5, keep=0.25)
+    export(ExportPlan(model=str(source), out=str(tmp_path / "pop"), pop=pop, kv_window=WINDOW, prefill_skip=skip))
+    model = runtime.load(tmp_path / "pop", use_oplib=False)
+    pop_reference = PopReference(hf, pop)
+    settings = EvictionSettings(method="laprox", budget=0.3, sinks=SINKS)
+    pop_reference.prefill, pop_reference.token_mask = True, torch.ones(1, len(batch[0]))
+    prefill = reference.prefill(torch.tensor([batch[0]]), window=WINDOW, skip=skip, pop=pop_reference)
+    kept = reference.select(prefill, "laprox", 0.3, sinks=SINKS)
+    pop_reference.prefill = False
+    want = reference.extend(reference.compact(prefill, kept), torch.tensor([follow[0]]))
+    want = torch.cat([prefill.last_logits[None], want]).numpy()
+    stepper, logits = onnx_run(model, [batch[0]], [follow[0]], settings, pop=pop)
+    for got, ref in zip(stepper.compaction.kept_tokens[0], kept, strict=True):
+        assert torch.equal(got, ref), "POP: kept tokens differ"
+    np.testing.assert_allclose(logits[0], want, atol=2e-4, rtol=1e-3)
+
+
+def test_pop_prefill_eviction_export_prefills_only_through_its_stepper(tmp_path):
+    """Its prefill cache comes apart from the decode cache: model.step and the server's batch
+    gather it; plain BoundSteps refuses to prefill it rather than keep a wrong cache."""
+    from popc.serve.batch import RunningBatch
+    from popc.steps import BoundSteps
+
+    source = make_tiny_model_dir(tmp_path, "llama")
+    export(ExportPlan(model=str(source), out=str(tmp_path / "skip"), kv_window=WINDOW, prefill_skip=1))
+    model = runtime.load(tmp_path / "skip", use_oplib=False)
+    prompt = np.array([prompts(int(model.config["vocab_size"]))[0]])
+    mask = np.ones_like(prompt)
+    with pytest.raises(PopcError, match="POP-prefill"):
+        BoundSteps(model, capacity=64).prefill(prompt, mask)
+    stepper = model.bound(capacity=64)
+    first = stepper.prefill(prompt, mask)[0, -1]
+    after = stepper.decode(np.array([[7]]))[0, -1]
+    logits, state = model.step(prompt, mask, model.initial_state(1), logits_to_keep=1)
+    np.testing.assert_allclose(logits[0, -1], first, atol=1e-5)
+    assert state[-1].shape[2] == prompt.shape[1]  # the whole prompt's cache, not the window's
+    logits, _ = model.step(np.array([[7]]), np.ones((1, prompt.shape[1] + 1), np.int64), state)
+    np.testing.assert_allclose(logits[0, -1], after, atol=1e-4)
+    served = RunningBatch(model)
+    ((served_first, _),) = served.prefill_rows([list(prompt[0])])
+    np.testing.assert_allclose(served_first, first, atol=1e-5)
+
+
 def test_budgets_parse_and_bad_ones_are_refused(exported):
     assert parse_budget("0.05") == 0.05
     assert parse_budget("5%") == 0.05

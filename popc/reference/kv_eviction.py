@@ -122,13 +122,20 @@ class EvictionReference:
     # ---- prefill
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, window: int = DEFAULT_WINDOW) -> Prefill:
-        """Run the prompt ``ids`` [1, T]; keep every layer's cache and the window's attention."""
+    def prefill(self, ids: torch.Tensor, window: int = DEFAULT_WINDOW, skip: int = 0, pop=None) -> Prefill:
+        """Run the prompt ``ids`` [1, T]; keep every layer's cache and the window's attention.
+
+        ``skip`` > 0 adds POP-prefill: every prompt token but the last ``window`` skips the
+        deepest ``skip`` layers, whose K/V for those tokens come from the hidden state at the
+        cut through each layer's own input norm, k/v projections, k-norm and RoPE; the window
+        runs every layer. ``pop`` (a :class:`popc.reference.PopReference` wrapping the model)
+        then sees the window's tokens only in those layers' FFNs."""
         if ids.shape[0] != 1:
             raise ValueError("the eviction reference runs batch 1")
         start = time.perf_counter()
         length = ids.shape[1]
         window = min(window, length)
+        cut = len(self.layers) - skip
         positions = torch.arange(length)[None]
         hidden = self.base.embed_tokens(ids)
         key_pos = torch.arange(length)
@@ -138,30 +145,44 @@ class EvictionReference:
             self._check_softcap(index)
             attn = self.layers[index].self_attn
             span = self.windows[index]
+            # A deep layer's queries are the window's; its skipped tokens' K/V independent.
+            first = length - window if index >= cut else 0
+            skipped = hidden[:, :first]
 
-            def attend(x, index=index, attn=attn, span=span):
-                q, k, v = self._qkv(index, x, positions)
+            def attend(x, index=index, attn=attn, span=span, first=first, skipped=skipped):
+                q, k, v = self._qkv(index, x, positions[:, first:])
+                if first:
+                    _, k_skipped, v_skipped = self._qkv(index, self.layers[index].input_layernorm(skipped),
+                                                        positions[:, :first])  # fmt: skip
+                    k, v = torch.cat([k_skipped, k], dim=2), torch.cat([v_skipped, v], dim=2)
                 caches.append(LayerKV(k[0], v[0], key_pos.expand(self.kv_heads, -1)))
-                if span is None:  # is_causal: SDPA's fused path, no T x T mask at 4k
+                mask = causal[first:]
+                if span is not None:
+                    mask = mask & (key_pos[None, :] > key_pos[first:, None] - span)
+                if span is None and not first:  # is_causal: SDPA's fused path, no T x T mask at 4k
                     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
                 else:
-                    mask = causal & (key_pos[None, :] > key_pos[:, None] - span)
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
                 if span is None:
                     # The window rows only, recomputed: [H, w, T], never T x T for every layer.
-                    qw = q[0, :, length - window :]
+                    qw = q[0, :, length - window - first :]
                     kw = k[0].repeat_interleave(self.heads // self.kv_heads, dim=0)
                     logits = (qw @ kw.transpose(1, 2)) * attn.scaling
                     p = logits.masked_fill(~causal[length - window :], float("-inf")).softmax(-1)
                     probs.append(p)
-                    wo = out[0, :, length - window :].transpose(0, 1).reshape(window, -1)
+                    wo = out[0, :, length - window - first :].transpose(0, 1).reshape(window, -1)
                     outs.append(F.linear(wo, attn.o_proj.weight))
                 else:
                     probs.append(None)
                     outs.append(None)
-                return out.transpose(1, 2).reshape(1, length, -1)
+                return out.transpose(1, 2).reshape(1, length - first, -1)
 
-            hidden = self._block(index, hidden, attend)
+            saved_mask = None
+            if first and pop is not None:  # the deep FFNs see the window's tokens only
+                saved_mask, pop.token_mask = pop.token_mask, pop.token_mask[:, first:]
+            hidden = torch.cat([skipped, self._block(index, hidden[:, first:], attend)], dim=1)
+            if saved_mask is not None:
+                pop.token_mask = saved_mask
         last = self._logits(hidden[:, -1:])[0, -1]
         return Prefill(caches, probs, outs, last, length, window, time.perf_counter() - start)
 

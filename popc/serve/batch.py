@@ -142,7 +142,9 @@ class RunningBatch(BoundSteps):
         for row, prompt in enumerate(prompts):
             ids[row, longest - len(prompt) :] = prompt
             mask[row, longest - len(prompt) :] = 1
-        if kv is not None and kv.evicts:
+        # POP-prefill's deep layers under eviction: their prefill cache is EvictingSteps' to gather.
+        skips = bool((self.model.kv_eviction or {}).get("prompt_layers"))
+        if (kv is not None and kv.evicts) or skips:
             together: BoundSteps = EvictingSteps(self.model, kv, self.pop, capacity=longest + 1)
         else:
             together = BoundSteps(self.model, self.pop, capacity=longest)
