@@ -41,6 +41,7 @@ from popc.modeling import ExportableDecoder
 from popc.passes.convert_dtype import ConvertDtypePass
 from popc.passes.ort_fusions import ort_fusion_passes
 from popc.passes.pop_online import PopOnlinePass
+from popc.passes.prefill_branch import PrefillBranchPass
 from popc.passes.quantize_weights import QuantizeWeightsPass
 from popc.pop import PopSettings
 from popc.progress import Progress, or_silent
@@ -360,9 +361,15 @@ def export(plan: ExportPlan, progress: Progress | None = None) -> ExportLocation
         give_default(model.graph, LOGITS_TO_KEEP, np.array(0, np.int64))
         pop_pass = PopOnlinePass(per_ffn_token_mask=plan.prefill_skip is not None)
         passes = ([pop_pass] if plan.pop is not None else []) + (ort_fusion_passes() if plan.fused else [])
+        if plan.kv_window is not None and plan.prefill_skip:
+            # The independent K/V reuse the k/v weights, which the tracer hands over through an
+            # Identity: remove it, so that the weight rules see the constant.
+            passes.insert(0, ir.passes.common.IdentityEliminationPass())
         if plan.quant is not None:
             passes.append(QuantizeWeightsPass(plan.quant))  # last: it quantizes what the others produced
         passes += list(plan.passes)
+        if plan.kv_window is not None and plan.prefill_skip:
+            passes.append(PrefillBranchPass())  # after the weight passes: they match the top-level graph
         if dtype != "float32":
             passes.append(ConvertDtypePass(dtype))  # last: the half graph is the fp32 one's twin
         if passes:

@@ -228,8 +228,8 @@ class Attention(nn.Module):
             # (``prompt``); at decode over the cache (``steps``), whose buffer GQA updates in
             # place. Both run (the idle one over a few slots) and is_prefill picks.
             skipped_key, skipped_value = self.independent_kv(inputs.skipped, cos_cache, sin_cache, inputs.slots)
-            prompt_out, self.prompt_key, self.prompt_value = self._attend_prompt(
-                q, k, v, skipped_key, skipped_value, inputs, cos_cache, sin_cache
+            prompt_out, self.prompt_key, self.prompt_value = ort_contrib.prefill_only(
+                inputs.is_prefill, *self._attend_prompt(q, k, v, skipped_key, skipped_value, inputs, cos_cache, sin_cache)
             )
             out, key, value = self._attend(q, k, v, past_key, past_value, inputs.steps, cos_cache, sin_cache)
             out = torch.where(inputs.is_prefill, prompt_out, out)

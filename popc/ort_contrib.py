@@ -141,6 +141,31 @@ class LeadingSlots(torch.autograd.Function):
         return out
 
 
+PREFILL_ONLY_DOMAIN = "popc.internal"
+
+
+class PrefillOnly(torch.autograd.Function):
+    """``(is_prefill, out, key, value) -> (out, key, value)``: marks values that only a prefill
+    needs. It traces to a ``popc.internal.PrefillOnly`` node, which the export's
+    ``passes/prefill_branch.py`` replaces with an ``If`` that computes them at a prefill
+    only (decode skips those nodes); ONNX Runtime refuses a graph that still has it."""
+
+    @staticmethod
+    def forward(ctx, is_prefill, out, key, value):
+        return out.clone(), key.clone(), value.clone()
+
+    @staticmethod
+    def symbolic(g, is_prefill, out, key, value):
+        outputs = g.op(f"{PREFILL_ONLY_DOMAIN}::PrefillOnly", is_prefill, out, key, value, outputs=3)
+        for made, given in zip(outputs, (out, key, value)):
+            made.setType(given.type())
+        return outputs
+
+
+def prefill_only(is_prefill, out, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return PrefillOnly.apply(is_prefill, out, key, value)
+
+
 def group_query_attention(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return GroupQueryAttention.apply(*args)
 

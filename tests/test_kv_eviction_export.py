@@ -236,6 +236,34 @@ def test_eviction_composes_with_pop_prefill(tmp_path, family):
     np.testing.assert_allclose(logits[0], want, atol=2e-4, rtol=1e-3)
 
 
+def test_quantized_pop_prefill_eviction_export_is_the_quantized_reference(tmp_path):
+    """--kv-evict --prefill-skip --quant int4: the independent K/V read the same quantized
+    k/v projections as the rest (the prefill branch is made after the weights are quantized)."""
+    from popc.quantize import QuantScheme
+    from popc.reference import fake_quantize_model
+
+    scheme = QuantScheme(4, 32, accuracy_level=0)
+    source = make_tiny_model_dir(tmp_path, "gemma3")
+    skip = SKIPPED["gemma3"]
+    export(ExportPlan(model=str(source), out=str(tmp_path / "q"), kv_window=WINDOW, prefill_skip=skip, quant=scheme))
+    model = runtime.load(tmp_path / "q", use_oplib=False)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    reference = EvictionReference(fake_quantize_model(hf, scheme, pop_layout=False))
+    vocab = int(model.config["vocab_size"])
+    batch = prompts(vocab)
+    follow = [[int(t) for t in np.random.default_rng(row).integers(6, vocab, FOLLOW)] for row in range(len(batch))]
+    settings = EvictionSettings(method="laprox", budget=0.3, sinks=SINKS)
+    stepper, logits = onnx_run(model, batch, follow, settings)
+    for row in range(len(batch)):
+        prefill = reference.prefill(torch.tensor([batch[row]]), window=WINDOW, skip=skip)
+        kept = reference.select(prefill, "laprox", 0.3, sinks=SINKS)
+        want = reference.extend(reference.compact(prefill, kept), torch.tensor([follow[row]]))
+        want = torch.cat([prefill.last_logits[None], want]).numpy()
+        for got, ref in zip(stepper.compaction.kept_tokens[row], kept, strict=True):
+            assert torch.equal(got, ref), f"row {row}: kept tokens differ"
+        np.testing.assert_allclose(logits[row], want, atol=2e-4, rtol=1e-3)
+
+
 def test_pop_prefill_eviction_export_prefills_only_through_its_stepper(tmp_path):
     """Its prefill cache comes apart from the decode cache: model.step and the server's batch
     gather it; plain BoundSteps refuses to prefill it rather than keep a wrong cache."""
