@@ -225,8 +225,9 @@ class Attention(nn.Module):
             self.window_query = q[:, -self.kv_window :]
         if isinstance(inputs, SkippedPrefillInputs):
             # At a prefill the window rows attend over the skipped tokens' independent K/V
-            # (``prompt``); at decode over the cache (``steps``), whose buffer GQA updates in
-            # place. Both run (the idle one over a few slots) and is_prefill picks.
+            # (plain ops, which the export puts in an If: passes/prefill_branch.py); at decode
+            # over the cache (``steps``), whose buffer GQA updates in place. GQA also runs at a
+            # prefill, over the window's few slots; is_prefill picks.
             skipped_key, skipped_value = self.independent_kv(inputs.skipped, cos_cache, sin_cache, inputs.slots)
             prompt_out, self.prompt_key, self.prompt_value = ort_contrib.prefill_only(
                 inputs.is_prefill, *self._attend_prompt(q, k, v, skipped_key, skipped_value, inputs, cos_cache, sin_cache)

@@ -19,6 +19,10 @@ real token in every row. A prefill returns the logits of the last token only
 
 The same math in eager PyTorch over the Hugging Face layers is
 :class:`popc.reference.SkipReference`.
+
+Under KV eviction the graph is the fused one and the last ``kv_window`` prompt tokens run
+every layer (:func:`prefill_skip_fused_layers`; its reference is
+``popc.reference.EvictionReference.prefill(..., skip=N)``).
 """
 
 from __future__ import annotations

@@ -52,9 +52,10 @@ def prompts(vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(6, vocab, n)] for n in LENGTHS]
 
 
-def reference_run(reference: EvictionReference, ids: list[int], follow: list[int], method, budget, options):
-    """Kept tokens per evictable layer and the logits [1 + FOLLOW, vocab] of the reference."""
-    prefill = reference.prefill(torch.tensor([ids]), window=WINDOW)
+def reference_run(reference: EvictionReference, ids: list[int], follow: list[int], method, budget, options, skip=0):
+    """Kept tokens per evictable layer and the logits [1 + FOLLOW, vocab] of the reference
+    (POP-prefill's deepest ``skip`` layers skipped by the prompt but its window)."""
+    prefill = reference.prefill(torch.tensor([ids]), window=WINDOW, skip=skip)
     kept = reference.select(prefill, method, budget, sinks=SINKS, **options)
     state = reference.compact(prefill, kept)
     logits = reference.extend(state, torch.tensor([follow]))
@@ -98,17 +99,21 @@ def test_export_evicts_as_the_reference(exported, family, method, budget, option
             assert len(set(stepper.kv_slots())) > 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_quantized_export_evicts_as_the_quantized_reference(tmp_path, family):
+@pytest.mark.parametrize(("family", "skip"), [("llama", 0), ("gemma3", 0), ("gemma3", 3)])
+def test_quantized_export_evicts_as_the_quantized_reference(tmp_path, family, skip):
     """--kv-evict --quant int4: the scores read o_proj's dequantized blocks, so kept tokens and
     logits are the reference's over the same fake-quantized weights (MatMulNBits at accuracy
-    level 0, float activations), batch 1 and the left-padded batch of 3."""
+    level 0, float activations), batch 1 and the left-padded batch of 3. With --prefill-skip
+    the independent K/V read the same quantized k/v projections (the prefill branch is made
+    after the weights are quantized)."""
     from popc.quantize import QuantScheme
     from popc.reference import fake_quantize_model
 
     scheme = QuantScheme(4, 32, accuracy_level=0)
     source = make_tiny_model_dir(tmp_path, family)
-    export(ExportPlan(model=str(source), out=str(tmp_path / "export"), kv_window=WINDOW, quant=scheme))
+    plan = ExportPlan(model=str(source), out=str(tmp_path / "export"), kv_window=WINDOW, quant=scheme,
+                      prefill_skip=skip or None)  # fmt: skip
+    export(plan)
     model = runtime.load(tmp_path / "export", use_oplib=False)
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     reference = EvictionReference(fake_quantize_model(hf, scheme, pop_layout=False))
@@ -120,7 +125,7 @@ def test_quantized_export_evicts_as_the_quantized_reference(tmp_path, family):
         for rows in ([0], [0, 1, 2]):
             stepper, logits = onnx_run(model, [batch[r] for r in rows], [follow[r] for r in rows], settings)
             for position, row in enumerate(rows):
-                kept, expected = reference_run(reference, batch[row], follow[row], method, 0.3, {})
+                kept, expected = reference_run(reference, batch[row], follow[row], method, 0.3, {}, skip)
                 for got, want in zip(stepper.compaction.kept_tokens[position], kept, strict=True):
                     assert torch.equal(got, want), f"{method} row {row}: kept tokens differ"
                 np.testing.assert_allclose(logits[position], expected, atol=2e-4, rtol=1e-3)
@@ -196,18 +201,12 @@ def test_eviction_composes_with_pop_prefill(tmp_path, family):
     batch = prompts(vocab)
     follow = [[int(t) for t in np.random.default_rng(row).integers(6, vocab, FOLLOW)] for row in range(len(batch))]
 
-    def expected(row, method, budget):
-        prefill = reference.prefill(torch.tensor([batch[row]]), window=WINDOW, skip=skip)
-        kept = reference.select(prefill, method, budget, sinks=SINKS)
-        logits = reference.extend(reference.compact(prefill, kept), torch.tensor([follow[row]]))
-        return kept, torch.cat([prefill.last_logits[None], logits]).numpy()
-
     for method, budget in (("full", 1.0), ("snapkv", 0.3), ("laprox", 0.3), ("streaming", 0.3)):
         settings = EvictionSettings(method=method, budget=budget, sinks=SINKS)
         for rows in ([0], [0, 1, 2]):
             stepper, logits = onnx_run(model, [batch[r] for r in rows], [follow[r] for r in rows], settings)
             for position, row in enumerate(rows):
-                kept, want = expected(row, method, budget)
+                kept, want = reference_run(reference, batch[row], follow[row], method, budget, {}, skip)
                 if settings.evicts:
                     for got, ref in zip(stepper.compaction.kept_tokens[position], kept, strict=True):
                         assert torch.equal(got, ref), f"{method} row {row}: kept tokens differ"
@@ -234,34 +233,6 @@ def test_eviction_composes_with_pop_prefill(tmp_path, family):
     for got, ref in zip(stepper.compaction.kept_tokens[0], kept, strict=True):
         assert torch.equal(got, ref), "POP: kept tokens differ"
     np.testing.assert_allclose(logits[0], want, atol=2e-4, rtol=1e-3)
-
-
-def test_quantized_pop_prefill_eviction_export_is_the_quantized_reference(tmp_path):
-    """--kv-evict --prefill-skip --quant int4: the independent K/V read the same quantized
-    k/v projections as the rest (the prefill branch is made after the weights are quantized)."""
-    from popc.quantize import QuantScheme
-    from popc.reference import fake_quantize_model
-
-    scheme = QuantScheme(4, 32, accuracy_level=0)
-    source = make_tiny_model_dir(tmp_path, "gemma3")
-    skip = SKIPPED["gemma3"]
-    export(ExportPlan(model=str(source), out=str(tmp_path / "q"), kv_window=WINDOW, prefill_skip=skip, quant=scheme))
-    model = runtime.load(tmp_path / "q", use_oplib=False)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    reference = EvictionReference(fake_quantize_model(hf, scheme, pop_layout=False))
-    vocab = int(model.config["vocab_size"])
-    batch = prompts(vocab)
-    follow = [[int(t) for t in np.random.default_rng(row).integers(6, vocab, FOLLOW)] for row in range(len(batch))]
-    settings = EvictionSettings(method="laprox", budget=0.3, sinks=SINKS)
-    stepper, logits = onnx_run(model, batch, follow, settings)
-    for row in range(len(batch)):
-        prefill = reference.prefill(torch.tensor([batch[row]]), window=WINDOW, skip=skip)
-        kept = reference.select(prefill, "laprox", 0.3, sinks=SINKS)
-        want = reference.extend(reference.compact(prefill, kept), torch.tensor([follow[row]]))
-        want = torch.cat([prefill.last_logits[None], want]).numpy()
-        for got, ref in zip(stepper.compaction.kept_tokens[row], kept, strict=True):
-            assert torch.equal(got, ref), f"row {row}: kept tokens differ"
-        np.testing.assert_allclose(logits[row], want, atol=2e-4, rtol=1e-3)
 
 
 def test_pop_prefill_eviction_export_prefills_only_through_its_stepper(tmp_path):
