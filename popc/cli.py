@@ -357,6 +357,13 @@ def info(
         table.add_row("pop", f"retain {pop['retain']}, candidate {pop['candidate']}, keep {pop['keep']}")
         if pop.get("weight_layout"):
             table.add_row("pop weight layout", pop["weight_layout"])
+    skip = config.get("prefill_skip")
+    if skip:
+        through = skip.get("every_layer", "the last prompt token")
+        table.add_row("pop-prefill", f"layers {skip['cutoff']}-{config['num_layers'] - 1} skipped at prefill; "
+                      f"{through} run every layer")  # fmt: skip
+    if config.get("drop_layers"):
+        table.add_row("drop layers", f"the deepest {config['drop_layers']} layers removed (baseline)")
     kv = config.get("kv_eviction")
     if kv:
         table.add_row("kv eviction", f"per-layer cache lengths, observation window {kv['window']}: "

@@ -78,6 +78,20 @@ def test_info_describes_the_export(tiny_export):
     assert config["num_layers"] == 2 and config["input_names"][:2] == ["input_ids", "attention_mask"]
 
 
+def test_kv_eviction_with_pop_prefill_from_the_command_line(tiny_export, tmp_path):
+    source, _ = tiny_export
+    out = tmp_path / "kv-skip"
+    result = invoke("export", source, "--out", out, "--kv-evict", "--kv-window", 4, "--prefill-skip", 1)
+    assert result.exit_code == 0, result.output
+    info = invoke("info", out)
+    assert "pop-prefill" in info.output and "last 4 prompt tokens" in info.output.replace("\n", " ")
+    prompt = " ".join(["hello world"] * 4)
+    result = invoke("run", out, "--prompt", prompt, "--max-new-tokens", 3, "--kv-budget", 0.5, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert len(report["generated_ids"]) == 3
+
+
 def test_out_as_onnx_path_puts_sidecars_beside_it(tiny_export, tmp_path):
     source, _ = tiny_export
     (tmp_path / "notes.txt").write_text("keep me")
