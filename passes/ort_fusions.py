@@ -12,7 +12,8 @@ rule classes then fold what stays around them into ONNX Runtime's fused forms; e
   initializers; not when a per-head norm (Gemma's QK-norm) sits between the projection
   and the attention, since that is no longer three MatMuls feeding it. Where the queries
   are read too (a KV-eviction export's ``window_query.{l}``), the ``query_out`` variant
-  slices them back out of the packed product.
+  slices them back out of the packed product; where keys and values are too (POP-prefill's
+  deep layers under KV eviction), the ``kv_out`` variant slices all three.
 * **skip-add-RMSNorm** (``SkipRMSNormRule``) ``SimplifiedLayerNormalization(Add(a, b), gamma)``
   -> ``SkipSimplifiedLayerNormalization(a, b, gamma)``, whose fourth output is the
   residual sum ``a + b`` for the Add's other consumers (the next residual add). Applies
@@ -54,12 +55,15 @@ def _packed(op, name: str, arrays: list[np.ndarray], axis: int) -> ir.Value:
 class PackedQKVRule(pattern.RewriteRuleClassBase):
     """Three projections of one ``x`` into a GroupQueryAttention -> one packed MatMul."""
 
-    def __init__(self, bias: bool = False, query_out: bool = False) -> None:
-        super().__init__(name=("PackedQKVBias" if bias else "PackedQKV") + ("Query" if query_out else ""))
+    def __init__(self, bias: bool = False, query_out: bool = False, kv_out: bool = False) -> None:
+        suffix = "QKV" if kv_out else "Query" if query_out else ""
+        super().__init__(name=("PackedQKVBias" if bias else "PackedQKV") + suffix)
         self.bias = bias
         # KV eviction reads the queries too (``window_query.{l}``): the pattern then also
-        # outputs q, which the rewrite slices back out of the packed projection.
-        self.query_out = query_out
+        # outputs q, which the rewrite slices back out of the packed projection; POP-prefill's
+        # deep layers under eviction read k and v too (their prefill-only attention).
+        self.query_out = query_out or kv_out
+        self.kv_out = kv_out
 
     def pattern(self, op, x, wq, wk, wv, bq, bk, bv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
                 attention_bias):  # fmt: skip
@@ -67,6 +71,8 @@ class PackedQKVRule(pattern.RewriteRuleClassBase):
         if self.bias:
             q, k, v = op.Add(q, bq), op.Add(k, bk), op.Add(v, bv)
         outputs = _gqa(op, q, k, v, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, attention_bias)
+        if self.kv_out:
+            return (*outputs, q, k, v)
         return (*outputs, q) if self.query_out else outputs
 
     def check(self, context, x, wq, wk, wv, bq=None, bk=None, bv=None, **_) -> MatchResult:
@@ -103,9 +109,13 @@ class PackedQKVRule(pattern.RewriteRuleClassBase):
         )  # fmt: skip
         if not self.query_out:
             return outputs
-        width = wq.const_value.shape[1]
-        query = op.Slice(qkv, op.Constant(value_ints=[0]), op.Constant(value_ints=[width]), op.Constant(value_ints=[-1]))
-        return (*outputs, query)
+        widths = [w.const_value.shape[1] for w in ((wq, wk, wv) if self.kv_out else (wq,))]
+        starts = np.cumsum([0, *widths])
+        parts = [
+            op.Slice(qkv, op.Constant(value_ints=[int(a)]), op.Constant(value_ints=[int(b)]), op.Constant(value_ints=[-1]))
+            for a, b in zip(starts[:-1], starts[1:])
+        ]  # fmt: skip
+        return (*outputs, *parts)
 
 
 class SkipRMSNormRule(pattern.RewriteRuleClassBase):
@@ -202,6 +212,8 @@ PACK_QKV_RULES = [
     *PackedQKVRule.rule(bias=True).commute(),
     PackedQKVRule.rule(bias=False, query_out=True),
     *PackedQKVRule.rule(bias=True, query_out=True).commute(),
+    PackedQKVRule.rule(bias=False, kv_out=True),
+    *PackedQKVRule.rule(bias=True, kv_out=True).commute(),
 ]
 SKIP_RMS_NORM_RULES = [SkipRMSNormRule.rule(residual_used=True), SkipRMSNormRule.rule(residual_used=False)]
 

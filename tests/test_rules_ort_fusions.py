@@ -74,7 +74,7 @@ def refusals(model: ir.Model, rules: list[pattern.RewriteRule]) -> list[str]:
 
 
 def attention_block(bias: bool = False, wq_shape=(D, HEADS * HEAD_DIM), q_bias=(HEADS * HEAD_DIM,), qk_norm=False,
-                    constant_wq=True, query_out=False):  # fmt: skip
+                    constant_wq=True, query_out=False, kv_out=False):  # fmt: skip
     b = Builder()
     x = b.input("x", ["b", "s", D])
     rest = [
@@ -93,6 +93,8 @@ def attention_block(bias: bool = False, wq_shape=(D, HEADS * HEAD_DIM), q_bias=(
         projections[0] = b.op("SimplifiedLayerNormalization", projections[0], b.weight("q_norm", HEADS * HEAD_DIM))
     out, key, value = b.op("GroupQueryAttention", *projections, *rest, None, attention_bias, domain=MICROSOFT,
                            outputs=3, num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1)  # fmt: skip
+    if kv_out:  # q, k and v read too, as POP-prefill's deep layers under KV eviction do
+        return b.model(out, key, value, *projections)
     if query_out:  # the queries as an output too, as a KV-eviction export reads them
         return b.model(out, key, value, projections[0])
     return b.model(out, key, value)
@@ -138,6 +140,20 @@ def test_packed_qkv_rule_packs_when_the_queries_are_read_too(bias):
     assert fusion.counts["packed_qkv"] == 1
     assert [n.op_type for n in model.graph].count("MatMul") == 1
     assert model.graph.outputs[3].producer().op_type == "Slice"
+    for got, want in zip(run(model, feed), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_packed_qkv_rule_packs_when_keys_and_values_are_read_too(bias):
+    feed = attention_feed(np.random.default_rng(3))
+    expected = run(attention_block(bias, kv_out=True), feed)
+    model = attention_block(bias, kv_out=True)
+    fusion = OrtFusionPass()
+    fusion(model)
+    assert fusion.counts["packed_qkv"] == 1
+    assert [n.op_type for n in model.graph].count("MatMul") == 1
+    assert [v.producer().op_type for v in model.graph.outputs[3:]] == ["Slice"] * 3
     for got, want in zip(run(model, feed), expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
