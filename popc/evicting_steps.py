@@ -33,8 +33,9 @@ def run_prefill(model: PopcModel, feed: dict[str, np.ndarray], extra: Sequence[s
     export with POP-prefill's deep layers (``kv_eviction.prompt_layers``) returns their prefill
     cache apart (``prompt_present.*``: the skipped tokens' independent K/V, then the window's);
     it stands in for their ``present.*``, which holds the decode path's."""
-    layers = (model.kv_eviction or {}).get("prompt_layers") or []
-    prompts = {f"present.{i}.{kind}": kv_eviction.prompt_present_name(i, kind) for i in layers for kind in ("key", "value")}
+    prompts = {
+        f"present.{i}.{kind}": kv_eviction.prompt_present_name(i, kind) for i in model.prompt_layers for kind in ("key", "value")
+    }
     names = [prompts.get(name, name) for name in model.output_order]
     return model.session.run(names + list(extra), feed)
 

@@ -121,11 +121,13 @@ def prefill_skip_fused_layers(decoder, hidden, per_layer, past):
 
     As :func:`prefill_skip_layers`, but the last ``kv_window`` prompt tokens (not only the
     last one) run through the deep layers, so that every layer has the window queries that
-    score its cache. Each deep layer runs two attentions (:class:`SkippedPrefillInputs`):
-    over the skipped tokens' independent K/V at a prefill (plain ops), over the cache at
-    decode (GroupQueryAttention, updating its shared buffer in place); both run every call,
-    the idle one over a few slots, and ``is_prefill`` picks. A prefill's deep-layer cache is ``prompt_kv`` (``prompt_present.{i}.key/value``, the
-    skipped tokens then the window's); ``presents`` are the decode cache.
+    score its cache. Each deep layer has two attentions (:class:`SkippedPrefillInputs`):
+    over the skipped tokens' independent K/V at a prefill (plain ops, which the export puts
+    in an If: passes/prefill_branch.py), over the cache at decode (GroupQueryAttention,
+    updating its shared buffer in place; it also runs at a prefill, over the window's few
+    slots), and ``is_prefill`` picks. A prefill's deep-layer cache is ``prompt_kv``
+    (``prompt_present.{i}.key/value``, the skipped tokens then the window's); ``presents``
+    are the decode cache.
     """
     layers = decoder.layers
     presents = []

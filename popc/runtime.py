@@ -158,6 +158,8 @@ class PopcModel:
         self.num_layers = int(config["num_layers"])
         # KV eviction (popc.kv_eviction): per-layer masks in, window queries out.
         self.kv_eviction = config.get("kv_eviction") or None
+        # POP-prefill's deep layers under eviction: their prefill cache is an output of its own.
+        self.prompt_layers: list[int] = list((self.kv_eviction or {}).get("prompt_layers") or [])
         self.last_kv_slots: list[int] | None = None  # per layer, after the last generate_ids' prompt
         self.num_kv_heads = int(config["num_kv_heads"])
         self.head_dim = int(config["head_dim"])

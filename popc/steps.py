@@ -111,7 +111,7 @@ class BoundSteps:
         :meth:`greedy`); starts a new state. The default 1 runs the LM head on the last
         token only."""
         self.model.check_padding(attention_mask)
-        if (self.model.kv_eviction or {}).get("prompt_layers"):
+        if self.model.prompt_layers:
             raise PopcError(
                 f"{self.model.location.directory} skips layers at prefill (POP-prefill) under KV eviction: "
                 "its prefill cache comes apart from its decode cache; prefill it with model.bound()"

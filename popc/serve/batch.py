@@ -143,8 +143,7 @@ class RunningBatch(BoundSteps):
             ids[row, longest - len(prompt) :] = prompt
             mask[row, longest - len(prompt) :] = 1
         # POP-prefill's deep layers under eviction: their prefill cache is EvictingSteps' to gather.
-        skips = bool((self.model.kv_eviction or {}).get("prompt_layers"))
-        if (kv is not None and kv.evicts) or skips:
+        if (kv is not None and kv.evicts) or self.model.prompt_layers:
             together: BoundSteps = EvictingSteps(self.model, kv, self.pop, capacity=longest + 1)
         else:
             together = BoundSteps(self.model, self.pop, capacity=longest)
